@@ -1,0 +1,153 @@
+"""What a batch is: tokenized texts, grouped by length, padded only as far as the batch needs.
+
+Texts are tokenized once, without padding. A batch is a list of row indices; `pad_batch` pads its
+token lists to the longest one in that batch (dynamic padding). Training batches are drawn from
+groups of similar length so little padding is computed; evaluation batches are sorted by length.
+"""
+import numbers
+import os
+import pickle
+import random
+
+import datasets
+import pandas as pd
+import torch
+
+class DataError(ValueError):
+    """Bad input data; the message says what is wrong and how to fix it."""
+
+
+def read_table(source):
+    """Rows from a hub dataset name, a .csv/.jsonl/.parquet/.pkl file, or a save_to_disk folder.
+
+    Returns a `datasets.Dataset` (the train split, for hub names), a pandas DataFrame for local
+    files, or whatever a .pkl holds.
+    """
+    if os.path.isdir(source):
+        loaded = datasets.load_from_disk(source)
+        return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
+    ext = os.path.splitext(source)[1].lower()
+    if ext and ext not in READERS:
+        raise DataError(f"{source}: unknown input kind; use .csv, .jsonl, .parquet, .pkl "
+                        "or a datasets.save_to_disk folder")
+    if not ext:
+        return datasets.load_dataset(source, split="train")  # a hub name such as ag_news
+    if not os.path.isfile(source):
+        raise DataError(f"{source}: no such file; check the path")
+    return READERS[ext](source)
+
+
+def read_pickle(path):
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+READERS = {
+    # a CSV's empty field is an empty text, and "NA" is a word, not a missing value
+    ".csv": lambda path: pd.read_csv(path, dtype={"text": str}, na_filter=False),
+    ".jsonl": lambda path: pd.read_json(path, lines=True, dtype={"text": str}),
+    ".parquet": pd.read_parquet,
+    ".pkl": read_pickle,
+}
+
+
+def columns_of(table, source):
+    """The `text` column (and `label`, or None) of a Dataset, DataFrame or list of dicts."""
+    if isinstance(table, list):  # a list of {"text": ..., "label": ...} rows
+        names = sorted(table[0]) if table and isinstance(table[0], dict) else []
+        get = lambda col: [row[col] for row in table]  # noqa: E731
+    else:
+        names = list(getattr(table, "column_names", None) or getattr(table, "columns", []))
+        get = lambda col: list(table[col])  # noqa: E731
+    if "text" not in names:
+        raise DataError(f"{source}: no `text` column (columns: {', '.join(map(str, names)) or 'none'}); "
+                        "rename the column that holds the texts to `text`")
+    texts = get("text")
+    if not texts:
+        raise DataError(f"{source}: no rows; give a file with at least one text")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise DataError(f"{source}: row {i} has text {text!r}, not a string; fix or drop that row")
+    return texts, (get("label") if "label" in names else None)
+
+
+def class_names(table):
+    """Label names when the data carries them (a ClassLabel feature, as on the hub), else None."""
+    feature = getattr(table, "features", {}).get("label") if hasattr(table, "features") else None
+    return list(feature.names) if hasattr(feature, "names") else None
+
+
+def load_splits(source, val_size, seed, limit=None):
+    """Labelled rows from `source`, split into (train, val) with the seed.
+
+    Returns ((train_texts, train_labels), (val_texts, val_labels), label_names or None).
+    With `limit`, a seeded shuffle keeps only the first `limit` rows before the split.
+    """
+    table = read_table(source)
+    names = class_names(table)
+    texts, labels = columns_of(table, source)
+    if labels is None:
+        raise DataError(f"{source}: no `label` column; training needs a label (0..K-1) for every text")
+    table = datasets.Dataset.from_dict({"text": texts, "label": labels})
+    if limit is not None:
+        table = table.shuffle(seed=seed).select(range(min(limit, len(table))))
+    if not 0 < val_size < len(table):
+        raise DataError(f"--val-size {val_size} must be above 0 and below the {len(table)} rows used; "
+                        "lower it or give more data")
+    split = table.train_test_split(test_size=val_size, seed=seed)
+    pick = lambda part: (list(part["text"]), list(part["label"]))  # noqa: E731
+    return pick(split["train"]), pick(split["test"]), names
+
+
+def check_labels(labels, num_labels, source):
+    """Every label must be an integer in 0..num_labels-1."""
+    for i, label in enumerate(labels):
+        if isinstance(label, bool) or not isinstance(label, numbers.Integral) or not 0 <= label < num_labels:
+            raise DataError(f"{source}: row {i} has label {label!r}, outside 0..{num_labels - 1}; "
+                            "fix that row or set --num-labels")
+
+
+def read_texts(source):
+    """Texts (and labels, if the file has them, else None) to predict, in input order."""
+    return columns_of(read_table(source), source)
+
+
+def tokenize(tokenizer, texts, max_length):
+    """Token ids of every text, truncated to max_length and not padded."""
+    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+
+def length_grouped_batches(lengths, batch_size, seed, group_batches=64):
+    """One epoch of training batches (lists of row indices) that hold texts of similar length.
+
+    Shuffle all rows, cut them into groups of `group_batches` batches, sort each group by length
+    and cut it into batches, then shuffle the batches: the order stays random, the padding small.
+    """
+    rng = random.Random(seed)
+    rows = list(range(len(lengths)))
+    rng.shuffle(rows)
+    group = batch_size * group_batches
+    batches = []
+    for start in range(0, len(rows), group):
+        chunk = sorted(rows[start:start + group], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def sorted_batches(lengths, batch_size):
+    """Batches of row indices sorted longest first: least padding, and any memory error comes first."""
+    rows = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+def pad_batch(sequences, pad_id):
+    """(input_ids, attention_mask), both (batch, longest) int64 tensors, padded on the right."""
+    longest = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, :len(seq)] = torch.tensor(seq)
+        attention_mask[row, :len(seq)] = 1
+    return input_ids, attention_mask
+

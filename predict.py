@@ -1,0 +1,130 @@
+"""How we answer: rebuild the base model, load the trained adapter, merge it, label every text.
+
+    python predict.py test.pkl [--checkpoint checkpoint] [--out submission.csv] [--batch-size 64]
+
+Writes `ID,Label` rows, IDs 0..N-1 in input order. If the input has a `label` column too, prints
+the accuracy. `load_model(checkpoint)` is the one way to get a trained model back.
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+
+import torch
+import transformers
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from data import DataError, pad_batch, read_texts, sorted_batches, tokenize
+from lora import inject_lora, merge_lora
+
+ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "config.json"
+
+
+def pick_device():
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def write_atomically(path, write, mode="w"):
+    """Call write(file) on a temporary file beside `path`, then rename it into place.
+
+    A crash mid-write leaves the old file (or none), never half a file.
+    """
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode, **({"newline": ""} if mode == "w" else {})) as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def build_model(base_model, num_labels, r, alpha, dropout=0.0, targets=("query", "value")):
+    """The pretrained encoder with a new classification head and LoRA on the target layers."""
+    transformers.logging.set_verbosity_error()  # its "head newly initialized" note: new on purpose
+    transformers.logging.disable_progress_bar()
+    model = AutoModelForSequenceClassification.from_pretrained(base_model, num_labels=num_labels)
+    return inject_lora(model, r, alpha, dropout, targets)
+
+
+def load_model(checkpoint, device="cpu", merge=True):
+    """(model, tokenizer, config) from a checkpoint folder written by train.py, in eval mode.
+
+    With merge=True the adapters are folded into the base weights: inference then costs exactly
+    what the base model costs.
+    """
+    config_path, adapter_path = (os.path.join(checkpoint, f) for f in (CONFIG_FILE, ADAPTER_FILE))
+    if not (os.path.isfile(config_path) and os.path.isfile(adapter_path)):
+        raise DataError(f"{checkpoint}: not a checkpoint folder (needs {CONFIG_FILE} and {ADAPTER_FILE}); "
+                        "pass the --out folder of a finished train.py run")
+    with open(config_path) as f:
+        config = json.load(f)
+    tokenizer = AutoTokenizer.from_pretrained(config["base_model"])
+    model = build_model(config["base_model"], len(config["labels"]), config["r"], config["alpha"],
+                        targets=config["targets"])
+    trained = load_file(adapter_path)
+    expected = set(n for n, p in model.named_parameters() if p.requires_grad)
+    if set(trained) != expected:
+        raise DataError(f"{checkpoint}: its tensors do not fit {config['base_model']} with "
+                        f"r={config['r']}, targets={config['targets']}; retrain or pick the right checkpoint")
+    model.load_state_dict(trained, strict=False)
+    if merge:
+        merge_lora(model)
+    return model.to(device).eval(), tokenizer, config
+
+
+@torch.inference_mode()
+def predict_logits(model, token_ids, pad_id, batch_size, device, amp_dtype=None):
+    """Logits (N, num_labels) for every token-id list, in input order.
+
+    Batches are sorted by length so each one pads little; results go back to their input rows.
+    """
+    model.eval()
+    logits = torch.empty(len(token_ids), model.config.num_labels, device=device)
+    for rows in sorted_batches([len(ids) for ids in token_ids], batch_size):
+        input_ids, attention_mask = pad_batch([token_ids[i] for i in rows], pad_id)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        logits[torch.tensor(rows, device=device)] = out.float()
+    return logits.cpu()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help=".pkl (datasets.Dataset or pandas DataFrame), .csv, .jsonl or .parquet "
+                                 "with a `text` column")
+    p.add_argument("--checkpoint", default="checkpoint", help="folder written by train.py --out")
+    p.add_argument("--out", default="submission.csv", help="CSV to write (ID,Label)")
+    p.add_argument("--batch-size", type=int, default=64)
+    args = p.parse_args(argv)
+    try:
+        texts, labels = read_texts(args.input)
+        device = pick_device()
+        model, tokenizer, config = load_model(args.checkpoint, device)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    token_ids = tokenize(tokenizer, texts, config["max_length"])
+    amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    predictions = predict_logits(model, token_ids, tokenizer.pad_token_id, args.batch_size, device,
+                                 amp_dtype).argmax(-1).tolist()
+
+    def write(f):
+        out = csv.writer(f)
+        out.writerow(["ID", "Label"])
+        out.writerows(enumerate(predictions))
+    write_atomically(args.out, write)
+    print(f"wrote {len(predictions)} predictions to {args.out}")
+    if labels is not None:
+        correct = sum(int(p == y) for p, y in zip(predictions, labels))
+        print(f"accuracy {correct / len(labels):.4f} ({correct}/{len(labels)})")
+
+
+if __name__ == "__main__":
+    main()

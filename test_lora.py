@@ -1,0 +1,342 @@
+"""Tests: offline, on tiny random RoBERTa and BERT models built here from a config.
+
+    python -m pytest -q test_lora.py
+"""
+import csv
+import json
+import os
+import pickle
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast, RobertaConfig,
+                          RobertaForSequenceClassification)
+
+import data
+import predict
+import train
+from lora import LoRALinear, inject_lora, lora_state_dict, merge_lora, parameter_table
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's ids: <s>=0, <pad>=1, </s>=2
+FILLER = [f"w{i}" for i in range(40)]
+KEYWORDS = [[f"k{c}_{i}" for i in range(5)] for c in range(4)]  # each class has its own words
+
+
+def tiny_config(kind, vocab_size, num_labels=4):
+    shared = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=64, num_labels=num_labels)
+    if kind == "roberta":
+        return RobertaConfig(**shared, max_position_embeddings=130, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    return BertConfig(**shared, max_position_embeddings=128, pad_token_id=1)
+
+
+def tiny_model(kind, num_labels=4, seed=0):
+    torch.manual_seed(seed)
+    cls = RobertaForSequenceClassification if kind == "roberta" else BertForSequenceClassification
+    return cls(tiny_config(kind, len(SPECIALS) + len(FILLER) + 20, num_labels)).eval()
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """Folders holding a tiny random RoBERTa and BERT with a word-level tokenizer, like a hub model."""
+    vocab = {t: i for i, t in enumerate(SPECIALS + FILLER + [w for ws in KEYWORDS for w in ws])}
+    dirs = {}
+    for kind in ("roberta", "bert"):
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>",
+                                                           special_tokens=[("<s>", 0), ("</s>", 2)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                       unk_token="<unk>", mask_token="<mask>", model_max_length=128)
+        folder = tmp_path_factory.mktemp(kind)
+        fast.save_pretrained(folder)
+        tiny_model(kind).save_pretrained(folder)
+        dirs[kind] = str(folder)
+    return dirs
+
+
+def synthetic_rows(n, seed):
+    """Texts whose class shows in a few keywords among filler words: learnable, and far from trivial for chance."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randrange(4)
+        words = [rng.choice(FILLER) for _ in range(rng.randint(2, 30))] + rng.choices(KEYWORDS[label], k=4)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write_csv(path, rows, columns=("text", "label")):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return str(path)
+
+
+def read_submission(path):
+    with open(path) as f:
+        return list(csv.reader(f))
+
+
+# --- lora.py: the method ---------------------------------------------------------------------------
+
+def test_lora_linear_computes_w0_plus_scaled_ba():
+    base = nn.Linear(6, 5)
+    layer = LoRALinear(base, r=2, alpha=4, dropout=0.0)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 6)
+    w = base.weight + (4 / 2) * layer.lora_B.weight @ layer.lora_A.weight
+    assert layer.lora_A.weight.shape == (2, 6) and layer.lora_B.weight.shape == (5, 2)
+    torch.testing.assert_close(layer(x), x @ w.T + base.bias)
+
+
+def test_dropout_acts_on_the_adapter_input_only():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(8, 8), r=2, alpha=2, dropout=0.9).train()
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(layer(x), layer.base(x))  # B = 0: dropout cannot touch the base path
+    nn.init.normal_(layer.lora_B.weight)
+    assert not torch.allclose(layer(x), layer(x))  # with B != 0 the adapter path is dropped at random
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer(x))
+
+
+@pytest.mark.parametrize("kind", ["roberta", "bert"])
+def test_untrained_adapter_leaves_outputs_unchanged(kind):
+    model = tiny_model(kind)
+    ids = torch.randint(5, 40, (3, 12))
+    before = model(input_ids=ids).logits
+    inject_lora(model, r=4, alpha=8).eval()
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["roberta", "bert"])
+def test_merged_and_unmerged_outputs_agree(kind):
+    model = inject_lora(tiny_model(kind), r=2, alpha=4).eval()
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            nn.init.normal_(m.lora_B.weight, std=0.5)
+    ids = torch.randint(5, 40, (3, 12))
+    unmerged = model(input_ids=ids).logits
+    layer = model.base_model.encoder.layer[0].attention.self.query
+    layer.merge()
+    layer.merge()  # a second merge must not add the update twice
+    merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    torch.testing.assert_close(model(input_ids=ids).logits, unmerged, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(unmerged, tiny_model(kind)(input_ids=ids).logits)  # the update did matter
+
+
+@pytest.mark.parametrize("kind,head", [("roberta", {"classifier.dense.weight", "classifier.dense.bias",
+                                                    "classifier.out_proj.weight", "classifier.out_proj.bias"}),
+                                       ("bert", {"classifier.weight", "classifier.bias"})])
+def test_only_adapters_and_head_are_trainable(kind, head):
+    model = inject_lora(tiny_model(kind), r=2, alpha=4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    adapters = {n for n in trainable if ".lora_" in n}
+    assert trainable - adapters == head
+    assert len(adapters) == 2 * 2 * 2  # 2 layers x (query, value) x (A, B)
+    assert all(n.split(".")[-3] in ("query", "value") for n in adapters)
+    assert set(lora_state_dict(model)) == trainable
+
+
+def test_roberta_base_has_667396_trainable_parameters():
+    with torch.device("meta"):  # the real architecture, no weights, no download
+        model = RobertaForSequenceClassification(RobertaConfig(num_labels=4))
+    inject_lora(model, r=2, alpha=4, targets=("query", "value"))
+    lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert lora == 24 * 2 * 2 * 768 == 73_728
+    assert trainable == 73_728 + 593_668 == 667_396
+    table = parameter_table(model)
+    assert "667,396" in table and "73,728" in table and "593,668" in table
+
+
+def test_gradients_reach_a_and_b():
+    model = inject_lora(tiny_model("roberta"), r=2, alpha=4)
+    logits = model(input_ids=torch.randint(5, 40, (4, 10))).logits
+    nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()
+    layer = model.roberta.encoder.layer[1].attention.self.value
+    assert layer.lora_B.weight.grad.abs().sum() > 0  # B gets a gradient at once (A is non-zero)
+    assert layer.lora_A.weight.grad is not None  # A's gradient is zero while B is zero: that is LoRA
+    assert model.roberta.embeddings.word_embeddings.weight.grad is None
+    assert layer.base.weight.grad is None
+    # one step on B makes A's gradient non-zero too
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    model.zero_grad()
+    nn.functional.cross_entropy(model(input_ids=torch.randint(5, 40, (4, 10))).logits,
+                                torch.tensor([0, 1, 2, 3])).backward()
+    assert layer.lora_A.weight.grad.abs().sum() > 0
+
+
+def test_unknown_target_is_an_error_that_lists_the_linear_names():
+    with pytest.raises(ValueError, match=r"unknown LoRA target\(s\) qkv.*query.*value"):
+        inject_lora(tiny_model("bert"), r=2, alpha=4, targets=("query", "qkv"))
+
+
+# --- data.py: what a batch is ----------------------------------------------------------------------
+
+def test_length_grouped_batches_cover_every_row_once_with_little_padding():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 200) for _ in range(5000)]
+    batches = data.length_grouped_batches(lengths, 32, seed=1)
+    assert sorted(i for b in batches for i in b) == list(range(5000))
+    assert all(len(b) <= 32 for b in batches)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert 1 - sum(lengths) / padded < 0.10
+    assert batches != data.length_grouped_batches(lengths, 32, seed=2)  # a new order each epoch
+
+
+def test_pad_batch_pads_to_the_longest_in_the_batch():
+    ids, mask = data.pad_batch([[5, 6, 7], [8]], pad_id=1)
+    assert ids.tolist() == [[5, 6, 7], [8, 1, 1]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_splits_are_seeded_and_disjoint(tmp_path):
+    path = write_csv(tmp_path / "d.csv", synthetic_rows(300, seed=0))
+    (tr_x, tr_y), (va_x, va_y), _ = data.load_splits(path, val_size=50, seed=42)
+    assert len(va_x) == 50 and len(tr_x) == 250 and len(tr_y) == 250
+    assert data.load_splits(path, val_size=50, seed=42)[1][0] == va_x
+    assert data.load_splits(path, val_size=50, seed=7)[1][0] != va_x
+    (tr_x, _), (va_x, _), _ = data.load_splits(path, val_size=50, seed=42, limit=100)
+    assert len(tr_x) == 50 and len(va_x) == 50
+
+
+# --- train.py and predict.py, end to end -----------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def trained(model_dirs, tmp_path_factory):
+    """One short real training run on the tiny RoBERTa and a learnable synthetic data set."""
+    folder = tmp_path_factory.mktemp("run")
+    train_csv = write_csv(folder / "train.csv", synthetic_rows(1200, seed=1))
+    out = str(folder / "ckpt")
+    model, val_acc = train.train(train.parse_args([
+        "--model", model_dirs["roberta"], "--data", train_csv, "--out", out, "--r", "4", "--alpha", "8",
+        "--lr", "1e-2", "--epochs", "30", "--batch-size", "32", "--val-size", "200",
+        "--eval-every", "20", "--patience", "5", "--max-length", "64", "--log-every", "10"]))
+    return {"out": out, "model": model, "val_acc": val_acc, "folder": folder}
+
+
+def test_training_learns_far_above_chance(trained):
+    assert trained["val_acc"] >= 0.85  # chance is 0.25
+    config = json.load(open(os.path.join(trained["out"], "config.json")))
+    assert config["best_val_accuracy"] == trained["val_acc"]
+    assert config["r"] == 4 and config["alpha"] == 8 and config["targets"] == ["query", "value"]
+    assert config["labels"] == ["0", "1", "2", "3"] and config["max_length"] == 64
+    files = sorted(os.listdir(trained["out"]))
+    assert files == ["adapter.safetensors", "config.json"]
+    assert os.path.getsize(os.path.join(trained["out"], "adapter.safetensors")) < 200_000  # no full model
+
+
+def test_early_stopping_stops_and_restores_the_best_adapter(trained, capsys):
+    config = json.load(open(os.path.join(trained["out"], "config.json")))
+    steps_per_epoch = -(-1000 // 32)
+    assert config["step"] < 30 * steps_per_epoch - 30  # stopped long before the 30 epochs were up
+    saved = load_file(os.path.join(trained["out"], "adapter.safetensors"))
+    current = lora_state_dict(trained["model"])
+    assert set(saved) == set(current)
+    for name, tensor in saved.items():  # the model in memory is the best one, not the last one
+        torch.testing.assert_close(current[name].cpu(), tensor, rtol=0, atol=0)
+
+
+def test_a_run_stops_after_patience_evaluations_without_improvement(model_dirs, tmp_path, capsys):
+    train_csv = write_csv(tmp_path / "t.csv", synthetic_rows(200, seed=3))
+    out = str(tmp_path / "ckpt")
+    train.main(["--model", model_dirs["bert"], "--data", train_csv, "--out", out, "--lr", "1e-12",
+                "--epochs", "10", "--batch-size", "16", "--val-size", "40", "--eval-every", "1", "--patience", "2"])
+    printed = capsys.readouterr()
+    log = printed.out + printed.err
+    # lr ~ 0: the first evaluation is the best and the next two do not improve on it
+    assert json.load(open(os.path.join(out, "config.json")))["step"] == 1
+    assert "step 3: val" in log and "step 4: val" not in log
+    assert "early stop: no better validation accuracy in 2 evaluations" in log
+
+
+def test_load_model_predicts_like_the_trained_model(trained, model_dirs):
+    texts = [r["text"] for r in synthetic_rows(50, seed=9)]
+    model, tokenizer, config = predict.load_model(trained["out"])
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())  # merged for inference
+    ids = data.tokenize(tokenizer, texts, config["max_length"])
+    cpu = torch.device("cpu")
+    merged = predict.predict_logits(model, ids, tokenizer.pad_token_id, 16, cpu)
+    unmerged = predict.predict_logits(trained["model"], ids, tokenizer.pad_token_id, 16, cpu)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+    one_by_one = torch.cat([predict.predict_logits(model, [x], tokenizer.pad_token_id, 1, cpu) for x in ids])
+    torch.testing.assert_close(merged, one_by_one, rtol=1e-4, atol=1e-4)  # padding and sorting change nothing
+
+
+def write_inputs(folder, rows):
+    """The same rows in every input format predict.py reads."""
+    import pandas as pd
+    from datasets import Dataset
+
+    frame = pd.DataFrame(rows)
+    paths = {"csv": write_csv(folder / "in.csv", rows), "jsonl": str(folder / "in.jsonl"),
+             "parquet": str(folder / "in.parquet"), "pkl-dataset": str(folder / "ds.pkl"),
+             "pkl-dataframe": str(folder / "df.pkl")}
+    frame.to_json(paths["jsonl"], orient="records", lines=True)
+    frame.to_parquet(paths["parquet"])
+    with open(paths["pkl-dataset"], "wb") as f:
+        pickle.dump(Dataset.from_pandas(frame[["text"]]), f)  # like test.pkl: a text column only
+    with open(paths["pkl-dataframe"], "wb") as f:
+        pickle.dump(frame, f)
+    return paths
+
+
+def test_predict_writes_the_submission_from_every_input_format(trained, tmp_path, capsys):
+    rows = synthetic_rows(120, seed=11)
+    rows[5]["text"] = ""  # an empty text still gets a prediction
+    outputs = []
+    for kind, path in write_inputs(tmp_path, rows).items():
+        out = str(tmp_path / f"{kind}.csv")
+        predict.main([path, "--checkpoint", trained["out"], "--out", out, "--batch-size", "16"])
+        table = read_submission(out)
+        assert table[0] == ["ID", "Label"], kind
+        assert [int(r[0]) for r in table[1:]] == list(range(120)), kind
+        assert {r[1] for r in table[1:]} <= {"0", "1", "2", "3"}, kind
+        outputs.append(table)
+        printed = capsys.readouterr().out
+        if kind != "pkl-dataset":  # files with a label column report accuracy
+            accuracy = float(printed.split("accuracy ")[1].split()[0])
+            assert accuracy >= 0.8, kind
+    assert all(t == outputs[0] for t in outputs)  # same rows, same answers, whatever the format
+    labels = [int(r[1]) for r in outputs[0][1:]]
+    assert sum(p == r["label"] for p, r in zip(labels, rows)) / 120 >= 0.8
+
+
+def test_the_command_line_runs_end_to_end(trained, tmp_path):
+    rows = synthetic_rows(30, seed=12)
+    path = write_inputs(tmp_path, rows)["pkl-dataset"]
+    out = tmp_path / "submission.csv"
+    result = subprocess.run([sys.executable, os.path.join(HERE, "predict.py"), path, "--checkpoint", trained["out"],
+                             "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "wrote 30 predictions" in result.stdout
+    assert len(read_submission(out)) == 31
+
+
+def test_bad_input_is_one_clear_line_and_exit_2(trained, tmp_path, capsys):
+    out = tmp_path / "never.csv"
+    cases = [([str(tmp_path / "missing.csv")], "no such file"),
+             ([write_csv(tmp_path / "x.txt", [])], "unknown input kind"),
+             ([write_csv(tmp_path / "nocol.csv", [{"body": "a"}], columns=("body",))], "no `text` column (columns: body)"),
+             ([write_csv(tmp_path / "ok.csv", synthetic_rows(3, 0)), "--checkpoint", str(tmp_path)],
+              "not a checkpoint folder")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            predict.main(argv + ["--out", str(out)] + ([] if "--checkpoint" in argv else ["--checkpoint", trained["out"]]))
+        assert stop.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and err.startswith("error: ")
+        assert not out.exists()
