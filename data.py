@@ -9,7 +9,6 @@ import os
 import pickle
 import random
 
-import datasets
 import pandas as pd
 import torch
 
@@ -23,6 +22,8 @@ def read_table(source):
     Returns a `datasets.Dataset` (the train split, for hub names), a pandas DataFrame for local
     files, or whatever a .pkl holds.
     """
+    import datasets  # here, not at the top: it takes a second to import, and most inputs are files
+
     if os.path.isdir(source):
         loaded = datasets.load_from_disk(source)
         return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
@@ -88,6 +89,9 @@ def load_splits(source, val_size, seed, limit=None):
     texts, labels = columns_of(table, source)
     if labels is None:
         raise DataError(f"{source}: no `label` column; training needs a label (0..K-1) for every text")
+    import datasets
+
+    # datasets' seeded shuffle and split: the same rows as the Trainer + PEFT recipe with that seed
     table = datasets.Dataset.from_dict({"text": texts, "label": labels})
     if limit is not None:
         table = table.shuffle(seed=seed).select(range(min(limit, len(table))))

@@ -224,7 +224,7 @@ def trained(model_dirs, tmp_path_factory):
     model, val_acc = train.train(train.parse_args([
         "--model", model_dirs["roberta"], "--data", train_csv, "--out", out, "--r", "4", "--alpha", "8",
         "--lr", "1e-2", "--epochs", "30", "--batch-size", "32", "--val-size", "200",
-        "--eval-every", "20", "--patience", "5", "--max-length", "64", "--log-every", "10"]))
+        "--eval-every", "20", "--patience", "5", "--max-length", "64", "--log-every", "10", "--precision", "fp32"]))
     return {"out": out, "model": model, "val_acc": val_acc, "folder": folder}
 
 
@@ -313,6 +313,14 @@ def test_predict_writes_the_submission_from_every_input_format(trained, tmp_path
     assert all(t == outputs[0] for t in outputs)  # same rows, same answers, whatever the format
     labels = [int(r[1]) for r in outputs[0][1:]]
     assert sum(p == r["label"] for p, r in zip(labels, rows)) / 120 >= 0.8
+    answers = {}
+    for precision in ("fp32", "bf16"):
+        out = str(tmp_path / f"{precision}.csv")
+        predict.main([write_inputs(tmp_path, rows)["csv"], "--checkpoint", trained["out"], "--out", out,
+                      "--precision", precision])
+        answers[precision] = read_submission(out)
+    agree = sum(a == b for a, b in zip(answers["fp32"][1:], answers["bf16"][1:])) / 120
+    assert agree >= 0.95  # bf16 rounds a little, but hardly changes an answer
 
 
 def test_the_command_line_runs_end_to_end(trained, tmp_path):

@@ -23,7 +23,8 @@ from transformers import AutoTokenizer
 
 from data import DataError, check_labels, length_grouped_batches, load_splits, pad_batch, tokenize
 from lora import lora_state_dict, parameter_table
-from predict import ADAPTER_FILE, CONFIG_FILE, build_model, pick_device, predict_logits, write_atomically
+from predict import (ADAPTER_FILE, CONFIG_FILE, build_model, cast_frozen_linears, pick_device, pick_precision,
+                     predict_logits, write_atomically)
 
 
 def parse_args(argv=None):
@@ -41,6 +42,7 @@ def parse_args(argv=None):
     # optimisation
     p.add_argument("--lr", type=float, default=5e-4, help="constant learning rate of AdamW")
     p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm; 0 = no clipping")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--eval-batch-size", type=int, default=64)
@@ -53,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="use only this many rows of --data (quick runs)")
     p.add_argument("--log-every", type=int, default=50, help="steps between loss reports")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="auto: bf16 on GPUs that support it, else fp16 on CUDA, fp32 elsewhere")
+                   help="auto: bf16 where the GPU or CPU runs it in hardware, else fp16 on CUDA, else fp32")
     args = p.parse_args(argv)
     for flag, value, low in [("--r", args.r, 1), ("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
                              ("--eval-batch-size", args.eval_batch_size, 1), ("--max-length", args.max_length, 2),
@@ -66,17 +68,6 @@ def parse_args(argv=None):
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     return args
-
-
-def pick_precision(device, precision):
-    """The autocast dtype (None = plain fp32) and whether fp16 needs a GradScaler."""
-    if precision == "auto":
-        if device.type != "cuda":
-            precision = "fp32"
-        else:
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-    return dtype, precision == "fp16"
 
 
 def evaluate(model, token_ids, labels, pad_id, batch_size, device, amp_dtype):
@@ -103,7 +94,7 @@ def peak_memory(device):
 def train(args):
     torch.manual_seed(args.seed)
     device = pick_device()
-    amp_dtype, use_scaler = pick_precision(device, args.precision)
+    amp_dtype = pick_precision(device, args.precision)
 
     # data: tokenized once, up front
     (train_texts, train_labels), (val_texts, val_labels), label_names = load_splits(
@@ -120,13 +111,13 @@ def train(args):
     # model: pretrained encoder, LoRA on the targets, fresh head
     model = build_model(args.model, num_labels, args.r, args.alpha, args.dropout, args.targets)
     print(parameter_table(model))
-    model.to(device)
+    cast_frozen_linears(model.to(device), amp_dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # decay matrices only: biases and norms have no scale worth shrinking
     groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 needs loss scaling
 
     config = {"base_model": args.model, "r": args.r, "alpha": args.alpha, "dropout": args.dropout,
               "targets": list(args.targets), "max_length": args.max_length,
@@ -158,6 +149,9 @@ def train(args):
                 logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
             loss = F.cross_entropy(logits.float(), labels)
             scaler.scale(loss).backward()
+            if args.max_grad_norm > 0:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+                torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
