@@ -38,9 +38,50 @@ def read_table(source):
     return READERS[ext](source)
 
 
+# What a pickled datasets.Dataset, pandas DataFrame or list of dicts needs, and nothing else: a
+# pickle names functions to call while loading, and a hostile one names os.system or eval.
+PICKLE_ALLOWED = {
+    ("builtins", "slice"), ("builtins", "bytearray"), ("__builtin__", "slice"), ("__builtin__", "bytearray"),
+    ("_codecs", "encode"), ("collections", "OrderedDict"), ("copyreg", "_reconstructor"), ("builtins", "object"),
+    ("numpy", "dtype"), ("numpy", "ndarray"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
+    ("pandas", "DataFrame"), ("pandas", "Index"), ("pandas", "RangeIndex"), ("pandas", "StringDtype"),
+    ("pandas.core.frame", "DataFrame"), ("pandas.core.indexes.base", "_new_Index"),
+    ("pandas.core.indexes.base", "Index"), ("pandas.core.indexes.range", "RangeIndex"),
+    ("pandas.core.internals.managers", "BlockManager"), ("pandas.core.internals.blocks", "new_block"),
+    ("pandas._libs.internals", "_unpickle_block"), ("pandas.arrays", "ArrowStringArray"),
+    ("pandas.core.arrays.string_", "StringDtype"), ("pandas.core.arrays.string_arrow", "ArrowStringArray"),
+    ("pyarrow.lib", "_reconstruct_table"), ("pyarrow.lib", "_restore_array"), ("pyarrow.lib", "chunked_array"),
+    ("pyarrow.lib", "field"), ("pyarrow.lib", "py_buffer"), ("pyarrow.lib", "schema"),
+    ("pyarrow.lib", "type_for_alias"),
+    ("datasets.arrow_dataset", "Dataset"), ("datasets.info", "DatasetInfo"),
+    ("datasets.table", "InMemoryTable"), ("datasets.table", "MemoryMappedTable"),
+    ("datasets.features.features", "Features"), ("datasets.features.features", "Value"),
+    ("datasets.features.features", "ClassLabel"), ("datasets.features.features", "Sequence"),
+    ("datasets.features.features", "List"), ("datasets.features.features", "LargeList"),
+}
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Loads data pickles; refuses, before calling it, anything not in PICKLE_ALLOWED."""
+
+    def find_class(self, module, name):
+        if (module, name) not in PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def read_pickle(path):
-    with open(path, "rb") as f:
-        return pickle.load(f)
+    try:
+        with open(path, "rb") as f:
+            return SafeUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise DataError(f"{path}: refused to load: this pickle calls {e}, which a Dataset or DataFrame never "
+                        "needs (nothing was run); save the data as .csv or .parquet instead") from None
+    except Exception as e:  # a truncated or garbled file
+        raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {e}); re-save it with "
+                        "pickle.dump or use .csv or .parquet") from None
 
 
 READERS = {

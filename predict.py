@@ -8,6 +8,7 @@ the accuracy. `load_model(checkpoint)` is the one way to get a trained model bac
 import argparse
 import csv
 import json
+import numbers
 import os
 import sys
 
@@ -62,12 +63,37 @@ def write_atomically(path, write, mode="w"):
             os.remove(tmp)
 
 
+def fail(message, code=2):
+    """Bad input ends here: one line that says what is wrong and how to fix it, and a non-zero exit."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def load_tokenizer(base_model):
+    try:
+        return AutoTokenizer.from_pretrained(base_model)
+    except OSError as e:
+        raise DataError(f"cannot load the tokenizer of {base_model} ({str(e).splitlines()[0]}); give a hub "
+                        "name or a local model folder") from None
+
+
+def model_max_length(tokenizer):
+    """The most tokens the model takes (its tokenizer knows; a huge value means "not set")."""
+    return tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else 512
+
+
 def build_model(base_model, num_labels, r, alpha, dropout=0.0, targets=("query", "value")):
     """The pretrained encoder with a new classification head and LoRA on the target layers."""
     transformers.logging.set_verbosity_error()  # its "head newly initialized" note: new on purpose
     transformers.logging.disable_progress_bar()
-    model = AutoModelForSequenceClassification.from_pretrained(base_model, num_labels=num_labels)
-    return inject_lora(model, r, alpha, dropout, targets)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(base_model, num_labels=num_labels)
+        return inject_lora(model, r, alpha, dropout, targets)
+    except OSError as e:
+        raise DataError(f"cannot load the model {base_model} ({str(e).splitlines()[0]}); give a hub name "
+                        "or a local model folder") from None
+    except ValueError as e:  # an unknown --targets name: the message lists the ones that exist
+        raise DataError(str(e)) from None
 
 
 def cast_frozen_linears(model, dtype):
@@ -93,17 +119,24 @@ def load_model(checkpoint, device="cpu", merge=True, dtype=None):
     if not (os.path.isfile(config_path) and os.path.isfile(adapter_path)):
         raise DataError(f"{checkpoint}: not a checkpoint folder (needs {CONFIG_FILE} and {ADAPTER_FILE}); "
                         "pass the --out folder of a finished train.py run")
-    with open(config_path) as f:
-        config = json.load(f)
-    tokenizer = AutoTokenizer.from_pretrained(config["base_model"])
-    model = build_model(config["base_model"], len(config["labels"]), config["r"], config["alpha"],
-                        targets=config["targets"])
-    trained = load_file(adapter_path)
-    expected = set(n for n, p in model.named_parameters() if p.requires_grad)
-    if set(trained) != expected:
-        raise DataError(f"{checkpoint}: its tensors do not fit {config['base_model']} with "
-                        f"r={config['r']}, targets={config['targets']}; retrain or pick the right checkpoint")
-    model.load_state_dict(trained, strict=False)
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+        base_model, labels, r, alpha, targets = (config[k] for k in ("base_model", "labels", "r", "alpha", "targets"))
+        trained = load_file(adapter_path)
+    except Exception as e:  # truncated, garbled or hand-edited files
+        raise DataError(f"{checkpoint}: corrupt checkpoint ({type(e).__name__}: {e}); "
+                        "retrain, or pick another checkpoint folder") from None
+    tokenizer = load_tokenizer(base_model)
+    model = build_model(base_model, len(labels), r, alpha, targets=targets)
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    try:
+        if set(trained) != expected:
+            raise RuntimeError("other tensor names")
+        model.load_state_dict(trained, strict=False)
+    except RuntimeError:  # other names (targets) or shapes (r, label count) than config.json says
+        raise DataError(f"{checkpoint}: its tensors do not fit {base_model} with r={r}, targets={targets}, "
+                        f"{len(labels)} labels; retrain, or pick the checkpoint that goes with it") from None
     if merge:
         merge_lora(model)
     model.requires_grad_(False)  # nothing trains from here on
@@ -135,15 +168,17 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="auto: bf16 where the GPU or CPU runs it in hardware, else fp16 on CUDA, else fp32")
+    p.error = fail  # one line, exit code 2
     args = p.parse_args(argv)
+    if args.batch_size < 1:
+        fail(f"--batch-size must be at least 1, got {args.batch_size}")
     try:
         texts, labels = read_texts(args.input)
         device = pick_device()
         amp_dtype = pick_precision(device, args.precision)
         model, tokenizer, config = load_model(args.checkpoint, device, dtype=amp_dtype)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
     token_ids = tokenize(tokenizer, texts, config["max_length"])
     predictions = predict_logits(model, token_ids, tokenizer.pad_token_id, args.batch_size, device,
                                  amp_dtype).argmax(-1).tolist()
@@ -154,7 +189,7 @@ def main(argv=None):
         out.writerows(enumerate(predictions))
     write_atomically(args.out, write)
     print(f"wrote {len(predictions)} predictions to {args.out}")
-    if labels is not None:
+    if labels is not None and all(isinstance(y, numbers.Integral) for y in labels):
         correct = sum(int(p == y) for p, y in zip(predictions, labels))
         print(f"accuracy {correct / len(labels):.4f} ({correct}/{len(labels)})")
 

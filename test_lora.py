@@ -235,7 +235,7 @@ def test_training_learns_far_above_chance(trained):
     assert config["r"] == 4 and config["alpha"] == 8 and config["targets"] == ["query", "value"]
     assert config["labels"] == ["0", "1", "2", "3"] and config["max_length"] == 64
     files = sorted(os.listdir(trained["out"]))
-    assert files == ["adapter.safetensors", "config.json"]
+    assert files == ["adapter.safetensors", "config.json", "last_adapter.safetensors", "last_state.pt"]
     assert os.path.getsize(os.path.join(trained["out"], "adapter.safetensors")) < 200_000  # no full model
 
 
@@ -254,7 +254,8 @@ def test_a_run_stops_after_patience_evaluations_without_improvement(model_dirs, 
     train_csv = write_csv(tmp_path / "t.csv", synthetic_rows(200, seed=3))
     out = str(tmp_path / "ckpt")
     train.main(["--model", model_dirs["bert"], "--data", train_csv, "--out", out, "--lr", "1e-12",
-                "--epochs", "10", "--batch-size", "16", "--val-size", "40", "--eval-every", "1", "--patience", "2"])
+                "--epochs", "10", "--batch-size", "16", "--val-size", "40", "--eval-every", "1", "--patience", "2",
+                "--max-length", "64"])
     printed = capsys.readouterr()
     log = printed.out + printed.err
     # lr ~ 0: the first evaluation is the best and the next two do not improve on it

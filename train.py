@@ -11,20 +11,25 @@ import argparse
 import json
 import math
 import os
-import resource
+import shlex
+import signal
 import sys
+import threading
 import time
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save as safetensors_bytes
+from safetensors import safe_open
+from safetensors.torch import load_file, save as safetensors_bytes
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 from data import DataError, check_labels, length_grouped_batches, load_splits, pad_batch, tokenize
 from lora import lora_state_dict, parameter_table
-from predict import (ADAPTER_FILE, CONFIG_FILE, build_model, cast_frozen_linears, pick_device, pick_precision,
-                     predict_logits, write_atomically)
+from predict import (ADAPTER_FILE, CONFIG_FILE, build_model, cast_frozen_linears, fail, load_tokenizer,
+                     model_max_length, pick_device, pick_precision, predict_logits, write_atomically)
+
+LAST_ADAPTER, LAST_STATE = "last_adapter.safetensors", "last_state.pt"  # for --resume
+RESUMABLE_CHANGES = {"resume", "epochs", "patience", "log_every"}  # flags --resume lets you change
 
 
 def parse_args(argv=None):
@@ -54,8 +59,10 @@ def parse_args(argv=None):
     p.add_argument("--patience", type=int, default=3, help="evaluations without improvement before stopping")
     p.add_argument("--limit", type=int, default=None, help="use only this many rows of --data (quick runs)")
     p.add_argument("--log-every", type=int, default=50, help="steps between loss reports")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out (same flags)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="auto: bf16 where the GPU or CPU runs it in hardware, else fp16 on CUDA, else fp32")
+    p.error = fail  # one line, exit code 2
     args = p.parse_args(argv)
     for flag, value, low in [("--r", args.r, 1), ("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
                              ("--eval-batch-size", args.eval_batch_size, 1), ("--max-length", args.max_length, 2),
@@ -77,17 +84,88 @@ def evaluate(model, token_ids, labels, pad_id, batch_size, device, amp_dtype):
     return F.cross_entropy(logits, labels).item(), (logits.argmax(-1) == labels).sum().item() / len(labels)
 
 
+class Diverged(RuntimeError):
+    """The loss stopped being a finite number."""
+
+
+def check_finite(value, what, step, args):
+    if not math.isfinite(value):
+        raise Diverged(f"the {what} became {value} by step {step}; lower --lr (now {args.lr:g}) or use "
+                       f"--precision fp32. The best adapter so far is kept in {args.out}")
+
+
+def catch_ctrl_c():
+    """An event set by Ctrl-C; the loop checks it between steps, so no step is cut in half.
+
+    A second Ctrl-C stops at once, as usual.
+    """
+    pressed = threading.Event()
+
+    def handler(signum, frame):
+        pressed.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, handler)
+    return pressed
+
+
+def save_tensors(path, tensors, metadata=None):
+    cpu = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in tensors.items()}
+    write_atomically(path, lambda f: f.write(safetensors_bytes(cpu, metadata)), mode="wb")
+
+
 def save_checkpoint(out, model, config):
-    """The trained tensors (adapters + head) as safetensors, and the config to rebuild the model."""
+    """The best adapter: the trained tensors (adapters + head) and the config to rebuild the model."""
     os.makedirs(out, exist_ok=True)
-    tensors = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in lora_state_dict(model).items()}
-    write_atomically(os.path.join(out, ADAPTER_FILE), lambda f: f.write(safetensors_bytes(tensors)), mode="wb")
+    save_tensors(os.path.join(out, ADAPTER_FILE), lora_state_dict(model))
     write_atomically(os.path.join(out, CONFIG_FILE), lambda f: json.dump(config, f, indent=2))
+
+
+def save_latest(args, model, optimizer, scaler, progress):
+    """Everything --resume needs: the latest tensors, optimizer and scaler state, progress, RNG states."""
+    os.makedirs(args.out, exist_ok=True)
+    save_tensors(os.path.join(args.out, LAST_ADAPTER), lora_state_dict(model), {"step": str(progress["step"])})
+    state = {**progress, "args": vars(args), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "rng_cpu": torch.get_rng_state(),
+             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    write_atomically(os.path.join(args.out, LAST_STATE), lambda f: torch.save(state, f), mode="wb")
+
+
+def load_latest(args, model, optimizer, scaler):
+    """Load what save_latest wrote into model, optimizer and scaler; returns the progress."""
+    adapter_path, state_path = os.path.join(args.out, LAST_ADAPTER), os.path.join(args.out, LAST_STATE)
+    if not (os.path.isfile(adapter_path) and os.path.isfile(state_path)):
+        raise DataError(f"{args.out}: no saved training state to resume; run without --resume to start afresh")
+    try:
+        state = torch.load(state_path, weights_only=True)  # plain data and tensors, never code
+        with safe_open(adapter_path, "pt") as f:
+            saved_step = int(f.metadata()["step"])
+        tensors = load_file(adapter_path)
+    except Exception as e:
+        raise DataError(f"{args.out}: the saved training state is unreadable ({type(e).__name__}); "
+                        "run without --resume to start afresh") from None
+    if saved_step != state["step"]:
+        raise DataError(f"{args.out}: the saved tensors (step {saved_step}) and state (step {state['step']}) "
+                        "do not match; run without --resume to start afresh")
+    changed = [f"--{k.replace('_', '-')} was {v!r}, now {getattr(args, k)!r}" for k, v in state["args"].items()
+               if k not in RESUMABLE_CHANGES and getattr(args, k, None) != v]
+    if changed:
+        raise DataError(f"--resume needs the flags of the run it continues: {'; '.join(changed)}")
+    model.load_state_dict(tensors, strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return {k: state[k] for k in ("step", "best_acc", "bad_evals", "stopped")}
 
 
 def peak_memory(device):
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU"
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return "(not measured)"
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
 
 
@@ -101,7 +179,11 @@ def train(args):
         args.data, args.val_size, args.seed, args.limit)
     num_labels = args.num_labels or (len(label_names) if label_names else max(train_labels + val_labels) + 1)
     check_labels(train_labels + val_labels, num_labels, args.data)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.model)
+    limit = model_max_length(tokenizer)
+    if args.max_length > limit:
+        raise DataError(f"--max-length {args.max_length} is above {args.model}'s limit of {limit} tokens; "
+                        f"use --max-length {limit} or less")
     train_ids = tokenize(tokenizer, train_texts, args.max_length)
     val_ids = tokenize(tokenizer, val_texts, args.max_length)
     train_lengths = [len(ids) for ids in train_ids]
@@ -113,7 +195,7 @@ def train(args):
     print(parameter_table(model))
     cast_frozen_linears(model.to(device), amp_dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    # decay matrices only: biases and norms have no scale worth shrinking
+    # decay matrices only: biases have no scale worth shrinking
     groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
@@ -128,68 +210,94 @@ def train(args):
     print(f"{len(train_ids):,} training rows, {len(val_ids):,} validation rows, {total_steps:,} steps "
           f"on {device} ({amp_dtype or 'fp32'})")
 
-    best_acc, best_state, bad_evals, step, stop = -1.0, None, 0, 0, False
+    progress = {"step": 0, "best_acc": -1.0, "bad_evals": 0, "stopped": False}
+    best_state = None
+    if args.resume:
+        progress = load_latest(args, model, optimizer, scaler)
+        if progress["best_acc"] >= 0:
+            best_state = load_file(os.path.join(args.out, ADAPTER_FILE), device=str(device))
+        print(f"resumed from {args.out} at step {progress['step']} (best val accuracy so far "
+              f"{max(progress['best_acc'], 0):.4f})")
+
+    ctrl_c = catch_ctrl_c()
     seen_rows = seen_tokens = computed_tokens = 0
     running_loss = torch.zeros((), device=device)
-    bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=progress["step"], desc="train", dynamic_ncols=True)
     start = time.perf_counter()
-    for epoch in range(args.epochs):
-        batches = length_grouped_batches(train_lengths, args.batch_size, seed=args.seed + epoch)
-        model.train()
-        for rows in batches:
-            input_ids, attention_mask = pad_batch([train_ids[i] for i in rows], pad_id)
-            labels = train_labels[rows]
-            seen_tokens += sum(train_lengths[i] for i in rows)
-            computed_tokens += input_ids.numel()
-            if device.type == "cuda":  # pinned memory lets the copy overlap with the GPU's work
-                input_ids, attention_mask, labels = (t.pin_memory() for t in (input_ids, attention_mask, labels))
-            input_ids, attention_mask, labels = (t.to(device, non_blocking=True)
-                                                 for t in (input_ids, attention_mask, labels))
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-            loss = F.cross_entropy(logits.float(), labels)
-            scaler.scale(loss).backward()
-            if args.max_grad_norm > 0:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-                torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-
-            step += 1
-            seen_rows += len(rows)
-            running_loss += loss.detach()  # stays on the device: no sync every step
-            bar.update()
-            if step % args.log_every == 0:
-                bar.set_postfix(loss=f"{running_loss.item() / args.log_every:.4f}")
-                running_loss.zero_()
-            if step % eval_every == 0 or step == total_steps:
-                val_loss, val_acc = evaluate(model, val_ids, val_labels, pad_id, args.eval_batch_size,
-                                             device, amp_dtype)
-                model.train()
-                improved = val_acc > best_acc
-                tqdm.write(f"step {step}: val loss {val_loss:.4f}, val accuracy {val_acc:.4f}"
-                           + (" (best so far, saved)" if improved else ""))
-                if improved:
-                    best_acc, bad_evals = val_acc, 0
-                    best_state = {n: t.detach().clone() for n, t in lora_state_dict(model).items()}
-                    save_checkpoint(args.out, model, {**config, "best_val_accuracy": val_acc, "step": step})
-                else:
-                    bad_evals += 1
-                    stop = bad_evals >= args.patience
-            if stop:
-                tqdm.write(f"early stop: no better validation accuracy in {args.patience} evaluations")
+    try:
+        for epoch in range(progress["step"] // steps_per_epoch, args.epochs):
+            if progress["stopped"] or ctrl_c.is_set():
                 break
-        if stop:
-            break
-    bar.close()
+            batches = length_grouped_batches(train_lengths, args.batch_size, seed=args.seed + epoch)
+            model.train()
+            # on resume, skip the batches of this epoch that were already trained on
+            for rows in batches[progress["step"] - epoch * steps_per_epoch:]:
+                input_ids, attention_mask = pad_batch([train_ids[i] for i in rows], pad_id)
+                labels = train_labels[rows]
+                seen_tokens += sum(train_lengths[i] for i in rows)
+                computed_tokens += input_ids.numel()
+                if device.type == "cuda":  # pinned memory lets the copy overlap with the GPU's work
+                    input_ids, attention_mask, labels = (t.pin_memory() for t in (input_ids, attention_mask, labels))
+                input_ids, attention_mask, labels = (t.to(device, non_blocking=True)
+                                                     for t in (input_ids, attention_mask, labels))
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+                loss = F.cross_entropy(logits.float(), labels)
+                scaler.scale(loss).backward()
+                if args.max_grad_norm > 0:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+                    torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+
+                step = progress["step"] = progress["step"] + 1
+                seen_rows += len(rows)
+                running_loss += loss.detach()  # stays on the device: no sync every step
+                bar.update()
+                if step % args.log_every == 0:
+                    train_loss = running_loss.item() / args.log_every
+                    check_finite(train_loss, "training loss", step, args)
+                    bar.set_postfix(loss=f"{train_loss:.4f}")
+                    running_loss.zero_()
+                if step % eval_every == 0 or step == total_steps:
+                    val_loss, val_acc = evaluate(model, val_ids, val_labels, pad_id, args.eval_batch_size,
+                                                 device, amp_dtype)
+                    check_finite(val_loss, "validation loss", step, args)
+                    model.train()
+                    improved = val_acc > progress["best_acc"]
+                    tqdm.write(f"step {step}: val loss {val_loss:.4f}, val accuracy {val_acc:.4f}"
+                               + (" (best so far, saved)" if improved else ""))
+                    if improved:
+                        progress.update(best_acc=val_acc, bad_evals=0)
+                        best_state = {n: t.detach().clone() for n, t in lora_state_dict(model).items()}
+                        save_checkpoint(args.out, model, {**config, "best_val_accuracy": val_acc, "step": step})
+                    else:
+                        progress["bad_evals"] += 1
+                        progress["stopped"] = progress["bad_evals"] >= args.patience
+                    save_latest(args, model, optimizer, scaler, progress)
+                if progress["stopped"]:
+                    tqdm.write(f"early stop: no better validation accuracy in {args.patience} evaluations")
+                    break
+                if ctrl_c.is_set():
+                    break
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        bar.close()
+    if ctrl_c.is_set():
+        save_latest(args, model, optimizer, scaler, progress)
+        argv = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
+        print(f"interrupted at step {progress['step']}; the latest state is saved in {args.out}. Resume with:\n"
+              f"  python train.py {shlex.join(argv)}")
+        sys.exit(130)
     elapsed = time.perf_counter() - start
 
     model.load_state_dict(best_state, strict=False)
     val_loss, val_acc = evaluate(model, val_ids, val_labels, pad_id, args.eval_batch_size, device, amp_dtype)
     print(f"restored the best adapter: val loss {val_loss:.4f}, val accuracy {val_acc:.4f} -> {args.out}")
-    print(f"{elapsed:.1f} s training, {seen_rows / elapsed:.1f} samples/s, {seen_tokens / elapsed:,.0f} tokens/s, "
-          f"{1 - seen_tokens / max(computed_tokens, 1):.1%} of positions were padding, peak {peak_memory(device)}")
+    if seen_rows:
+        print(f"{elapsed:.1f} s training, {seen_rows / elapsed:.1f} samples/s, {seen_tokens / elapsed:,.0f} tokens/s, "
+              f"{1 - seen_tokens / computed_tokens:.1%} of positions were padding, peak {peak_memory(device)}")
     return model, val_acc
 
 
@@ -198,8 +306,9 @@ def main(argv=None):
     try:
         train(args)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
+    except Diverged as e:
+        fail(str(e), code=1)
 
 
 if __name__ == "__main__":
