@@ -4,6 +4,7 @@ Texts are tokenized once, without padding. A batch is a list of row indices; `pa
 token lists to the longest one in that batch (dynamic padding). Training batches are drawn from
 groups of similar length so little padding is computed; evaluation batches are sorted by length.
 """
+import math
 import numbers
 import os
 import pickle
@@ -87,7 +88,7 @@ def read_pickle(path):
 READERS = {
     # a CSV's empty field is an empty text, and "NA" is a word, not a missing value
     ".csv": lambda path: pd.read_csv(path, dtype={"text": str}, na_filter=False),
-    ".jsonl": lambda path: pd.read_json(path, lines=True, dtype={"text": str}),
+    ".jsonl": lambda path: pd.read_json(path, lines=True, dtype=False),  # no guessing: "123" stays text
     ".parquet": pd.read_parquet,
     ".pkl": read_pickle,
 }
@@ -108,6 +109,9 @@ def columns_of(table, source):
     if not texts:
         raise DataError(f"{source}: no rows; give a file with at least one text")
     for i, text in enumerate(texts):
+        if text is None or (isinstance(text, float) and math.isnan(text)):
+            raise DataError(f"{source}: row {i} has no text (a missing value); fill it in (an empty string is "
+                            "fine) or drop that row")
         if not isinstance(text, str):
             raise DataError(f"{source}: row {i} has text {text!r}, not a string; fix or drop that row")
     return texts, (get("label") if "label" in names else None)

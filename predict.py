@@ -87,7 +87,9 @@ def build_model(base_model, num_labels, r, alpha, dropout=0.0, targets=("query",
     transformers.logging.set_verbosity_error()  # its "head newly initialized" note: new on purpose
     transformers.logging.disable_progress_bar()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(base_model, num_labels=num_labels)
+        # ignore_mismatched_sizes: a base model that already has a head of another size gets a new one
+        model = AutoModelForSequenceClassification.from_pretrained(base_model, num_labels=num_labels,
+                                                                   ignore_mismatched_sizes=True)
         return inject_lora(model, r, alpha, dropout, targets)
     except OSError as e:
         raise DataError(f"cannot load the model {base_model} ({str(e).splitlines()[0]}); give a hub name "

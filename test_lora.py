@@ -349,3 +349,196 @@ def test_bad_input_is_one_clear_line_and_exit_2(trained, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1 and err.startswith("error: ")
         assert not out.exists()
+
+
+# --- nothing lost, nothing let in ------------------------------------------------------------------
+
+def tiny_run_argv(model_dir, train_csv, out, *extra):
+    return ["--model", model_dir, "--data", train_csv, "--out", out, "--lr", "1e-2", "--epochs", "3",
+            "--batch-size", "16", "--val-size", "40", "--eval-every", "7", "--patience", "50",
+            "--max-length", "64", "--precision", "fp32", "--seed", "5", *extra]
+
+
+def test_ctrl_c_then_resume_ends_exactly_like_an_uninterrupted_run(model_dirs, tmp_path, capsys):
+    import signal
+    import time
+    train_csv = write_csv(tmp_path / "t.csv", synthetic_rows(440, seed=4))
+    whole = str(tmp_path / "whole")
+    _, whole_acc = train.train(train.parse_args(tiny_run_argv(model_dirs["roberta"], train_csv, whole)))
+    capsys.readouterr()
+
+    # the same run as a user runs it, stopped by Ctrl-C (SIGINT) part way through the first epoch
+    part = str(tmp_path / "part")
+    argv = tiny_run_argv(model_dirs["roberta"], train_csv, part)
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("step 7:"):  # in the loop now, with a checkpoint on disk
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait() == 130, rest
+    assert "Resume with:" in rest and "--resume" in rest.splitlines()[-1]
+    stopped_at = torch.load(os.path.join(part, "last_state.pt"), weights_only=True)["step"]
+    assert 7 <= stopped_at < 75  # 25 steps an epoch, 3 epochs
+
+    _, resumed_acc = train.train(train.parse_args(argv + ["--resume"]))
+    assert f"resumed from {part} at step {stopped_at}" in capsys.readouterr().out
+    assert resumed_acc == whole_acc
+    for name in ("adapter.safetensors", "last_adapter.safetensors"):
+        a, b = load_file(os.path.join(whole, name)), load_file(os.path.join(part, name))
+        assert set(a) == set(b)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    whole_cfg, part_cfg = (json.load(open(os.path.join(d, "config.json"))) for d in (whole, part))
+    assert whole_cfg == {**part_cfg, "base_model": whole_cfg["base_model"]}
+
+
+def test_resume_refuses_other_flags_and_missing_state(model_dirs, tmp_path, capsys):
+    train_csv = write_csv(tmp_path / "t.csv", synthetic_rows(200, seed=4))
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as stop:
+        train.main(tiny_run_argv(model_dirs["bert"], train_csv, out, "--resume"))
+    assert stop.value.code == 2 and "no saved training state to resume" in capsys.readouterr().err
+    train.main(tiny_run_argv(model_dirs["bert"], train_csv, out, "--epochs", "1"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        train.main(tiny_run_argv(model_dirs["bert"], train_csv, out, "--epochs", "1", "--lr", "5e-3", "--resume"))
+    assert stop.value.code == 2 and "--lr was 0.01, now 0.005" in capsys.readouterr().err
+
+
+def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_best_adapter(model_dirs, tmp_path, capsys):
+    train_csv = write_csv(tmp_path / "t.csv", synthetic_rows(300, seed=4))
+    out = str(tmp_path / "run")
+    argv = ["--model", model_dirs["roberta"], "--data", train_csv, "--out", out, "--batch-size", "16",
+            "--val-size", "40", "--eval-every", "2", "--max-length", "64", "--precision", "fp32",
+            "--max-grad-norm", "0", "--log-every", "3", "--epochs", "5"]
+    train.main(argv + ["--lr", "1e-3", "--epochs", "1"])  # a sane first run leaves a best adapter
+    best = open(os.path.join(out, "adapter.safetensors"), "rb").read()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv + ["--lr", "1e30"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 1
+    assert err.startswith("error: the ") and "became nan" in err and "lower --lr" in err
+    # the NaN model never replaced a good adapter: any adapter on disk is finite
+    assert all(torch.isfinite(t).all() for t in load_file(os.path.join(out, "adapter.safetensors")).values())
+    assert best  # the first run did write one
+
+
+class CallsOsSystem:
+    """A pickle that runs a shell command when loaded, as a hostile test.pkl would."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("make", [lambda m: CallsOsSystem(m),
+                                  lambda m: {"text": ["a"], "x": CallsOsSystem(m)}])
+def test_a_pickle_that_runs_code_is_refused_and_never_run(trained, tmp_path, capsys, make):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "test.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(make(str(marker)), f)
+    out = tmp_path / "submission.csv"
+    with pytest.raises(SystemExit) as stop:
+        predict.main([str(path), "--checkpoint", trained["out"], "--out", str(out)])
+    assert stop.value.code == 2
+    assert "refused to load: this pickle calls posix.system" in capsys.readouterr().err
+    assert not marker.exists() and not out.exists()
+    for evil in [(eval, ("1+1",)), (subprocess.call, (["true"],))]:
+        class Evil:
+            def __reduce__(self, evil=evil):
+                return evil
+        with open(path, "wb") as f:
+            pickle.dump(Evil(), f)
+        with pytest.raises(data.DataError, match="refused to load"):
+            data.read_texts(str(path))
+
+
+def make_checkpoint_variant(trained, tmp_path, name, edit_config=None, adapter_bytes=None):
+    import shutil
+    folder = tmp_path / name
+    shutil.copytree(trained["out"], folder)
+    if edit_config:
+        config = json.load(open(folder / "config.json"))
+        edit_config(config)
+        json.dump(config, open(folder / "config.json", "w"))
+    if adapter_bytes is not None:
+        (folder / "adapter.safetensors").write_bytes(adapter_bytes)
+    return str(folder)
+
+
+def test_bad_prediction_inputs_and_checkpoints_are_one_line_and_exit_2(trained, tmp_path, capsys):
+    good = write_csv(tmp_path / "ok.csv", synthetic_rows(3, 0))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    nulls = tmp_path / "nulls.jsonl"
+    nulls.write_text('{"text": "w1 w2"}\n{"text": null}\n')
+    numbers_ = tmp_path / "numbers.jsonl"
+    numbers_.write_text('{"text": "w1 w2"}\n{"text": 7}\n')
+    variant = lambda name, **kw: make_checkpoint_variant(trained, tmp_path, name, **kw)  # noqa: E731
+    cases = [
+        ([str(empty)], "no rows"),
+        ([str(nulls)], "row 1 has no text (a missing value)"),
+        ([str(numbers_)], "row 1 has text 7, not a string"),
+        ([good, "--checkpoint", str(tmp_path / "nowhere")], "not a checkpoint folder"),
+        ([good, "--checkpoint", variant("garbled", adapter_bytes=b"\x00garbage")], "corrupt checkpoint"),
+        ([good, "--checkpoint", variant("badjson", edit_config=lambda c: c.pop("r"))], "corrupt checkpoint"),
+        ([good, "--checkpoint", variant("other_r", edit_config=lambda c: c.update(r=8))], "do not fit"),
+        ([good, "--checkpoint", variant("other_targets", edit_config=lambda c: c.update(targets=["query", "key"]))],
+         "do not fit"),
+        ([good, "--checkpoint", variant("other_labels", edit_config=lambda c: c.update(labels=["a", "b", "c"]))],
+         "do not fit"),
+        ([good, "--batch-size", "0"], "--batch-size must be at least 1"),
+    ]
+    out = tmp_path / "never.csv"
+    for argv, message in cases:
+        if "--checkpoint" not in argv:
+            argv = argv + ["--checkpoint", trained["out"]]
+        with pytest.raises(SystemExit) as stop:
+            predict.main(argv + ["--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2, argv
+        assert message in err and len(err.splitlines()) == 1 and err.startswith("error: "), (argv, err)
+        assert not out.exists()
+
+
+def test_long_texts_are_truncated_not_errors(trained, tmp_path):
+    rows = [{"text": " ".join(["w1"] * 5000 + ["k2_0"]), "label": 2}, {"text": "k1_0 k1_1 w3", "label": 1}]
+    out = tmp_path / "sub.csv"
+    predict.main([write_csv(tmp_path / "long.csv", rows), "--checkpoint", trained["out"], "--out", str(out)])
+    assert [r[0] for r in read_submission(out)] == ["ID", "0", "1"]
+
+
+def test_bad_training_inputs_and_flags_are_one_line_and_exit_2(model_dirs, tmp_path, capsys):
+    rows = synthetic_rows(60, seed=2)
+    good = write_csv(tmp_path / "ok.csv", rows)
+    bad_labels = write_csv(tmp_path / "labels.csv", rows[:10] + [{"text": "w1", "label": 7}] + rows[10:])
+    no_labels = write_csv(tmp_path / "nolabel.csv", rows, columns=("text",))
+    base = ["--model", model_dirs["bert"], "--max-length", "64", "--val-size", "10"]
+    cases = [
+        (["--data", bad_labels, "--num-labels", "4"], "has label 7, outside 0..3"),
+        (["--data", no_labels], "no `label` column"),
+        (["--data", good, "--r", "0"], "--r must be at least 1, got 0"),
+        (["--data", good, "--lr", "-0.001"], "--lr must be positive, got -0.001"),
+        (["--data", good, "--val-size", "60"], "--val-size 60 must be above 0 and below the 60 rows used"),
+        (["--data", good, "--targets", "query", "qkv"], "unknown LoRA target(s) qkv; this model's Linear layers "
+                                                        "are named: classifier, dense, key, query, value"),
+        (["--data", good, "--max-length", "4096"], "--max-length 4096 is above"),
+        (["--data", str(tmp_path / "missing.csv")], "no such file"),
+        (["--data", good, "--model", str(tmp_path / "no_model")], "cannot load the tokenizer"),
+        (["--data", good, "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    ]
+    for argv, message in cases:
+        out = tmp_path / "never"
+        with pytest.raises(SystemExit) as stop:
+            train.main(base + argv + ["--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2, argv
+        assert message in err and len(err.splitlines()) == 1 and err.startswith("error: "), (argv, err)
+        assert not out.exists()
