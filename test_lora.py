@@ -542,3 +542,61 @@ def test_bad_training_inputs_and_flags_are_one_line_and_exit_2(model_dirs, tmp_p
         assert stop.value.code == 2, argv
         assert message in err and len(err.splitlines()) == 1 and err.startswith("error: "), (argv, err)
         assert not out.exists()
+
+
+# --- torchrun: the same train.py on several processes ----------------------------------------------
+
+@pytest.fixture(scope="session")
+def no_dropout_model(model_dirs, tmp_path_factory):
+    """The tiny RoBERTa without its own dropout: one step is then the same computation on any split."""
+    folder = tmp_path_factory.mktemp("roberta_nodrop")
+    model = RobertaForSequenceClassification.from_pretrained(model_dirs["roberta"])
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        with open(os.path.join(model_dirs["roberta"], name)) as src, open(folder / name, "w") as dst:
+            dst.write(src.read())
+    return str(folder)
+
+
+def torchrun(argv, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                           "--standalone", os.path.join(HERE, "train.py"), *argv],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_one_step_on_two_processes_equals_one_step_in_one(no_dropout_model, tmp_path, capsys):
+    rows = synthetic_rows(16 + 8, seed=6)  # 16 training rows = one global batch, 8 for validation
+    train_csv = write_csv(tmp_path / "t.csv", rows)
+    argv = lambda out: ["--model", no_dropout_model, "--data", train_csv, "--out", out,  # noqa: E731
+                        "--batch-size", "16", "--val-size", "8", "--epochs", "1", "--lr", "5e-2", "--dropout", "0",
+                        "--max-length", "64", "--precision", "fp32"]
+    single, double = str(tmp_path / "single"), str(tmp_path / "double")
+    train.main(argv(single))
+    result = torchrun(argv(double))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("trainable in total") == 1  # only the main process prints
+    before = inject_lora(RobertaForSequenceClassification.from_pretrained(no_dropout_model), 2, 4)
+    a, b = (load_file(os.path.join(d, "last_adapter.safetensors")) for d in (single, double))
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    moved = sum((a[k] - before.state_dict()[k]).abs().sum() for k in a if "lora_B" in k)
+    assert moved > 0  # the step did change the adapter
+
+
+def test_a_two_process_run_trains_early_stops_and_saves_one_checkpoint(model_dirs, tmp_path):
+    train_csv = write_csv(tmp_path / "t.csv", synthetic_rows(200, seed=7))
+    out = tmp_path / "run"
+    result = torchrun(["--model", model_dirs["roberta"], "--data", train_csv, "--out", str(out), "--lr", "1e-12",
+                       "--batch-size", "16", "--val-size", "40", "--epochs", "10", "--eval-every", "2",
+                       "--patience", "2", "--max-length", "64", "--precision", "fp32"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout
+    assert log.count("early stop: no better validation accuracy in 2 evaluations") == 1
+    assert "step 6: val" in log and "step 8: val" not in log  # both processes stopped together
+    assert "x 2 processes" in log
+    assert sorted(os.listdir(out)) == ["adapter.safetensors", "config.json", "last_adapter.safetensors",
+                                       "last_state.pt"]
+    assert json.load(open(out / "config.json"))["step"] == 2

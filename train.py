@@ -6,6 +6,10 @@
 Every `--eval-every` steps the validation split is scored; the adapter with the best validation
 accuracy is saved to `--out` and restored at the end, and training stops after `--patience`
 evaluations without improvement.
+
+Several GPUs or machines: the same script under torchrun (DistributedDataParallel, one process each):
+    torchrun --nproc_per_node=4 train.py ...
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 train.py ...
 """
 import argparse
 import json
@@ -18,9 +22,11 @@ import threading
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save as safetensors_bytes
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import DataError, check_labels, length_grouped_batches, load_splits, pad_batch, tokenize
@@ -49,7 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm; 0 = no clipping")
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="training batch; under torchrun the global "
+                                                                 "batch, split across the processes")
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--max-length", type=int, default=512, help="longer texts are truncated")
     p.add_argument("--val-size", type=int, default=640, help="rows split off the data for validation")
@@ -59,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--patience", type=int, default=3, help="evaluations without improvement before stopping")
     p.add_argument("--limit", type=int, default=None, help="use only this many rows of --data (quick runs)")
     p.add_argument("--log-every", type=int, default=50, help="steps between loss reports")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (faster steps on a GPU "
+                                                           "after a minute or so of compiling)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out (same flags)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="auto: bf16 where the GPU or CPU runs it in hardware, else fp16 on CUDA, else fp32")
@@ -92,6 +101,13 @@ def check_finite(value, what, step, args):
     if not math.isfinite(value):
         raise Diverged(f"the {what} became {value} by step {step}; lower --lr (now {args.lr:g}) or use "
                        f"--precision fp32. The best adapter so far is kept in {args.out}")
+
+
+def broadcast_from_main(obj):
+    """The main process's `obj` on every process (torchrun only)."""
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def catch_ctrl_c():
@@ -170,8 +186,21 @@ def peak_memory(device):
 
 
 def train(args):
-    torch.manual_seed(args.seed)
     device = pick_device()
+    # --- torchrun only: one process per device; a plain `python train.py` has world == 1 ---------
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    distributed = world > 1
+    if distributed:
+        if args.batch_size < world:
+            raise DataError(f"--batch-size {args.batch_size} is the global batch; it must be at least the "
+                            f"{world} processes")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+    main_process = rank == 0  # the one that prints, evaluates and writes files
+    # -----------------------------------------------------------------------------------------------
+    torch.manual_seed(args.seed)  # the same on every process: the same initial adapter and head
     amp_dtype = pick_precision(device, args.precision)
 
     # data: tokenized once, up front
@@ -192,8 +221,14 @@ def train(args):
 
     # model: pretrained encoder, LoRA on the targets, fresh head
     model = build_model(args.model, num_labels, args.r, args.alpha, args.dropout, args.targets)
-    print(parameter_table(model))
+    if main_process:
+        print(parameter_table(model))
     cast_frozen_linears(model.to(device), amp_dtype)
+    # under torchrun, DDP averages the gradients of every process after each backward
+    forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if distributed else model
+    if args.compile:  # fuses the forward and backward into fewer kernels; the first steps pay for it
+        forward = torch.compile(forward, dynamic=True)  # dynamic: every batch has its own length
     trainable = [p for p in model.parameters() if p.requires_grad]
     # decay matrices only: biases have no scale worth shrinking
     groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": args.weight_decay},
@@ -205,10 +240,13 @@ def train(args):
               "targets": list(args.targets), "max_length": args.max_length,
               "labels": label_names or [str(i) for i in range(num_labels)]}
     steps_per_epoch = math.ceil(len(train_ids) / args.batch_size)
+    if distributed and 0 < len(train_ids) % args.batch_size < world:
+        steps_per_epoch -= 1  # a last batch smaller than the process count is dropped (see below)
     eval_every = args.eval_every or steps_per_epoch
     total_steps = steps_per_epoch * args.epochs
-    print(f"{len(train_ids):,} training rows, {len(val_ids):,} validation rows, {total_steps:,} steps "
-          f"on {device} ({amp_dtype or 'fp32'})")
+    if main_process:
+        print(f"{len(train_ids):,} training rows, {len(val_ids):,} validation rows, {total_steps:,} steps "
+              f"on {device} ({amp_dtype or 'fp32'})" + (f" x {world} processes" if distributed else ""))
 
     progress = {"step": 0, "best_acc": -1.0, "bad_evals": 0, "stopped": False}
     best_state = None
@@ -216,22 +254,27 @@ def train(args):
         progress = load_latest(args, model, optimizer, scaler)
         if progress["best_acc"] >= 0:
             best_state = load_file(os.path.join(args.out, ADAPTER_FILE), device=str(device))
-        print(f"resumed from {args.out} at step {progress['step']} (best val accuracy so far "
-              f"{max(progress['best_acc'], 0):.4f})")
+        if main_process:
+            print(f"resumed from {args.out} at step {progress['step']} (best val accuracy so far "
+                  f"{max(progress['best_acc'], 0):.4f})")
 
-    ctrl_c = catch_ctrl_c()
+    # under torchrun, Ctrl-C stops every process at once; --resume continues from the last validation
+    ctrl_c = catch_ctrl_c() if not distributed else threading.Event()
     seen_rows = seen_tokens = computed_tokens = 0
     running_loss = torch.zeros((), device=device)
-    bar = tqdm(total=total_steps, initial=progress["step"], desc="train", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=progress["step"], desc="train", dynamic_ncols=True,
+               disable=not main_process)
     start = time.perf_counter()
     try:
         for epoch in range(progress["step"] // steps_per_epoch, args.epochs):
             if progress["stopped"] or ctrl_c.is_set():
                 break
             batches = length_grouped_batches(train_lengths, args.batch_size, seed=args.seed + epoch)
+            batches = [b for b in batches if len(b) >= world]  # every process needs a row or more
             model.train()
             # on resume, skip the batches of this epoch that were already trained on
-            for rows in batches[progress["step"] - epoch * steps_per_epoch:]:
+            for global_rows in batches[progress["step"] - epoch * steps_per_epoch:]:
+                rows = global_rows[rank::world]  # this process's share of the batch (all of it if world == 1)
                 input_ids, attention_mask = pad_batch([train_ids[i] for i in rows], pad_id)
                 labels = train_labels[rows]
                 seen_tokens += sum(train_lengths[i] for i in rows)
@@ -241,8 +284,10 @@ def train(args):
                 input_ids, attention_mask, labels = (t.to(device, non_blocking=True)
                                                      for t in (input_ids, attention_mask, labels))
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+                    logits = forward(input_ids=input_ids, attention_mask=attention_mask).logits
                 loss = F.cross_entropy(logits.float(), labels)
+                if distributed:  # DDP averages over processes; weigh each by its share of the global batch
+                    loss = loss * len(rows) * world / len(global_rows)
                 scaler.scale(loss).backward()
                 if args.max_grad_norm > 0:
                     scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
@@ -260,7 +305,7 @@ def train(args):
                     check_finite(train_loss, "training loss", step, args)
                     bar.set_postfix(loss=f"{train_loss:.4f}")
                     running_loss.zero_()
-                if step % eval_every == 0 or step == total_steps:
+                if (step % eval_every == 0 or step == total_steps) and main_process:
                     val_loss, val_acc = evaluate(model, val_ids, val_labels, pad_id, args.eval_batch_size,
                                                  device, amp_dtype)
                     check_finite(val_loss, "validation loss", step, args)
@@ -276,8 +321,11 @@ def train(args):
                         progress["bad_evals"] += 1
                         progress["stopped"] = progress["bad_evals"] >= args.patience
                     save_latest(args, model, optimizer, scaler, progress)
+                if distributed and (step % eval_every == 0 or step == total_steps):
+                    progress = broadcast_from_main(progress)  # every process takes the same decision
                 if progress["stopped"]:
-                    tqdm.write(f"early stop: no better validation accuracy in {args.patience} evaluations")
+                    if main_process:
+                        tqdm.write(f"early stop: no better validation accuracy in {args.patience} evaluations")
                     break
                 if ctrl_c.is_set():
                     break
@@ -291,12 +339,17 @@ def train(args):
               f"  python train.py {shlex.join(argv)}")
         sys.exit(130)
     elapsed = time.perf_counter() - start
+    if distributed:
+        dist.destroy_process_group()
+        if not main_process:
+            return model, progress["best_acc"]
 
     model.load_state_dict(best_state, strict=False)
     val_loss, val_acc = evaluate(model, val_ids, val_labels, pad_id, args.eval_batch_size, device, amp_dtype)
     print(f"restored the best adapter: val loss {val_loss:.4f}, val accuracy {val_acc:.4f} -> {args.out}")
     if seen_rows:
-        print(f"{elapsed:.1f} s training, {seen_rows / elapsed:.1f} samples/s, {seen_tokens / elapsed:,.0f} tokens/s, "
+        print(f"{elapsed:.1f} s training, {world * seen_rows / elapsed:.1f} samples/s, "
+              f"{world * seen_tokens / elapsed:,.0f} tokens/s, "
               f"{1 - seen_tokens / computed_tokens:.1%} of positions were padding, peak {peak_memory(device)}")
     return model, val_acc
 
