@@ -35,7 +35,7 @@ from predict import (ADAPTER_FILE, CONFIG_FILE, build_model, cast_frozen_linears
                      model_max_length, pick_device, pick_precision, predict_logits, write_atomically)
 
 LAST_ADAPTER, LAST_STATE = "last_adapter.safetensors", "last_state.pt"  # for --resume
-RESUMABLE_CHANGES = {"resume", "epochs", "patience", "log_every"}  # flags --resume lets you change
+RESUMABLE_CHANGES = {"resume", "epochs", "patience", "log_every", "compile"}  # flags --resume may change
 
 
 def parse_args(argv=None):
