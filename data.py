@@ -13,8 +13,9 @@ import random
 import pandas as pd
 import torch
 
+
 class DataError(ValueError):
-    """Bad input data; the message says what is wrong and how to fix it."""
+    """Bad input (data, flags or a checkpoint); the message says what is wrong and how to fix it."""
 
 
 def read_table(source):
@@ -95,17 +96,14 @@ READERS = {
 
 
 def columns_of(table, source):
-    """The `text` column (and `label`, or None) of a Dataset, DataFrame or list of dicts."""
-    if isinstance(table, list):  # a list of {"text": ..., "label": ...} rows
-        names = sorted(table[0]) if table and isinstance(table[0], dict) else []
-        get = lambda col: [row[col] for row in table]  # noqa: E731
-    else:
-        names = list(getattr(table, "column_names", None) or getattr(table, "columns", []))
-        get = lambda col: list(table[col])  # noqa: E731
+    """The `text` column (and `label`, or None) of a Dataset, DataFrame, list of row dicts or dict of columns."""
+    if isinstance(table, (list, dict)):
+        table = pd.DataFrame(table)
+    names = list(getattr(table, "column_names", None) or getattr(table, "columns", []))
     if "text" not in names:
         raise DataError(f"{source}: no `text` column (columns: {', '.join(map(str, names)) or 'none'}); "
                         "rename the column that holds the texts to `text`")
-    texts = get("text")
+    texts = list(table["text"])
     if not texts:
         raise DataError(f"{source}: no rows; give a file with at least one text")
     for i, text in enumerate(texts):
@@ -114,12 +112,12 @@ def columns_of(table, source):
                             "fine) or drop that row")
         if not isinstance(text, str):
             raise DataError(f"{source}: row {i} has text {text!r}, not a string; fix or drop that row")
-    return texts, (get("label") if "label" in names else None)
+    return texts, (list(table["label"]) if "label" in names else None)
 
 
 def class_names(table):
     """Label names when the data carries them (a ClassLabel feature, as on the hub), else None."""
-    feature = getattr(table, "features", {}).get("label") if hasattr(table, "features") else None
+    feature = (getattr(table, "features", None) or {}).get("label")
     return list(feature.names) if hasattr(feature, "names") else None
 
 

@@ -2,7 +2,9 @@
 
     python -m pytest -q test_lora.py
 """
+import contextlib
 import csv
+import io
 import json
 import os
 import pickle
@@ -221,11 +223,14 @@ def trained(model_dirs, tmp_path_factory):
     folder = tmp_path_factory.mktemp("run")
     train_csv = write_csv(folder / "train.csv", synthetic_rows(1200, seed=1))
     out = str(folder / "ckpt")
-    model, val_acc = train.train(train.parse_args([
-        "--model", model_dirs["roberta"], "--data", train_csv, "--out", out, "--r", "4", "--alpha", "8",
-        "--lr", "1e-2", "--epochs", "30", "--batch-size", "32", "--val-size", "200",
-        "--eval-every", "20", "--patience", "5", "--max-length", "64", "--log-every", "10", "--precision", "fp32"]))
-    return {"out": out, "model": model, "val_acc": val_acc, "folder": folder}
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report):
+        model, val_acc = train.train(train.parse_args([
+            "--model", model_dirs["roberta"], "--data", train_csv, "--out", out, "--r", "4", "--alpha", "8",
+            "--lr", "1e-2", "--epochs", "30", "--batch-size", "32", "--val-size", "200",
+            "--eval-every", "20", "--patience", "5", "--max-length", "64", "--log-every", "10",
+            "--precision", "fp32"]))
+    return {"out": out, "model": model, "val_acc": val_acc, "folder": folder, "report": report.getvalue()}
 
 
 def test_training_learns_far_above_chance(trained):
@@ -234,9 +239,31 @@ def test_training_learns_far_above_chance(trained):
     assert config["best_val_accuracy"] == trained["val_acc"]
     assert config["r"] == 4 and config["alpha"] == 8 and config["targets"] == ["query", "value"]
     assert config["labels"] == ["0", "1", "2", "3"] and config["max_length"] == 64
-    files = sorted(os.listdir(trained["out"]))
-    assert files == ["adapter.safetensors", "config.json", "last_adapter.safetensors", "last_state.pt"]
+    files = sorted(f for f in os.listdir(trained["out"]) if f != "curves.png")  # curves: with matplotlib only
+    assert files == ["adapter.safetensors", "config.json", "last_adapter.safetensors", "last_state.pt",
+                     "metrics.jsonl"]
     assert os.path.getsize(os.path.join(trained["out"], "adapter.safetensors")) < 200_000  # no full model
+
+
+def test_the_run_logs_its_metrics_and_an_interval(trained):
+    rows = [json.loads(line) for line in open(os.path.join(trained["out"], "metrics.jsonl"))]
+    evals = [r for r in rows if "val_accuracy" in r]
+    logs = [r for r in rows if "train_loss" in r]
+    last_step = json.load(open(os.path.join(trained["out"], "config.json")))["step"]
+    assert [r["step"] for r in evals][:3] == [20, 40, 60] and [r["step"] for r in logs][:3] == [10, 20, 30]
+    assert max(r["val_accuracy"] for r in evals) == trained["val_acc"]
+    assert [r for r in evals if r["val_accuracy"] == trained["val_acc"]][0]["step"] == last_step
+    assert all(r["lr"] == 1e-2 and r["elapsed_s"] >= 0 and r["epoch"] > 0 for r in logs)
+    assert logs[-1]["train_loss"] < logs[0]["train_loss"]
+    assert all(r1["elapsed_s"] <= r2["elapsed_s"] for r1, r2 in zip(rows, rows[1:]))
+    assert trained["report"].count("95% bootstrap interval") == 1
+
+
+def test_bootstrap_interval_brackets_the_accuracy():
+    correct = torch.tensor([True] * 170 + [False] * 30)  # accuracy 0.85 on 200 rows
+    low, high = train.bootstrap_interval(correct, seed=0)
+    assert 0.79 < low < 0.85 < high < 0.91  # about 0.85 +- 1.96 * sqrt(0.85 * 0.15 / 200) = 0.05
+    assert train.bootstrap_interval(correct, seed=0) == (low, high)
 
 
 def test_early_stopping_stops_and_restores_the_best_adapter(trained, capsys):
@@ -597,6 +624,6 @@ def test_a_two_process_run_trains_early_stops_and_saves_one_checkpoint(model_dir
     assert log.count("early stop: no better validation accuracy in 2 evaluations") == 1
     assert "step 6: val" in log and "step 8: val" not in log  # both processes stopped together
     assert "x 2 processes" in log
-    assert sorted(os.listdir(out)) == ["adapter.safetensors", "config.json", "last_adapter.safetensors",
-                                       "last_state.pt"]
+    assert sorted(f for f in os.listdir(out) if f != "curves.png") == [
+        "adapter.safetensors", "config.json", "last_adapter.safetensors", "last_state.pt", "metrics.jsonl"]
     assert json.load(open(out / "config.json"))["step"] == 2

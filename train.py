@@ -35,6 +35,7 @@ from predict import (ADAPTER_FILE, CONFIG_FILE, build_model, cast_frozen_linears
                      model_max_length, pick_device, pick_precision, predict_logits, write_atomically)
 
 LAST_ADAPTER, LAST_STATE = "last_adapter.safetensors", "last_state.pt"  # for --resume
+METRICS_FILE = "metrics.jsonl"
 RESUMABLE_CHANGES = {"resume", "epochs", "patience", "log_every", "compile"}  # flags --resume may change
 
 
@@ -87,10 +88,46 @@ def parse_args(argv=None):
 
 
 def evaluate(model, token_ids, labels, pad_id, batch_size, device, amp_dtype):
-    """(mean cross-entropy, accuracy) on a labelled split."""
+    """(mean cross-entropy, accuracy, which rows were right) on a labelled split."""
     logits = predict_logits(model, token_ids, pad_id, batch_size, device, amp_dtype)
     labels = torch.tensor(labels)
-    return F.cross_entropy(logits, labels).item(), (logits.argmax(-1) == labels).sum().item() / len(labels)
+    correct = logits.argmax(-1) == labels
+    return F.cross_entropy(logits, labels).item(), correct.sum().item() / len(labels), correct
+
+
+def bootstrap_interval(correct, seed, rounds=2000):
+    """95% confidence interval of an accuracy: resample the rows with replacement, take percentiles."""
+    rows = torch.randint(len(correct), (rounds, len(correct)), generator=torch.Generator().manual_seed(seed))
+    accuracies = correct.float()[rows].mean(dim=1)
+    return torch.quantile(accuracies, 0.025).item(), torch.quantile(accuracies, 0.975).item()
+
+
+def write_metrics(file, **row):
+    """One JSON line of metrics.jsonl (a log or an evaluation step)."""
+    file.write(json.dumps(row) + "\n")
+    file.flush()
+
+
+def plot_curves(out):
+    """curves.png beside metrics.jsonl: training loss and validation accuracy by step (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    with open(os.path.join(out, METRICS_FILE)) as f:
+        rows = [json.loads(line) for line in f]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, key, title in [(loss_ax, "train_loss", "training loss"), (acc_ax, "val_accuracy", "validation accuracy")]:
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*points), marker="." if key == "val_accuracy" else None)
+        ax.set(title=title, xlabel="step")
+    fig.tight_layout()
+    path = os.path.join(out, "curves.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 class Diverged(RuntimeError):
@@ -262,6 +299,9 @@ def train(args):
     ctrl_c = catch_ctrl_c() if not distributed else threading.Event()
     seen_rows = seen_tokens = computed_tokens = 0
     running_loss = torch.zeros((), device=device)
+    if main_process:  # a line per log and evaluation step; a resumed run appends to it
+        os.makedirs(args.out, exist_ok=True)
+        metrics = open(os.path.join(args.out, METRICS_FILE), "a" if args.resume else "w")
     bar = tqdm(total=total_steps, initial=progress["step"], desc="train", dynamic_ncols=True,
                disable=not main_process)
     start = time.perf_counter()
@@ -304,11 +344,17 @@ def train(args):
                     train_loss = running_loss.item() / args.log_every
                     check_finite(train_loss, "training loss", step, args)
                     bar.set_postfix(loss=f"{train_loss:.4f}")
+                    if main_process:
+                        write_metrics(metrics, step=step, epoch=round(step / steps_per_epoch, 3),
+                                      train_loss=train_loss, lr=optimizer.param_groups[0]["lr"],
+                                      elapsed_s=round(time.perf_counter() - start, 2))
                     running_loss.zero_()
                 if (step % eval_every == 0 or step == total_steps) and main_process:
-                    val_loss, val_acc = evaluate(model, val_ids, val_labels, pad_id, args.eval_batch_size,
-                                                 device, amp_dtype)
+                    val_loss, val_acc, _ = evaluate(model, val_ids, val_labels, pad_id, args.eval_batch_size,
+                                                    device, amp_dtype)
                     check_finite(val_loss, "validation loss", step, args)
+                    write_metrics(metrics, step=step, epoch=round(step / steps_per_epoch, 3), val_loss=val_loss,
+                                  val_accuracy=val_acc, elapsed_s=round(time.perf_counter() - start, 2))
                     model.train()
                     improved = val_acc > progress["best_acc"]
                     tqdm.write(f"step {step}: val loss {val_loss:.4f}, val accuracy {val_acc:.4f}"
@@ -332,6 +378,8 @@ def train(args):
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         bar.close()
+        if main_process:
+            metrics.close()
     if ctrl_c.is_set():
         save_latest(args, model, optimizer, scaler, progress)
         argv = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
@@ -345,8 +393,13 @@ def train(args):
             return model, progress["best_acc"]
 
     model.load_state_dict(best_state, strict=False)
-    val_loss, val_acc = evaluate(model, val_ids, val_labels, pad_id, args.eval_batch_size, device, amp_dtype)
-    print(f"restored the best adapter: val loss {val_loss:.4f}, val accuracy {val_acc:.4f} -> {args.out}")
+    val_loss, val_acc, correct = evaluate(model, val_ids, val_labels, pad_id, args.eval_batch_size, device, amp_dtype)
+    low, high = bootstrap_interval(correct, args.seed)
+    print(f"restored the best adapter: val loss {val_loss:.4f}, val accuracy {val_acc:.4f} "
+          f"(95% bootstrap interval {low:.4f}-{high:.4f}, {len(correct)} rows) -> {args.out}")
+    curves = plot_curves(args.out)
+    print(f"metrics: {os.path.join(args.out, METRICS_FILE)}" + (f", curves: {curves}" if curves else
+                                                                 " (pip install matplotlib for curves.png)"))
     if seen_rows:
         print(f"{elapsed:.1f} s training, {world * seen_rows / elapsed:.1f} samples/s, "
               f"{world * seen_tokens / elapsed:,.0f} tokens/s, "
