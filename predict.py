@@ -111,24 +111,78 @@ def cast_frozen_linears(model, dtype):
     return model
 
 
+def read_checkpoint(checkpoint):
+    """(config, tensors) from a train.py checkpoint folder, or from a PEFT LoRA adapter folder."""
+    if os.path.isfile(os.path.join(checkpoint, PEFT_CONFIG_FILE)):
+        return read_peft_adapter(checkpoint)
+    config_path, adapter_path = (os.path.join(checkpoint, f) for f in (CONFIG_FILE, ADAPTER_FILE))
+    if not (os.path.isfile(config_path) and os.path.isfile(adapter_path)):
+        raise DataError(f"{checkpoint}: not a checkpoint folder (needs {CONFIG_FILE} and {ADAPTER_FILE}, or a "
+                        f"PEFT {PEFT_CONFIG_FILE}); pass the --out folder of a finished train.py run")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+        missing = {"base_model", "labels", "r", "alpha", "targets", "max_length"} - set(config)
+        if missing:
+            raise KeyError(", ".join(sorted(missing)))
+        return config, load_file(adapter_path)
+    except Exception as e:  # truncated, garbled or hand-edited files
+        raise DataError(f"{checkpoint}: corrupt checkpoint ({type(e).__name__}: {e}); "
+                        "retrain, or pick another checkpoint folder") from None
+
+
+# PEFT's layout for the same adapter: its key = PEFT_PREFIX + our key, the head under modules_to_save
+PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, PEFT_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
+
+
+def export_peft(checkpoint, folder):
+    """Write a train.py checkpoint as a PEFT adapter: `PeftModel.from_pretrained(base, folder)` loads it."""
+    config, tensors = read_checkpoint(checkpoint)
+    os.makedirs(folder, exist_ok=True)
+    peft_config = {"peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": config["base_model"],
+                   "r": config["r"], "lora_alpha": config["alpha"], "lora_dropout": config.get("dropout", 0.0),
+                   "target_modules": config["targets"], "modules_to_save": ["classifier"], "bias": "none",
+                   "fan_in_fan_out": False, "inference_mode": True}
+    from safetensors.torch import save
+    peft_tensors = {PEFT_PREFIX + name: t for name, t in tensors.items()}
+    write_atomically(os.path.join(folder, PEFT_WEIGHTS_FILE), lambda f: f.write(save(peft_tensors)), mode="wb")
+    write_atomically(os.path.join(folder, PEFT_CONFIG_FILE), lambda f: json.dump(peft_config, f, indent=2))
+
+
+def read_peft_adapter(folder):
+    """(config, tensors) in our layout from a PEFT LoRA adapter folder (plain LoRA on Linear layers)."""
+    try:
+        with open(os.path.join(folder, PEFT_CONFIG_FILE)) as f:
+            peft_config = json.load(f)
+        weights = load_file(os.path.join(folder, PEFT_WEIGHTS_FILE))
+    except Exception as e:
+        raise DataError(f"{folder}: unreadable PEFT adapter ({type(e).__name__}: {e})") from None
+    unsupported = [k for k in ("use_dora", "use_rslora", "fan_in_fan_out") if peft_config.get(k)]
+    if not isinstance(peft_config.get("target_modules"), list):
+        unsupported.append("target_modules as a pattern")
+    if peft_config.get("peft_type") != "LORA" or peft_config.get("bias", "none") != "none" or unsupported \
+            or peft_config.get("alpha_pattern") or peft_config.get("rank_pattern"):
+        raise DataError(f"{folder}: only plain LoRA adapters load here (no DoRA, rsLoRA, bias or per-layer "
+                        f"ranks{'; this one sets ' + ', '.join(unsupported) if unsupported else ''})")
+    # strip PEFT's prefix, and the adapter name PEFT keeps in a head saved under modules_to_save
+    tensors = {k.removeprefix(PEFT_PREFIX).replace(".modules_to_save.default.", "."): t for k, t in weights.items()}
+    head_out = [t.shape[0] for k, t in tensors.items() if k.startswith(("classifier.", "score.")) and
+                k.endswith("weight")]
+    targets = peft_config["target_modules"]
+    config = {"base_model": peft_config["base_model_name_or_path"], "r": peft_config["r"],
+              "alpha": peft_config["lora_alpha"], "targets": sorted(targets),
+              "labels": [str(i) for i in range(head_out[-1] if head_out else 0)], "max_length": 512}
+    return config, tensors
+
+
 def load_model(checkpoint, device="cpu", merge=True, dtype=None):
-    """(model, tokenizer, config) from a checkpoint folder written by train.py, in eval mode.
+    """(model, tokenizer, config) from a checkpoint folder written by train.py (or a PEFT adapter).
 
     With merge=True the adapters are folded into the base weights: inference then costs exactly
     what the base model costs. With a dtype (the autocast dtype), the Linear layers are stored in it.
     """
-    config_path, adapter_path = (os.path.join(checkpoint, f) for f in (CONFIG_FILE, ADAPTER_FILE))
-    if not (os.path.isfile(config_path) and os.path.isfile(adapter_path)):
-        raise DataError(f"{checkpoint}: not a checkpoint folder (needs {CONFIG_FILE} and {ADAPTER_FILE}); "
-                        "pass the --out folder of a finished train.py run")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-        base_model, labels, r, alpha, targets = (config[k] for k in ("base_model", "labels", "r", "alpha", "targets"))
-        trained = load_file(adapter_path)
-    except Exception as e:  # truncated, garbled or hand-edited files
-        raise DataError(f"{checkpoint}: corrupt checkpoint ({type(e).__name__}: {e}); "
-                        "retrain, or pick another checkpoint folder") from None
+    config, trained = read_checkpoint(checkpoint)
+    base_model, labels, r, alpha, targets = (config[k] for k in ("base_model", "labels", "r", "alpha", "targets"))
     tokenizer = load_tokenizer(base_model)
     model = build_model(base_model, len(labels), r, alpha, targets=targets)
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -181,7 +235,7 @@ def main(argv=None):
         model, tokenizer, config = load_model(args.checkpoint, device, dtype=amp_dtype)
     except DataError as e:
         fail(str(e))
-    token_ids = tokenize(tokenizer, texts, config["max_length"])
+    token_ids = tokenize(tokenizer, texts, min(config["max_length"], model_max_length(tokenizer)))
     predictions = predict_logits(model, token_ids, tokenizer.pad_token_id, args.batch_size, device,
                                  amp_dtype).argmax(-1).tolist()
 

@@ -229,8 +229,9 @@ def trained(model_dirs, tmp_path_factory):
             "--model", model_dirs["roberta"], "--data", train_csv, "--out", out, "--r", "4", "--alpha", "8",
             "--lr", "1e-2", "--epochs", "30", "--batch-size", "32", "--val-size", "200",
             "--eval-every", "20", "--patience", "5", "--max-length", "64", "--log-every", "10",
-            "--precision", "fp32"]))
-    return {"out": out, "model": model, "val_acc": val_acc, "folder": folder, "report": report.getvalue()}
+            "--precision", "fp32", "--export-peft", str(folder / "peft")]))
+    return {"out": out, "model": model, "val_acc": val_acc, "folder": folder, "report": report.getvalue(),
+            "peft": str(folder / "peft")}
 
 
 def test_training_learns_far_above_chance(trained):
@@ -627,3 +628,40 @@ def test_a_two_process_run_trains_early_stops_and_saves_one_checkpoint(model_dir
     assert sorted(f for f in os.listdir(out) if f != "curves.png") == [
         "adapter.safetensors", "config.json", "last_adapter.safetensors", "last_state.pt", "metrics.jsonl"]
     assert json.load(open(out / "config.json"))["step"] == 2
+
+
+# --- PEFT interop (PEFT is a test-only dependency: .ci/run installs it, requirements.txt does not) ------
+
+def test_an_exported_adapter_gives_the_same_logits_in_peft(trained, model_dirs):
+    peft = pytest.importorskip("peft")
+    assert sorted(os.listdir(trained["peft"])) == ["adapter_config.json", "adapter_model.safetensors"]
+    base = RobertaForSequenceClassification.from_pretrained(model_dirs["roberta"])
+    theirs = peft.PeftModel.from_pretrained(base, trained["peft"]).eval()
+    ours, _, _ = predict.load_model(trained["out"])  # fp32, merged
+    ids = torch.randint(5, 60, (6, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_peft_adapter_predicts_here_as_it_does_in_peft(model_dirs, tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(3)
+    base = RobertaForSequenceClassification.from_pretrained(model_dirs["roberta"])
+    theirs = peft.get_peft_model(base, peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=8, lora_dropout=0.1,
+                                                       target_modules=["query", "value"], init_lora_weights=False))
+    with torch.no_grad():  # a head unlike the base model's, so that loading it shows
+        for name, p in theirs.named_parameters():
+            if "modules_to_save" in name:
+                p.normal_(std=0.5)
+    theirs.eval().save_pretrained(tmp_path / "adapter")
+    ours, tokenizer, config = predict.load_model(str(tmp_path / "adapter"))
+    assert config["r"] == 2 and config["alpha"] == 8 and config["labels"] == ["0", "1", "2", "3"]
+    texts = [r["text"] for r in synthetic_rows(40, seed=13)]
+    ids, mask = data.pad_batch(data.tokenize(tokenizer, texts, 64), tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits, expected, rtol=1e-5, atol=1e-5)
+    out = tmp_path / "sub.csv"
+    predict.main([write_csv(tmp_path / "in.csv", [{"text": t} for t in texts], columns=("text",)),
+                  "--checkpoint", str(tmp_path / "adapter"), "--out", str(out), "--precision", "fp32"])
+    assert [int(r[1]) for r in read_submission(out)[1:]] == expected.argmax(-1).tolist()

@@ -31,12 +31,12 @@ from tqdm import tqdm
 
 from data import DataError, check_labels, length_grouped_batches, load_splits, pad_batch, tokenize
 from lora import lora_state_dict, parameter_table
-from predict import (ADAPTER_FILE, CONFIG_FILE, build_model, cast_frozen_linears, fail, load_tokenizer,
-                     model_max_length, pick_device, pick_precision, predict_logits, write_atomically)
+from predict import (ADAPTER_FILE, CONFIG_FILE, build_model, cast_frozen_linears, export_peft, fail,
+                     load_tokenizer, model_max_length, pick_device, pick_precision, predict_logits, write_atomically)
 
 LAST_ADAPTER, LAST_STATE = "last_adapter.safetensors", "last_state.pt"  # for --resume
 METRICS_FILE = "metrics.jsonl"
-RESUMABLE_CHANGES = {"resume", "epochs", "patience", "log_every", "compile"}  # flags --resume may change
+RESUMABLE_CHANGES = {"resume", "epochs", "patience", "log_every", "compile", "export_peft"}  # flags --resume may change
 
 
 def parse_args(argv=None):
@@ -67,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--patience", type=int, default=3, help="evaluations without improvement before stopping")
     p.add_argument("--limit", type=int, default=None, help="use only this many rows of --data (quick runs)")
     p.add_argument("--log-every", type=int, default=50, help="steps between loss reports")
+    p.add_argument("--export-peft", metavar="DIR", default=None, help="also write the best adapter in PEFT's "
+                                                                    "layout (PeftModel.from_pretrained loads it)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (faster steps on a GPU "
                                                            "after a minute or so of compiling)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out (same flags)")
@@ -397,6 +399,9 @@ def train(args):
     low, high = bootstrap_interval(correct, args.seed)
     print(f"restored the best adapter: val loss {val_loss:.4f}, val accuracy {val_acc:.4f} "
           f"(95% bootstrap interval {low:.4f}-{high:.4f}, {len(correct)} rows) -> {args.out}")
+    if args.export_peft:
+        export_peft(args.out, args.export_peft)
+        print(f"PEFT adapter: {args.export_peft}")
     curves = plot_curves(args.out)
     print(f"metrics: {os.path.join(args.out, METRICS_FILE)}" + (f", curves: {curves}" if curves else
                                                                  " (pip install matplotlib for curves.png)"))
