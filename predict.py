@@ -14,7 +14,7 @@ import sys
 
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save as safetensors_bytes
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -22,6 +22,9 @@ from data import DataError, pad_batch, read_texts, sorted_batches, tokenize
 from lora import inject_lora, merge_lora
 
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "config.json"
+# PEFT's layout for the same adapter: its key = PEFT_PREFIX + our key, the head under modules_to_save
+PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
 
 
 def pick_device():
@@ -61,6 +64,12 @@ def write_atomically(path, write, mode="w"):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_tensors(path, tensors, metadata=None):
+    """Tensors to a safetensors file, atomically (CPU copies, so training can go on meanwhile)."""
+    cpu = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in tensors.items()}
+    write_atomically(path, lambda f: f.write(safetensors_bytes(cpu, metadata)), mode="wb")
 
 
 def fail(message, code=2):
@@ -131,10 +140,6 @@ def read_checkpoint(checkpoint):
                         "retrain, or pick another checkpoint folder") from None
 
 
-# PEFT's layout for the same adapter: its key = PEFT_PREFIX + our key, the head under modules_to_save
-PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, PEFT_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
-
-
 def export_peft(checkpoint, folder):
     """Write a train.py checkpoint as a PEFT adapter: `PeftModel.from_pretrained(base, folder)` loads it."""
     config, tensors = read_checkpoint(checkpoint)
@@ -143,9 +148,8 @@ def export_peft(checkpoint, folder):
                    "r": config["r"], "lora_alpha": config["alpha"], "lora_dropout": config.get("dropout", 0.0),
                    "target_modules": config["targets"], "modules_to_save": ["classifier"], "bias": "none",
                    "fan_in_fan_out": False, "inference_mode": True}
-    from safetensors.torch import save
     peft_tensors = {PEFT_PREFIX + name: t for name, t in tensors.items()}
-    write_atomically(os.path.join(folder, PEFT_WEIGHTS_FILE), lambda f: f.write(save(peft_tensors)), mode="wb")
+    save_tensors(os.path.join(folder, PEFT_WEIGHTS_FILE), peft_tensors)
     write_atomically(os.path.join(folder, PEFT_CONFIG_FILE), lambda f: json.dump(peft_config, f, indent=2))
 
 

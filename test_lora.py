@@ -367,12 +367,14 @@ def test_bad_input_is_one_clear_line_and_exit_2(trained, tmp_path, capsys):
     out = tmp_path / "never.csv"
     cases = [([str(tmp_path / "missing.csv")], "no such file"),
              ([write_csv(tmp_path / "x.txt", [])], "unknown input kind"),
-             ([write_csv(tmp_path / "nocol.csv", [{"body": "a"}], columns=("body",))], "no `text` column (columns: body)"),
+             ([write_csv(tmp_path / "nocol.csv", [{"body": "a"}], columns=("body",))],
+              "no `text` column (columns: body)"),
              ([write_csv(tmp_path / "ok.csv", synthetic_rows(3, 0)), "--checkpoint", str(tmp_path)],
               "not a checkpoint folder")]
     for argv, message in cases:
         with pytest.raises(SystemExit) as stop:
-            predict.main(argv + ["--out", str(out)] + ([] if "--checkpoint" in argv else ["--checkpoint", trained["out"]]))
+            checkpoint = [] if "--checkpoint" in argv else ["--checkpoint", trained["out"]]
+            predict.main(argv + ["--out", str(out)] + checkpoint)
         assert stop.value.code == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1 and err.startswith("error: ")

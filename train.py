@@ -25,14 +25,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save as safetensors_bytes
+from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import DataError, check_labels, length_grouped_batches, load_splits, pad_batch, tokenize
 from lora import lora_state_dict, parameter_table
 from predict import (ADAPTER_FILE, CONFIG_FILE, build_model, cast_frozen_linears, export_peft, fail,
-                     load_tokenizer, model_max_length, pick_device, pick_precision, predict_logits, write_atomically)
+                     load_tokenizer, model_max_length, pick_device, pick_precision, predict_logits, save_tensors,
+                     write_atomically)
 
 LAST_ADAPTER, LAST_STATE = "last_adapter.safetensors", "last_state.pt"  # for --resume
 METRICS_FILE = "metrics.jsonl"
@@ -161,11 +162,6 @@ def catch_ctrl_c():
         signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGINT, handler)
     return pressed
-
-
-def save_tensors(path, tensors, metadata=None):
-    cpu = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in tensors.items()}
-    write_atomically(path, lambda f: f.write(safetensors_bytes(cpu, metadata)), mode="wb")
 
 
 def save_checkpoint(out, model, config):
