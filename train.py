@@ -53,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapter's input")
     p.add_argument("--targets", nargs="+", default=["query", "value"], help="Linear layers to adapt")
     # optimisation
-    p.add_argument("--lr", type=float, default=5e-4, help="constant learning rate of AdamW")
+    p.add_argument("--lr", type=float, default=1e-3, help="constant learning rate of AdamW (see the README's "
+                                                          "sweep for why 1e-3)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm; 0 = no clipping")
     p.add_argument("--epochs", type=int, default=1)
