@@ -24,20 +24,20 @@ def read_table(source):
     Returns a `datasets.Dataset` (the train split, for hub names), a pandas DataFrame for local
     files, or whatever a .pkl holds.
     """
-    import datasets  # here, not at the top: it takes a second to import, and most inputs are files
+    ext = os.path.splitext(source)[1].lower()
+    if ext and not os.path.isdir(source):
+        if ext not in READERS:
+            raise DataError(f"{source}: unknown input kind; use .csv, .jsonl, .parquet, .pkl "
+                            "or a datasets.save_to_disk folder")
+        if not os.path.isfile(source):
+            raise DataError(f"{source}: no such file; check the path")
+        return READERS[ext](source)
+    import datasets  # only here: it takes a second to import, and most inputs are files
 
     if os.path.isdir(source):
         loaded = datasets.load_from_disk(source)
         return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
-    ext = os.path.splitext(source)[1].lower()
-    if ext and ext not in READERS:
-        raise DataError(f"{source}: unknown input kind; use .csv, .jsonl, .parquet, .pkl "
-                        "or a datasets.save_to_disk folder")
-    if not ext:
-        return datasets.load_dataset(source, split="train")  # a hub name such as ag_news
-    if not os.path.isfile(source):
-        raise DataError(f"{source}: no such file; check the path")
-    return READERS[ext](source)
+    return datasets.load_dataset(source, split="train")  # a hub name such as ag_news
 
 
 # What a pickled datasets.Dataset, pandas DataFrame or list of dicts needs, and nothing else: a
@@ -127,13 +127,13 @@ def load_splits(source, val_size, seed, limit=None):
     Returns ((train_texts, train_labels), (val_texts, val_labels), label_names or None).
     With `limit`, a seeded shuffle keeps only the first `limit` rows before the split.
     """
+    import datasets
+
     table = read_table(source)
     names = class_names(table)
     texts, labels = columns_of(table, source)
     if labels is None:
         raise DataError(f"{source}: no `label` column; training needs a label (0..K-1) for every text")
-    import datasets
-
     # datasets' seeded shuffle and split: the same rows as the Trainer + PEFT recipe with that seed
     table = datasets.Dataset.from_dict({"text": texts, "label": labels})
     if limit is not None:
@@ -142,8 +142,8 @@ def load_splits(source, val_size, seed, limit=None):
         raise DataError(f"--val-size {val_size} must be above 0 and below the {len(table)} rows used; "
                         "lower it or give more data")
     split = table.train_test_split(test_size=val_size, seed=seed)
-    pick = lambda part: (list(part["text"]), list(part["label"]))  # noqa: E731
-    return pick(split["train"]), pick(split["test"]), names
+    train, val = split["train"], split["test"]
+    return (list(train["text"]), list(train["label"])), (list(val["text"]), list(val["label"])), names
 
 
 def check_labels(labels, num_labels, source):

@@ -161,21 +161,26 @@ def read_peft_adapter(folder):
         weights = load_file(os.path.join(folder, PEFT_WEIGHTS_FILE))
     except Exception as e:
         raise DataError(f"{folder}: unreadable PEFT adapter ({type(e).__name__}: {e})") from None
-    unsupported = [k for k in ("use_dora", "use_rslora", "fan_in_fan_out") if peft_config.get(k)]
+    unsupported = [k for k in ("use_dora", "use_rslora", "fan_in_fan_out", "alpha_pattern", "rank_pattern")
+                   if peft_config.get(k)]
+    if peft_config.get("peft_type") != "LORA":
+        unsupported.append(f"peft_type {peft_config.get('peft_type')}")
+    if peft_config.get("bias", "none") != "none":
+        unsupported.append("bias")
     if not isinstance(peft_config.get("target_modules"), list):
         unsupported.append("target_modules as a pattern")
-    if peft_config.get("peft_type") != "LORA" or peft_config.get("bias", "none") != "none" or unsupported \
-            or peft_config.get("alpha_pattern") or peft_config.get("rank_pattern"):
-        raise DataError(f"{folder}: only plain LoRA adapters load here (no DoRA, rsLoRA, bias or per-layer "
-                        f"ranks{'; this one sets ' + ', '.join(unsupported) if unsupported else ''})")
     # strip PEFT's prefix, and the adapter name PEFT keeps in a head saved under modules_to_save
     tensors = {k.removeprefix(PEFT_PREFIX).replace(".modules_to_save.default.", "."): t for k, t in weights.items()}
-    head_out = [t.shape[0] for k, t in tensors.items() if k.startswith(("classifier.", "score.")) and
-                k.endswith("weight")]
-    targets = peft_config["target_modules"]
+    # the head's last layer maps to the labels and is its narrowest (RoBERTa's dense layer is hidden-wide)
+    head_widths = [t.shape[0] for k, t in tensors.items() if k.startswith(("classifier.", "score.")) and t.dim() == 2]
+    if not head_widths:
+        unsupported.append("no trained classifier head")
+    if unsupported:
+        raise DataError(f"{folder}: only plain LoRA adapters with a classifier head load here; this one has "
+                        f"{', '.join(unsupported)}")
     config = {"base_model": peft_config["base_model_name_or_path"], "r": peft_config["r"],
-              "alpha": peft_config["lora_alpha"], "targets": sorted(targets),
-              "labels": [str(i) for i in range(head_out[-1] if head_out else 0)], "max_length": 512}
+              "alpha": peft_config["lora_alpha"], "targets": sorted(peft_config["target_modules"]),
+              "labels": [str(i) for i in range(min(head_widths))], "max_length": 512}
     return config, tensors
 
 
@@ -189,14 +194,11 @@ def load_model(checkpoint, device="cpu", merge=True, dtype=None):
     base_model, labels, r, alpha, targets = (config[k] for k in ("base_model", "labels", "r", "alpha", "targets"))
     tokenizer = load_tokenizer(base_model)
     model = build_model(base_model, len(labels), r, alpha, targets=targets)
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    try:
-        if set(trained) != expected:
-            raise RuntimeError("other tensor names")
-        model.load_state_dict(trained, strict=False)
-    except RuntimeError:  # other names (targets) or shapes (r, label count) than config.json says
+    expected = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    if {n: t.shape for n, t in trained.items()} != expected:  # other targets, r or label count than config says
         raise DataError(f"{checkpoint}: its tensors do not fit {base_model} with r={r}, targets={targets}, "
-                        f"{len(labels)} labels; retrain, or pick the checkpoint that goes with it") from None
+                        f"{len(labels)} labels; retrain, or pick the checkpoint that goes with it")
+    model.load_state_dict(trained, strict=False)
     if merge:
         merge_lora(model)
     model.requires_grad_(False)  # nothing trains from here on

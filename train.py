@@ -295,6 +295,7 @@ def train(args):
                   f"{max(progress['best_acc'], 0):.4f})")
 
     # under torchrun, Ctrl-C stops every process at once; --resume continues from the last validation
+    previous_handler = signal.getsignal(signal.SIGINT)
     ctrl_c = catch_ctrl_c() if not distributed else threading.Event()
     seen_rows = seen_tokens = computed_tokens = 0
     running_loss = torch.zeros((), device=device)
@@ -348,7 +349,8 @@ def train(args):
                                       train_loss=train_loss, lr=optimizer.param_groups[0]["lr"],
                                       elapsed_s=round(time.perf_counter() - start, 2))
                     running_loss.zero_()
-                if (step % eval_every == 0 or step == total_steps) and main_process:
+                evaluate_now = step % eval_every == 0 or step == total_steps
+                if evaluate_now and main_process:
                     val_loss, val_acc, _ = evaluate(model, val_ids, val_labels, pad_id, args.eval_batch_size,
                                                     device, amp_dtype)
                     check_finite(val_loss, "validation loss", step, args)
@@ -366,7 +368,7 @@ def train(args):
                         progress["bad_evals"] += 1
                         progress["stopped"] = progress["bad_evals"] >= args.patience
                     save_latest(args, model, optimizer, scaler, progress)
-                if distributed and (step % eval_every == 0 or step == total_steps):
+                if evaluate_now and distributed:
                     progress = broadcast_from_main(progress)  # every process takes the same decision
                 if progress["stopped"]:
                     if main_process:
@@ -375,7 +377,7 @@ def train(args):
                 if ctrl_c.is_set():
                     break
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, previous_handler)
         bar.close()
         if main_process:
             metrics.close()
