@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save as safetensors_bytes
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from data import DataError, pad_batch, read_texts, sorted_batches, tokenize
+from data import DataError, pad_batch, read_texts, short, sorted_batches, tokenize
 from lora import inject_lora, merge_lora
 
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "config.json"
@@ -82,8 +82,8 @@ def load_tokenizer(base_model):
     try:
         return AutoTokenizer.from_pretrained(base_model)
     except OSError as e:
-        raise DataError(f"cannot load the tokenizer of {base_model} ({str(e).splitlines()[0]}); give a hub "
-                        "name or a local model folder") from None
+        raise DataError(f"cannot load the tokenizer of {base_model} ({short(e, 120)}); give a hub name, or "
+                        "offline a local model folder (--model DIR) with HF_HUB_OFFLINE=1") from None
 
 
 def model_max_length(tokenizer):
@@ -101,8 +101,8 @@ def build_model(base_model, num_labels, r, alpha, dropout=0.0, targets=("query",
                                                                    ignore_mismatched_sizes=True)
         return inject_lora(model, r, alpha, dropout, targets)
     except OSError as e:
-        raise DataError(f"cannot load the model {base_model} ({str(e).splitlines()[0]}); give a hub name "
-                        "or a local model folder") from None
+        raise DataError(f"cannot load the model {base_model} ({short(e, 120)}); give a hub name, or offline "
+                        "a local model folder (--model DIR) with HF_HUB_OFFLINE=1") from None
     except ValueError as e:  # an unknown --targets name: the message lists the ones that exist
         raise DataError(str(e)) from None
 

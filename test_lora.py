@@ -13,6 +13,8 @@ import subprocess
 import sys
 
 import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never touch the network, even run by hand
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -457,37 +459,223 @@ def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_best_adapter(m
     assert best  # the first run did write one
 
 
-class CallsOsSystem:
-    """A pickle that runs a shell command when loaded, as a hostile test.pkl would."""
+# --- a test.pkl is read as data, never run ---------------------------------------------------------
 
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+PICKLE_ROWS = {"text": ["first text", "zweiter Text, ü", "", "k1_0 w3"], "label": [2, 0, 3, 1]}
 
 
-@pytest.mark.parametrize("make", [lambda m: CallsOsSystem(m),
-                                  lambda m: {"text": ["a"], "x": CallsOsSystem(m)}])
-def test_a_pickle_that_runs_code_is_refused_and_never_run(trained, tmp_path, capsys, make):
-    marker = tmp_path / "pwned"
+def pickled_tables():
+    """The same four rows in every shape a test.pkl comes in: (name, object)."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    frame = pd.DataFrame(PICKLE_ROWS)
+    reordered = {"text": [PICKLE_ROWS["text"][i] for i in (3, 0, 2, 1)], "label": [1, 2, 3, 0]}
+    with_index = pd.DataFrame({"text": ["dropped"] + PICKLE_ROWS["text"], "label": [9] + PICKLE_ROWS["label"]})
+    return [
+        ("Dataset.from_dict", Dataset.from_dict(PICKLE_ROWS)),
+        ("Dataset.from_pandas", Dataset.from_pandas(frame)),
+        ("Dataset with a ClassLabel", Dataset.from_dict(PICKLE_ROWS, features=Features(
+            {"text": Value("string"), "label": ClassLabel(names=["World", "Sports", "Business", "Sci/Tech"])}))),
+        ("Dataset of large_string", Dataset.from_dict(PICKLE_ROWS, features=Features(
+            {"text": Value("large_string"), "label": Value("int64")}))),
+        ("Dataset after select", Dataset.from_dict(reordered).select([1, 3, 2, 0])),
+        ("Dataset after shuffle", Dataset.from_dict(PICKLE_ROWS).shuffle(seed=0).sort("label").select(
+            [2, 0, 3, 1])),
+        ("DataFrame, object", frame.astype({"text": object})),
+        ("DataFrame, StringDtype python", frame.astype({"text": pd.StringDtype("python")})),
+        ("DataFrame, StringDtype pyarrow", frame.astype({"text": pd.StringDtype("pyarrow")})),
+        ("DataFrame, ArrowDtype(string)", frame.astype({"text": pd.ArrowDtype(pa.string())})),
+        ("DataFrame, filtered", with_index[with_index.label < 9]),
+        ("list of dicts", [{"text": t, "label": y} for t, y in zip(PICKLE_ROWS["text"], PICKLE_ROWS["label"])]),
+        ("dict of columns, numpy labels", {"text": PICKLE_ROWS["text"], "label": np.array(PICKLE_ROWS["label"])}),
+    ]
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_every_ordinary_pickle_loads_with_its_texts_labels_and_order(tmp_path, protocol):
+    for name, table in pickled_tables():
+        path = tmp_path / "test.pkl"
+        path.write_bytes(pickle.dumps(table, protocol=protocol))
+        texts, labels = data.read_texts(str(path))
+        assert texts == PICKLE_ROWS["text"], name
+        assert labels == PICKLE_ROWS["label"] and all(type(y) is int for y in labels), name
+
+
+def test_an_8000_row_test_set_loads_in_well_under_a_second(tmp_path):
+    import time
+    from datasets import Dataset
+    rows = synthetic_rows(8000, seed=0)
     path = tmp_path / "test.pkl"
-    with open(path, "wb") as f:
-        pickle.dump(make(str(marker)), f)
+    path.write_bytes(pickle.dumps(Dataset.from_dict({"text": [r["text"] for r in rows]})))
+    start = time.perf_counter()
+    texts, labels = data.read_texts(str(path))
+    assert time.perf_counter() - start < 0.5
+    assert texts == [r["text"] for r in rows] and labels is None
+
+
+class Call:
+    """What a hostile pickle asks for: call module.name(*args), then hand the result `state`."""
+
+    def __init__(self, where, *args, state=None):
+        self.where, self.args, self.state = where, args, state
+
+
+def assemble(value, out=None):
+    """A pickle written opcode by opcode (protocol 4, no frames), so a test says exactly what is in it."""
+    import struct
+    out = bytearray(b"\x80\x04") if out is None else out  # PROTO 4
+    if isinstance(value, Call):
+        module, _, name = value.where.rpartition(".")
+        assemble(module, out), assemble(name, out)
+        out += pickle.STACK_GLOBAL
+        assemble(tuple(value.args), out)
+        out += pickle.REDUCE
+        if value.state is not None:
+            assemble(value.state, out)
+            out += pickle.BUILD
+    elif isinstance(value, bytes) and value.startswith(b"RAW:"):  # opcodes as given
+        out += value[4:]
+    elif value is None or isinstance(value, bool):
+        out += {None: pickle.NONE, True: pickle.NEWTRUE, False: pickle.NEWFALSE}[value]
+    elif isinstance(value, int):
+        out += pickle.LONG1 + bytes([8]) + value.to_bytes(8, "little", signed=True)
+    elif isinstance(value, str):
+        out += pickle.BINUNICODE + struct.pack("<I", len(value.encode())) + value.encode()
+    elif isinstance(value, (bytes, bytearray)):
+        out += pickle.BINBYTES + struct.pack("<I", len(value)) + bytes(value)
+    elif isinstance(value, (list, tuple, dict)):
+        out += pickle.MARK
+        for item in (value.items() if isinstance(value, dict) else value):
+            for part in (item if isinstance(value, dict) else (item,)):
+                assemble(part, out)
+        out += {list: pickle.LIST, tuple: pickle.TUPLE, dict: pickle.DICT}[type(value)]
+    return out
+
+
+def pickled(value):
+    return bytes(assemble(value) + pickle.STOP)
+
+
+def arrow_strings(offsets, data_bytes, length, offset=0):
+    """A pyarrow string array as pyarrow pickles it, with whatever offsets the test wants."""
+    import struct
+    return Call("pyarrow.lib._restore_array", (Call("pyarrow.lib.type_for_alias", "string"), length, 0, offset,
+                [None, Call("pyarrow.lib.py_buffer", struct.pack(f"<{len(offsets)}i", *offsets)),
+                 Call("pyarrow.lib.py_buffer", data_bytes)], [], None))
+
+
+def dataset(text_column, data_class="datasets.table.InMemoryTable", table_state=None):
+    """A datasets.Dataset pickle around one text column."""
+    table = Call("pyarrow.lib._reconstruct_table", [Call("pyarrow.lib.chunked_array", [text_column])],
+                 Call("pyarrow.lib.schema", [Call("pyarrow.lib.field", "text")], None))
+    return Call("datasets.arrow_dataset.Dataset", state={"_data": Call(data_class, state=table_state or
+                                                                       {"table": table}), "_indices": None})
+
+
+def frame(block_values, placement, column_names=("text",)):
+    """A pandas DataFrame pickle with one block placed at `placement` (start, stop, step)."""
+    names = Call("numpy._core.multiarray._reconstruct", Call("numpy.ndarray"), (0,), b"b",
+                 state=(1, (len(column_names),), Call("numpy.dtype", "O8", False, True), False, list(column_names)))
+    manager = Call("pandas.core.internals.managers.BlockManager", (
+        Call("pandas._libs.internals._unpickle_block", block_values, Call("builtins.slice", *placement), 2),),
+        [Call("pandas.core.indexes.base._new_Index", Call("pandas.Index"), {"data": names}),
+         Call("pandas.core.indexes.base._new_Index", Call("pandas.RangeIndex"), {"start": 0, "stop": 1, "step": 1})])
+    return Call("pandas.core.frame.DataFrame", state={"_mgr": manager})
+
+
+def hostile_pickles(marker, fifo):
+    """One file per kind of attack: (what it tries, bytes, what the refusal must say)."""
+    run_shell = Call("os.system", f"touch {marker}")
+    huge_string = "x" * 100_000
+    memo_reuse = b"RAW:" + assemble(huge_string, bytearray()) + pickle.BINPUT + b"\x00" + \
+        pickle.POP + pickle.MARK + (pickle.BINGET + b"\x00") * 5000 + pickle.LIST
+    doubled = b"RAW:" + assemble(arrow_strings([0, 1], b"a", 1), bytearray())
+    for level in range(40):  # each level a chunk list naming the level below twice (memo): 2**40 chunks
+        doubled = b"RAW:" + assemble(doubled, bytearray()) + pickle.BINPUT + bytes([level]) + pickle.POP + \
+            assemble(Call("pyarrow.lib.chunked_array", [b"RAW:" + pickle.BINGET + bytes([level])] * 2), bytearray())
+    forged_dtype = Call("numpy.dtype", "O8", False, True, state=(3, "|", None, None, None, -1, -1, 63))
+    return [
+        ("os.system at the top", pickled(run_shell), "holds 'os.system', not a Dataset"),
+        ("os.system inside a row", pickled([{"text": run_shell}]), "row 0 has no text"),
+        ("eval inside a column", pickled({"text": [Call("builtins.eval", f"open({str(marker)!r}, 'w')")]}),
+         "row 0 has no text"),
+        ("MemoryMappedTable replaying calls on a file", pickled(dataset(None, "datasets.table.MemoryMappedTable", {
+            "path": str(fifo), "replays": [("__getattribute__", ("__reduce__",), {})]})),
+         "holds a path on the machine that made it"),
+        ("ClassLabel reading names_file", pickled({"text": ["a"], "label": [0], "features": Call(
+            "datasets.features.features.ClassLabel", state={"names_file": str(fifo)})}), None),
+        ("object dtype with forged flags over raw bytes", pickled({"text": Call(
+            "numpy._core.numeric._frombuffer", b"\x41" * 16, forged_dtype, (2,), "C")}),
+         "items do not match its shape"),
+        ("pandas block placed outside its frame", pickled(frame(arrow_strings([0, 1], b"a", 1), (5, 6, 1))),
+         "lies outside its frame"),
+        ("Arrow offsets past the data buffer", pickled(dataset(arrow_strings([0, 4000], b"abc", 1))),
+         "offsets run outside its data"),
+        ("Arrow offsets going backwards", pickled(dataset(arrow_strings([0, 3, 1], b"abc", 2))),
+         "offsets run outside its data"),
+        ("Arrow length past its offsets", pickled(dataset(arrow_strings([0, 1], b"abc", 100))),
+         "too few offsets"),
+        ("bytearray(20 GB) as a buffer", pickled(dataset(Call("pyarrow.lib._restore_array", (
+            Call("pyarrow.lib.type_for_alias", "string"), 1, 0, 0,
+            [None, Call("builtins.bytearray", 20_000_000_000), Call("builtins.bytearray", 20_000_000_000)], [],
+            None)))), "a buffer is not plain bytes"),
+        ("BYTEARRAY8 claiming 2**40 bytes", b"\x80\x05\x96" + (2**40).to_bytes(8, "little") + b"ab.",
+         "expected 1099511627776 bytes in a bytearray8, but only 3 remain"),
+        ("a memo slot far past the file", b"\x80\x04" + pickle.EMPTY_LIST + pickle.LONG_BINPUT +
+         (2**32 - 2).to_bytes(4, "little") + pickle.STOP, "memo slot 4294967294"),
+        ("one 100 kB string shared by 5,000 rows", bytes(assemble({"text": memo_reuse}) + pickle.STOP),
+         "more rows or text than its size can honestly hold"),
+        ("one array repeated in chunks, 40 levels deep", pickled(dataset(doubled)),
+         "more rows or text than its size can honestly hold"),
+        ("out-of-band buffer", b"\x80\x05\x97.", "from outside the file"),
+        ("garbled bytes", b"\x80\x04\xffnot a pickle at all", "not a readable table pickle"),
+        ("empty file", b"", "not a readable table pickle"),
+        ("invalid UTF-8 in an Arrow string", pickled(dataset(arrow_strings([0, 2], b"\xff\xfe", 1))),
+         "UnicodeDecodeError"),
+    ]
+
+
+def test_hostile_pickles_are_refused_in_one_line_and_run_nothing(trained, tmp_path, capsys):
+    marker, fifo = tmp_path / "pwned", tmp_path / "fifo"
+    os.mkfifo(fifo)  # opening it would hang: any test that opens a path named in the pickle never ends
     out = tmp_path / "submission.csv"
-    with pytest.raises(SystemExit) as stop:
-        predict.main([str(path), "--checkpoint", trained["out"], "--out", str(out)])
-    assert stop.value.code == 2
-    assert "refused to load: this pickle calls posix.system" in capsys.readouterr().err
-    assert not marker.exists() and not out.exists()
-    for evil in [(eval, ("1+1",)), (subprocess.call, (["true"],))]:
-        class Evil:
-            def __reduce__(self, evil=evil):
-                return evil
-        with open(path, "wb") as f:
-            pickle.dump(Evil(), f)
-        with pytest.raises(data.DataError, match="refused to load"):
-            data.read_texts(str(path))
+    for attack, raw, message in hostile_pickles(marker, fifo):
+        path = tmp_path / "test.pkl"
+        path.write_bytes(raw)
+        if message is None:  # harmless data beside the attack: it loads, and the attack did nothing
+            assert data.read_texts(str(path)) == (["a"], [0]), attack
+            continue
+        with pytest.raises(SystemExit) as stop:
+            predict.main([str(path), "--checkpoint", trained["out"], "--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2, attack
+        assert err.startswith("error: ") and len(err.splitlines()) == 1 and message in err, (attack, err)
+        assert not marker.exists() and not out.exists(), attack
+
+
+def test_hostile_pickles_are_refused_under_a_memory_cap(tmp_path):
+    """The attacks again, in a process allowed only 1 GiB more than it has: one line each, no crash."""
+    marker, fifo = tmp_path / "pwned", tmp_path / "fifo"
+    os.mkfifo(fifo)
+    paths = []
+    for i, (_, raw, message) in enumerate(hostile_pickles(marker, fifo)):
+        (tmp_path / f"{i}.pkl").write_bytes(raw)
+        paths.append(str(tmp_path / f"{i}.pkl"))
+    script = ("import resource, sys, data\n"
+              "with open('/proc/self/statm') as f: used = int(f.read().split()[0]) * resource.getpagesize()\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (used + 2**30, resource.RLIM_INFINITY))\n"
+              "for path in sys.argv[1:]:\n"
+              "    try: data.read_texts(path); print('loaded')\n"
+              "    except data.DataError as e: print('refused', len(str(e).splitlines()))\n")
+    result = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, cwd=HERE,
+                            timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr[-2000:]
+    expected = ["loaded" if message is None else "refused 1" for _, _, message in hostile_pickles(marker, fifo)]
+    assert result.stdout.splitlines() == expected
+    assert not marker.exists()
 
 
 def make_checkpoint_variant(trained, tmp_path, name, edit_config=None, adapter_bytes=None):
@@ -550,10 +738,17 @@ def test_bad_training_inputs_and_flags_are_one_line_and_exit_2(model_dirs, tmp_p
     good = write_csv(tmp_path / "ok.csv", rows)
     bad_labels = write_csv(tmp_path / "labels.csv", rows[:10] + [{"text": "w1", "label": 7}] + rows[10:])
     no_labels = write_csv(tmp_path / "nolabel.csv", rows, columns=("text",))
+    one_and_seven = write_csv(tmp_path / "17.csv", [{**r, "label": 1 + 6 * (r["label"] % 2)} for r in rows])
     base = ["--model", model_dirs["bert"], "--max-length", "64", "--val-size", "10"]
     cases = [
         (["--data", bad_labels, "--num-labels", "4"], "has label 7, outside 0..3"),
         (["--data", no_labels], "no `label` column"),
+        (["--data", one_and_seven], "labels must be the integers 0..K-1, found 2 distinct: 1, 7; map them to "
+                                    "0..K-1 (AG News' original CSV numbers its classes 1-4: subtract 1)"),
+        (["--data", "no_such_hub_dataset"], "cannot load the dataset 'no_such_hub_dataset' from the Hugging Face "
+                                            "hub"),
+        (["--data", good, "--model", "roberta-base"], "offline a local model folder (--model DIR) with "
+                                                      "HF_HUB_OFFLINE=1"),
         (["--data", good, "--r", "0"], "--r must be at least 1, got 0"),
         (["--data", good, "--lr", "-0.001"], "--lr must be positive, got -0.001"),
         (["--data", good, "--val-size", "60"], "--val-size 60 must be above 0 and below the 60 rows used"),

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data import DataError, check_labels, length_grouped_batches, load_splits, pad_batch, tokenize
+from data import DataError, check_labels, count_classes, length_grouped_batches, load_splits, pad_batch, tokenize
 from lora import lora_state_dict, parameter_table
 from predict import (ADAPTER_FILE, CONFIG_FILE, build_model, cast_frozen_linears, export_peft, fail,
                      load_tokenizer, model_max_length, pick_device, pick_precision, predict_logits, save_tensors,
@@ -242,7 +242,8 @@ def train(args):
     # data: tokenized once, up front
     (train_texts, train_labels), (val_texts, val_labels), label_names = load_splits(
         args.data, args.val_size, args.seed, args.limit)
-    num_labels = args.num_labels or (len(label_names) if label_names else max(train_labels + val_labels) + 1)
+    num_labels = args.num_labels or (len(label_names) if label_names else count_classes(train_labels + val_labels,
+                                                                                          args.data))
     check_labels(train_labels + val_labels, num_labels, args.data)
     tokenizer = load_tokenizer(args.model)
     limit = model_max_length(tokenizer)
