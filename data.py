@@ -1,10 +1,20 @@
-"""What a batch is: tokenized texts, grouped by length, padded only as far as the batch needs.
+"""What a batch is: a few texts' token ids, padded only as far as the longest of them.
 
-Texts are tokenized once, without padding. A batch is a list of row indices; `pad_batch` pads its
-token lists to the longest one in that batch (dynamic padding). Training batches are drawn from
-groups of similar length so little padding is computed; evaluation batches are sorted by length.
+Every text is tokenized once, truncated and not padded. All the token ids live in one flat int32
+array, text i at ids[starts[i]:starts[i + 1]] (`Tokens`): 4 bytes a token, where Python lists of
+ints take about 60. A batch is a list of row numbers; `pad_batch` pads those rows to the longest
+one among them (dynamic padding) and gives the attention mask that hides the padding. Training
+batches are cut from groups of rows of similar length, so that little padding is computed, and
+shuffled; evaluation and prediction batches are simply sorted by length.
+
+(Why a flat array and not `datasets.map`: both store ids compactly, but `map` caches only for
+file-backed datasets and adds a second kind of table to read; the array is the data structure
+itself, and `tokenize` caches it on disk, keyed by the texts and the tokenizer.)
 """
+import hashlib
 import io
+import itertools
+import json
 import math
 import numbers
 import os
@@ -16,6 +26,80 @@ import numpy as np
 import pandas as pd
 import torch
 
+
+class Tokens:
+    """Token ids of many texts in one flat array: text i is ids[starts[i]:starts[i + 1]]."""
+
+    def __init__(self, ids, starts):
+        self.ids, self.starts = ids, starts
+        self.lengths = np.diff(starts).astype(np.int32)
+
+    def __len__(self):
+        return len(self.starts) - 1
+
+    def __getitem__(self, i):
+        return self.ids[self.starts[i]:self.starts[i + 1]]
+
+
+def tokenize(tokenizer, texts, max_length, cache=True, chunk=8192):
+    """Tokens of every text, truncated to max_length, not padded (with `cache`, kept on disk for next time).
+
+    The fast tokenizer encodes each chunk of texts in parallel; only one chunk is ever held as
+    Python lists.
+    """
+    cached = token_cache_path(tokenizer, texts, max_length) if cache else None
+    if cached and os.path.isfile(cached + ".starts.npy"):
+        return Tokens(np.load(cached + ".ids.npy", mmap_mode="r"), np.load(cached + ".starts.npy"))
+    ids, lengths = [], []
+    for start in range(0, len(texts), chunk):
+        encoded = tokenizer(texts[start:start + chunk], truncation=True, max_length=max_length)["input_ids"]
+        lengths.append(np.fromiter(map(len, encoded), np.int64, len(encoded)))
+        ids.append(np.fromiter(itertools.chain.from_iterable(encoded), np.int32, int(lengths[-1].sum())))
+    starts = np.concatenate([[0], np.cumsum(np.concatenate(lengths or [np.zeros(0, np.int64)]))])
+    tokens = Tokens(np.concatenate(ids or [np.zeros(0, np.int32)]), starts)
+    save_token_cache(cached, tokens)
+    return tokens
+
+
+def length_grouped_batches(lengths, batch_size, seed, group_batches=64):
+    """One epoch of training batches (lists of row numbers) that hold texts of similar length.
+
+    Shuffle all rows, cut them into groups of `group_batches` batches, sort each group by length
+    and cut it into batches, then shuffle the batches: the order stays random, the padding small.
+    """
+    rng = random.Random(seed)
+    lengths = list(map(int, lengths))
+    rows = list(range(len(lengths)))
+    rng.shuffle(rows)
+    group = batch_size * group_batches
+    batches = []
+    for start in range(0, len(rows), group):
+        chunk = sorted(rows[start:start + group], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def sorted_batches(lengths, batch_size):
+    """Batches of row numbers sorted longest first: least padding, and any memory error comes first."""
+    rows = np.argsort(-np.asarray(lengths), kind="stable").tolist()
+    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+def pad_batch(tokens, rows, pad_id):
+    """(input_ids, attention_mask) of tokens[rows], both (len(rows), longest) int64, padded on the right."""
+    sequences = [tokens[i] for i in rows]
+    longest = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, :len(seq)] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
+        attention_mask[row, :len(seq)] = 1
+    return input_ids, attention_mask
+
+
+# --- operations: not needed to follow the method --------------------------------------------------
+# Reading tables (hub names, files, folders), checking them, caching tokens, writing files safely.
 
 class DataError(ValueError):
     """Bad input (data, flags or a checkpoint); the message says what is wrong and how to fix it."""
@@ -56,11 +140,11 @@ READERS = {
     ".csv": lambda path: pd.read_csv(path, dtype={"text": str}, na_filter=False),
     ".jsonl": lambda path: pd.read_json(path, lines=True, dtype=False),  # no guessing: "123" stays text
     ".parquet": pd.read_parquet,
-    ".pkl": lambda path: read_pickle(path),  # defined below, with the operations
+    ".pkl": lambda path: read_pickle(path),  # below: a pickle is read as data, never run
 }
 
 
-def columns_of(table, source):
+def columns_of(table, source, first_row=0):
     """The `text` column (and `label`, or None) of a Dataset, DataFrame or dict of columns."""
     names = list(table) if isinstance(table, dict) else list(getattr(table, "column_names", None) or table.columns)
     if "text" not in names:
@@ -69,16 +153,16 @@ def columns_of(table, source):
                         "rename the column that holds the texts to `text`")
     texts = list(table["text"])
     labels = list(table["label"]) if "label" in names else None
-    if not texts:
+    if not texts and not first_row:
         raise DataError(f"{source}: no rows; give a file with at least one text")
     if labels is not None and len(labels) != len(texts):
         raise DataError(f"{source}: {len(texts)} texts but {len(labels)} labels; give one label per text")
     for i, text in enumerate(texts):
         if text is None or (isinstance(text, float) and math.isnan(text)):
-            raise DataError(f"{source}: row {i} has no text (a missing value); fill it in (an empty string is "
+            raise DataError(f"{source}: row {first_row + i} has no text (a missing value); fill it in (an empty string is "
                             "fine) or drop that row")
         if not isinstance(text, str):
-            raise DataError(f"{source}: row {i} has text {short(text)}, not a string; fix or drop that row")
+            raise DataError(f"{source}: row {first_row + i} has text {short(text)}, not a string; fix or drop that row")
     return texts, labels
 
 
@@ -138,45 +222,82 @@ def read_texts(source):
     return columns_of(read_table(source), source)
 
 
-def tokenize(tokenizer, texts, max_length):
-    """Token ids of every text, truncated to max_length and not padded."""
-    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+def read_text_chunks(source, rows=50_000):
+    """(texts, labels or None) of `source`, `rows` at a time, in input order: memory bounded by a chunk.
 
-
-def length_grouped_batches(lengths, batch_size, seed, group_batches=64):
-    """One epoch of training batches (lists of row indices) that hold texts of similar length.
-
-    Shuffle all rows, cut them into groups of `group_batches` batches, sort each group by length
-    and cut it into batches, then shuffle the batches: the order stays random, the padding small.
+    CSV, JSON lines and parquet files are read a piece at a time; a pickle or a dataset has to be
+    read whole (its rows are then handed out in chunks).
     """
-    rng = random.Random(seed)
-    rows = list(range(len(lengths)))
-    rng.shuffle(rows)
-    group = batch_size * group_batches
-    batches = []
-    for start in range(0, len(rows), group):
-        chunk = sorted(rows[start:start + group], key=lambda i: lengths[i])
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
+    ext = os.path.splitext(source)[1].lower()
+    if ext in (".csv", ".jsonl", ".parquet") and os.path.isfile(source):
+        first = 0
+        for frame in file_pieces(source, ext, rows):
+            texts, labels = columns_of(frame, source, first_row=first)
+            first += len(texts)
+            yield texts, labels
+        if first == 0:
+            raise DataError(f"{source}: no rows; give a file with at least one text")
+        return
+    texts, labels = read_texts(source)
+    for start in range(0, len(texts), rows):
+        yield texts[start:start + rows], (labels[start:start + rows] if labels is not None else None)
 
 
-def sorted_batches(lengths, batch_size):
-    """Batches of row indices sorted longest first: least padding, and any memory error comes first."""
-    rows = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+def file_pieces(path, ext, rows):
+    """DataFrames of at most `rows` rows from a .csv, .jsonl or .parquet file, in order."""
+    if ext == ".csv":
+        yield from pd.read_csv(path, dtype={"text": str}, na_filter=False, chunksize=rows)
+    elif ext == ".jsonl":
+        yield from pd.read_json(path, lines=True, dtype=False, chunksize=rows)
+    else:
+        import pyarrow.parquet as pq
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=rows):
+            yield batch.to_pandas()
 
 
-def pad_batch(sequences, pad_id):
-    """(input_ids, attention_mask), both (batch, longest) int64 tensors, padded on the right."""
-    longest = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, :len(seq)] = torch.tensor(seq)
-        attention_mask[row, :len(seq)] = 1
-    return input_ids, attention_mask
+def token_cache_path(tokenizer, texts, max_length):
+    """Where the tokens of these texts by this tokenizer are kept (None: no cache directory)."""
+    folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lora-textcls")
+    key = hashlib.sha256(f"{type(tokenizer).__name__} {max_length} {len(texts)}".encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # its vocabulary and rules; not the truncation a previous call left set
+        key.update(json.dumps({k: v for k, v in json.loads(backend.to_str()).items()
+                               if k not in ("truncation", "padding")}, sort_keys=True).encode())
+    else:
+        key.update(repr(tokenizer).encode())
+    for text in texts:
+        key.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return None
+    return os.path.join(folder, f"tokens-{key.hexdigest()[:32]}")
 
+
+def save_token_cache(path, tokens):
+    """Write the tokens beside the cache key, starts last: a half-written entry is never read."""
+    if path is None:
+        return
+    try:
+        write_atomically(path + ".ids.npy", lambda f: np.save(f, tokens.ids), mode="wb")
+        write_atomically(path + ".starts.npy", lambda f: np.save(f, tokens.starts), mode="wb")
+    except OSError:
+        pass  # a read-only or full disk: the next run tokenizes again, nothing worse
+
+
+def write_atomically(path, write, mode="w"):
+    """Call write(file) on a temporary file beside `path`, then rename it into place.
+
+    A crash mid-write leaves the old file (or none), never half a file.
+    """
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode, **({"newline": ""} if mode == "w" else {})) as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # --- operations: reading a pickle as data, never as code ------------------------------------------
@@ -238,13 +359,38 @@ class PickleRefused(Exception):
 
 
 def scan_opcodes(raw):
-    """Walk the opcodes without running them: refuse the two that make even the recorder allocate
-    without bound (a memo slot far past the file's size, out-of-band buffers)."""
+    """Walk the opcodes without running them, tracking how deeply values nest, and refuse what would
+    hurt even the recorder: memo slots far past the file's size, data from outside the file, values
+    nested so deep that hashing them overflows C's stack, and ints built to collide in a dict."""
+    stack, memo = [], {}
     for opcode, arg, _ in pickletools.genops(raw):  # checks every length against the bytes left
-        if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and not 0 <= int(arg) <= len(raw):
-            raise PickleRefused(f"it asks for memo slot {int(arg)} in a {len(raw)}-byte file")
         if opcode.name in ("NEXT_BUFFER", "READONLY_BUFFER", "PERSID", "BINPERSID"):
             raise PickleRefused(f"it needs data from outside the file ({opcode.name})")
+        if isinstance(arg, int) and not -2**61 < arg < 2**61:  # hash(i) is i mod 2**61 - 1
+            raise PickleRefused("it holds an integer too large for a table cell")
+        if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):  # the top value, remembered
+            slot = len(memo) if arg is None else int(arg)
+            if not 0 <= slot <= len(raw):
+                raise PickleRefused(f"it asks for memo slot {slot} in a {len(raw)}-byte file")
+            memo[slot] = stack[-1]
+            continue
+        if opcode.name in ("GET", "BINGET", "LONG_BINGET"):
+            stack.append(memo.get(int(arg), 0))
+            continue
+        if opcode.name == "MARK":
+            stack.append(None)
+            continue
+        popped = [0]
+        before = list(opcode.stack_before)
+        if pickletools.stackslice in before:  # everything down to the mark
+            while stack and stack[-1] is not None:
+                popped.append(stack.pop())
+            stack.pop()
+            before = [b for b in before if b not in (pickletools.stackslice, pickletools.markobject)]
+        popped += [stack.pop() for _ in before]
+        stack += [max(popped) + (len(popped) > 1)] * len(opcode.stack_after)  # a container: one deeper
+        if stack and stack[-1] is not None and stack[-1] > 200:
+            raise PickleRefused("it nests values over 200 deep")
 
 
 def read_pickle(path):
@@ -265,7 +411,10 @@ def read_pickle(path):
 
 def short(value, width=60):
     """A repr safe to print on one line: newlines escaped, at most `width` characters."""
-    text = repr(value) if not isinstance(value, BaseException) else str(value)
+    try:
+        text = repr(value) if not isinstance(value, BaseException) else str(value)
+    except Exception:  # a 5,000-digit int, a value nested too deep: say what it is, not its value
+        text = f"<a {type(value).__name__}>"
     text = text.replace("\n", "\\n").replace("\r", "\\r")
     return text if len(text) <= width else text[:width] + "..."
 
@@ -317,6 +466,9 @@ def pickle_columns(tree, budget):
     else:
         raise PickleRefused(f"it holds {short(tree.name if isinstance(tree, Called) else type(tree).__name__)}, "
                             "not a Dataset, DataFrame, list of row dicts or dict of columns")
+    for name in ("text", "label"):
+        if name in columns and columns[name] is None:
+            raise PickleRefused(f"its `{name}` column has no data")
     for values in columns.values():
         budget.take(0, sum(len(v) for v in values or () if type(v) is str))
     return columns
@@ -347,16 +499,21 @@ def plain(value):
     return value if type(value) in (str, int, float, bool) else None
 
 
-def as_bytes(obj):
-    """Bytes as a pickle writes them: bytes, bytearray, or (protocol 0-2) bytearray(encode(s, 'latin1'))."""
+def as_bytes(obj, budget):
+    """Bytes as a pickle writes them: bytes, bytearray, or (protocol 0-2) bytearray(encode(s, 'latin1')).
+
+    Each buffer read costs its size: one buffer named a thousand times is read at most a few times.
+    """
     name, args, _ = call_of(obj)
     for _ in range(2):  # py_buffer(bytearray(...))
         if name in ("py_buffer", "bytearray", "bytes") and len(args) == 1:
             obj = args[0]
             name, args, _ = call_of(obj)
     if name == "encode" and len(args) == 2 and type(args[0]) is str and args[1] in ("latin1", "latin-1"):
+        budget.take(0, len(args[0]))
         return args[0].encode("latin-1")
     if type(obj) in (bytes, bytearray):
+        budget.take(0, len(obj))
         return bytes(obj)
     raise PickleRefused("a buffer is not plain bytes")
 
@@ -387,7 +544,7 @@ def numpy_array(name, args, state, budget):
             raise PickleRefused("a numpy object array's items do not match its shape")
         flat = [plain(v) for v in data]
     else:
-        buffer = as_bytes(data)
+        buffer = as_bytes(data, budget)
         if len(buffer) != size * kind.itemsize:
             raise PickleRefused(f"a numpy array of {size} items has {len(buffer)} bytes")
         flat = np.frombuffer(buffer, dtype=kind).tolist()
@@ -432,26 +589,26 @@ def arrow_values(obj, budget):
     budget.take(length)
     if children or type(buffers) is not list or alias not in {**ARROW_INTS, **ARROW_STRINGS}:
         raise PickleRefused(f"an Arrow column has type {short(alias or type_name)}, which is not read here")
-    valid = arrow_validity(buffers[0] if buffers else None, offset, length)
+    valid = arrow_validity(buffers[0] if buffers else None, offset, length, budget)
     if alias in ARROW_INTS and len(buffers) == 2:
-        data = as_bytes(buffers[1])
+        data = as_bytes(buffers[1], budget)
         width = ARROW_INTS[alias].itemsize
         if len(data) < (offset + length) * width:
             raise PickleRefused(f"an Arrow array of {length} numbers has {len(data)} bytes")
         values = np.frombuffer(data, ARROW_INTS[alias], count=length, offset=offset * width).tolist()
     elif alias in ARROW_STRINGS and len(buffers) == 3:
-        values = arrow_strings(as_bytes(buffers[1]), as_bytes(buffers[2]), ARROW_STRINGS[alias], offset,
+        values = arrow_strings(as_bytes(buffers[1], budget), as_bytes(buffers[2], budget), ARROW_STRINGS[alias], offset,
                                length, budget)
     else:
         raise PickleRefused(f"an Arrow {alias} array has {len(buffers)} buffers")
     return [v if ok else None for v, ok in zip(values, valid)]
 
 
-def arrow_validity(bitmap, offset, length):
+def arrow_validity(bitmap, offset, length, budget):
     """Which of the rows are not null, from Arrow's validity bitmap (None: all are)."""
     if bitmap is None:
         return [True] * length
-    bits = np.unpackbits(np.frombuffer(as_bytes(bitmap), np.uint8), bitorder="little")
+    bits = np.unpackbits(np.frombuffer(as_bytes(bitmap, budget), np.uint8), bitorder="little")
     if len(bits) < offset + length:
         raise PickleRefused("an Arrow validity bitmap is shorter than its array")
     return bits[offset:offset + length].astype(bool).tolist()

@@ -45,7 +45,7 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self):
         """Fold the update into base.weight (once: a second call does nothing)."""
-        if not self.merged:
+        if not self.merged:  # the base may be stored in bf16 (cast once for speed): round the update once
             self.base.weight += self.delta_weight().to(self.base.weight.dtype)
             self.merged = True
 
@@ -56,6 +56,10 @@ def classifier_head(model):
         if isinstance(getattr(model, name, None), nn.Module):
             return name, getattr(model, name)
     raise ValueError(f"{type(model).__name__} has no `classifier` or `score` head to train")
+
+
+class TargetError(ValueError):
+    """A --targets name that no nn.Linear of the model has; the message lists the names it has."""
 
 
 def inject_lora(model, r, alpha, dropout=0.0, targets=("query", "value")):
@@ -69,7 +73,7 @@ def inject_lora(model, r, alpha, dropout=0.0, targets=("query", "value")):
     missing = [t for t in targets if not any(n.split(".")[-1] == t for n in chosen)]
     if missing:
         existing = sorted({n.split(".")[-1] for n in linear_names})
-        raise ValueError(f"unknown LoRA target(s) {', '.join(missing)}; "
+        raise TargetError(f"unknown LoRA target(s) {', '.join(missing)}; "
                          f"this model's Linear layers are named: {', '.join(existing)}")
     model.requires_grad_(False)
     for name in chosen:
@@ -94,6 +98,16 @@ def lora_state_dict(model):
     """Only the trained tensors (adapters + head): what a checkpoint needs to hold."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     return {n: t for n, t in model.state_dict().items() if n in trainable}
+
+
+def largest_rank(model, r, max_trainable):
+    """The largest rank whose trainable count (adapters + head) stays within max_trainable (0: none).
+
+    The adapters of rank r hold r * sum(d_in + d_out) numbers: trainable = head + r * per_rank.
+    """
+    lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n)
+    return max(0, (max_trainable - head) // (lora // r))
 
 
 def parameter_table(model):

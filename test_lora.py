@@ -15,6 +15,7 @@ import sys
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never touch the network, even run by hand
+os.environ["XDG_CACHE_HOME"] = __import__("tempfile").mkdtemp(prefix="lora-test-cache-")  # token cache: not ~
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -171,7 +172,7 @@ def test_gradients_reach_a_and_b():
     nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()
     layer = model.roberta.encoder.layer[1].attention.self.value
     assert layer.lora_B.weight.grad.abs().sum() > 0  # B gets a gradient at once (A is non-zero)
-    assert layer.lora_A.weight.grad is not None  # A's gradient is zero while B is zero: that is LoRA
+    assert layer.lora_A.weight.grad.abs().sum() == 0  # dL/dA = B^T (...) = 0 while B is zero: that is LoRA
     assert model.roberta.embeddings.word_embeddings.weight.grad is None
     assert layer.base.weight.grad is None
     # one step on B makes A's gradient non-zero too
@@ -201,10 +202,34 @@ def test_length_grouped_batches_cover_every_row_once_with_little_padding():
     assert batches != data.length_grouped_batches(lengths, 32, seed=2)  # a new order each epoch
 
 
-def test_pad_batch_pads_to_the_longest_in_the_batch():
-    ids, mask = data.pad_batch([[5, 6, 7], [8]], pad_id=1)
-    assert ids.tolist() == [[5, 6, 7], [8, 1, 1]]
+def tokens_of(lists):
+    """data.Tokens holding these token-id lists."""
+    import numpy as np
+    return data.Tokens(np.array([i for ids in lists for i in ids], np.int32),
+                       np.cumsum([0] + [len(ids) for ids in lists]))
+
+
+def test_pad_batch_pads_the_chosen_rows_to_the_longest_of_them():
+    tokens = tokens_of([[9, 9, 9, 9, 9], [5, 6, 7], [8]])
+    assert tokens[1].tolist() == [5, 6, 7] and tokens.lengths.tolist() == [5, 3, 1]
+    ids, mask = data.pad_batch(tokens, [1, 2], pad_id=1)
+    assert ids.tolist() == [[5, 6, 7], [8, 1, 1]]  # row 0 (5 long) is not in the batch: 3 columns, not 5
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert ids.dtype == mask.dtype == torch.long
+
+
+def test_tokens_are_4_bytes_each_and_cached_for_the_next_run(model_dirs):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["roberta"])
+    texts = [r["text"] for r in synthetic_rows(300, seed=8)]
+    tokens = data.tokenize(tokenizer, texts, 64, chunk=64)  # several chunks
+    expected = tokenizer(texts, truncation=True, max_length=64)["input_ids"]
+    assert [tokens[i].tolist() for i in range(len(texts))] == expected
+    assert tokens.ids.dtype.itemsize == 4 and tokens.ids.size == sum(map(len, expected))
+    again = data.tokenize(tokenizer, texts, 64)
+    assert isinstance(again.ids, __import__("numpy").memmap)  # read back from the cache, not tokenized again
+    assert again.lengths.tolist() == tokens.lengths.tolist() and (again.ids == tokens.ids).all()
+    assert data.tokenize(tokenizer, texts, 32).lengths.max() == 32  # another max length: another entry
 
 
 def test_splits_are_seeded_and_disjoint(tmp_path):
@@ -303,7 +328,8 @@ def test_load_model_predicts_like_the_trained_model(trained, model_dirs):
     merged = predict.predict_logits(model, ids, tokenizer.pad_token_id, 16, cpu)
     unmerged = predict.predict_logits(trained["model"], ids, tokenizer.pad_token_id, 16, cpu)
     torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
-    one_by_one = torch.cat([predict.predict_logits(model, [x], tokenizer.pad_token_id, 1, cpu) for x in ids])
+    one_by_one = torch.cat([predict.predict_logits(model, tokens_of([ids[i].tolist()]), tokenizer.pad_token_id, 1, cpu)
+                            for i in range(len(ids))])
     torch.testing.assert_close(merged, one_by_one, rtol=1e-4, atol=1e-4)  # padding and sorting change nothing
 
 
@@ -344,10 +370,14 @@ def test_predict_writes_the_submission_from_every_input_format(trained, tmp_path
     assert all(t == outputs[0] for t in outputs)  # same rows, same answers, whatever the format
     labels = [int(r[1]) for r in outputs[0][1:]]
     assert sum(p == r["label"] for p, r in zip(labels, rows)) / 120 >= 0.8
+
+
+def test_bf16_and_fp32_predictions_agree(trained, tmp_path, capsys):
+    rows = synthetic_rows(120, seed=11)
     answers = {}
     for precision in ("fp32", "bf16"):
         out = str(tmp_path / f"{precision}.csv")
-        predict.main([write_inputs(tmp_path, rows)["csv"], "--checkpoint", trained["out"], "--out", out,
+        predict.main([write_csv(tmp_path / "in.csv", rows), "--checkpoint", trained["out"], "--out", out,
                       "--precision", precision])
         answers[precision] = read_submission(out)
     agree = sum(a == b for a, b in zip(answers["fp32"][1:], answers["bf16"][1:])) / 120
@@ -363,24 +393,6 @@ def test_the_command_line_runs_end_to_end(trained, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "wrote 30 predictions" in result.stdout
     assert len(read_submission(out)) == 31
-
-
-def test_bad_input_is_one_clear_line_and_exit_2(trained, tmp_path, capsys):
-    out = tmp_path / "never.csv"
-    cases = [([str(tmp_path / "missing.csv")], "no such file"),
-             ([write_csv(tmp_path / "x.txt", [])], "unknown input kind"),
-             ([write_csv(tmp_path / "nocol.csv", [{"body": "a"}], columns=("body",))],
-              "no `text` column (columns: body)"),
-             ([write_csv(tmp_path / "ok.csv", synthetic_rows(3, 0)), "--checkpoint", str(tmp_path)],
-              "not a checkpoint folder")]
-    for argv, message in cases:
-        with pytest.raises(SystemExit) as stop:
-            checkpoint = [] if "--checkpoint" in argv else ["--checkpoint", trained["out"]]
-            predict.main(argv + ["--out", str(out)] + checkpoint)
-        assert stop.value.code == 2
-        err = capsys.readouterr().err.strip()
-        assert message in err and len(err.splitlines()) == 1 and err.startswith("error: ")
-        assert not out.exists()
 
 
 # --- nothing lost, nothing let in ------------------------------------------------------------------
@@ -448,15 +460,15 @@ def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_best_adapter(m
             "--max-grad-norm", "0", "--log-every", "3", "--epochs", "5"]
     train.main(argv + ["--lr", "1e-3", "--epochs", "1"])  # a sane first run leaves a best adapter
     best = open(os.path.join(out, "adapter.safetensors"), "rb").read()
+    assert all(torch.isfinite(t).all() for t in load_file(os.path.join(out, "adapter.safetensors")).values())
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
-        train.main(argv + ["--lr", "1e30"])
+        train.main(argv + ["--lr", "1e30", "--log-every", "1"])  # the loss is checked after every step
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert stop.value.code == 1
-    assert err.startswith("error: the ") and "became nan" in err and "lower --lr" in err
-    # the NaN model never replaced a good adapter: any adapter on disk is finite
-    assert all(torch.isfinite(t).all() for t in load_file(os.path.join(out, "adapter.safetensors")).values())
-    assert best  # the first run did write one
+    assert err.startswith("error: the training loss became nan by step 2; lower --lr (now 1e+30)")
+    # the diverged model never replaced the good adapter: the file is byte for byte the first run's
+    assert open(os.path.join(out, "adapter.safetensors"), "rb").read() == best
 
 
 # --- a test.pkl is read as data, never run ---------------------------------------------------------
@@ -631,6 +643,15 @@ def hostile_pickles(marker, fifo):
         ("one array repeated in chunks, 40 levels deep", pickled(dataset(doubled)),
          "more rows or text than its size can honestly hold"),
         ("out-of-band buffer", b"\x80\x05\x97.", "from outside the file"),
+        ("a tuple nested 300,000 deep as a dict key (hashing it overflows C's stack)",
+         b"\x80\x02}" + b")" + b"\x85" * 300_000 + b"K\x01s.", "nests values over 200 deep"),
+        ("40,000 ints with one hash in a dict", b"\x80\x02}(" + b"".join(
+            b"\x8a\x0b" + (i * (2**61 - 1)).to_bytes(11, "little", signed=True) + b"N" for i in range(1, 40_001))
+         + b"u.", "an integer too large for a table cell"),
+        ("a DataFrame naming a text column that no block fills", pickled(Call("pandas.core.frame.DataFrame", state={
+            "_mgr": Call("pandas.core.internals.managers.BlockManager", (), [Call(
+                "pandas.core.indexes.base._new_Index", Call("pandas.Index"), {"data": ["text"]}), None])})),
+         "its `text` column has no data"),
         ("garbled bytes", b"\x80\x04\xffnot a pickle at all", "not a readable table pickle"),
         ("empty file", b"", "not a readable table pickle"),
         ("invalid UTF-8 in an Arrow string", pickled(dataset(arrow_strings([0, 2], b"\xff\xfe", 1))),
@@ -701,6 +722,9 @@ def test_bad_prediction_inputs_and_checkpoints_are_one_line_and_exit_2(trained, 
     numbers_.write_text('{"text": "w1 w2"}\n{"text": 7}\n')
     variant = lambda name, **kw: make_checkpoint_variant(trained, tmp_path, name, **kw)  # noqa: E731
     cases = [
+        ([str(tmp_path / "missing.csv")], "no such file"),
+        ([write_csv(tmp_path / "x.txt", [])], "unknown input kind"),
+        ([write_csv(tmp_path / "nocol.csv", [{"body": "a"}], columns=("body",))], "no `text` column (columns: body)"),
         ([str(empty)], "no rows"),
         ([str(nulls)], "row 1 has no text (a missing value)"),
         ([str(numbers_)], "row 1 has text 7, not a string"),
@@ -854,7 +878,7 @@ def test_a_peft_adapter_predicts_here_as_it_does_in_peft(model_dirs, tmp_path):
     ours, tokenizer, config = predict.load_model(str(tmp_path / "adapter"))
     assert config["r"] == 2 and config["alpha"] == 8 and config["labels"] == ["0", "1", "2", "3"]
     texts = [r["text"] for r in synthetic_rows(40, seed=13)]
-    ids, mask = data.pad_batch(data.tokenize(tokenizer, texts, 64), tokenizer.pad_token_id)
+    ids, mask = data.pad_batch(data.tokenize(tokenizer, texts, 64), range(len(texts)), tokenizer.pad_token_id)
     with torch.no_grad():
         expected = theirs(input_ids=ids, attention_mask=mask).logits
         torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits, expected, rtol=1e-5, atol=1e-5)
@@ -862,3 +886,72 @@ def test_a_peft_adapter_predicts_here_as_it_does_in_peft(model_dirs, tmp_path):
     predict.main([write_csv(tmp_path / "in.csv", [{"text": t} for t in texts], columns=("text",)),
                   "--checkpoint", str(tmp_path / "adapter"), "--out", str(out), "--precision", "fp32"])
     assert [int(r[1]) for r in read_submission(out)[1:]] == expected.argmax(-1).tolist()
+
+
+# --- the recipe: schedule, per-class report, parameter budget ----------------------------------------
+
+def test_the_schedule_warms_up_from_zero_then_decays_to_zero_at_the_last_step():
+    linear, cosine = train.lr_factor("linear", 10, 100), train.lr_factor("cosine", 10, 100)
+    assert linear(0) == 0 and linear(5) == 0.5 and linear(10) == 1.0  # warmup: 0 -> 1 over 10 steps
+    assert linear(55) == 0.5 and linear(100) == 0.0  # then linearly to 0 at the last step
+    assert cosine(10) == 1.0 and abs(cosine(55) - 0.5) < 1e-12 and cosine(100) == 0.0
+    assert train.lr_factor("constant", 0, 100)(0) == train.lr_factor("constant", 0, 100)(99) == 1.0
+
+
+def test_a_run_with_a_schedule_logs_its_rate_and_resumes_exactly(model_dirs, tmp_path, capsys):
+    import signal
+    train_csv = write_csv(tmp_path / "t.csv", synthetic_rows(440, seed=4))
+    argv = lambda out: tiny_run_argv(model_dirs["roberta"], train_csv, out, "--schedule", "linear",  # noqa: E731
+                                     "--warmup-ratio", "0.2", "--log-every", "5")
+    train.train(train.parse_args(argv(str(tmp_path / "whole"))))
+    rates = {r["step"]: r["lr"] for r in map(json.loads, open(tmp_path / "whole" / "metrics.jsonl")) if "lr" in r}
+    assert rates[5] == pytest.approx(1e-2 * 5 / 15) and rates[15] == pytest.approx(1e-2)  # 75 steps, 15 warmup
+    assert rates[70] == pytest.approx(1e-2 * 5 / 60) and rates[75] == 0.0
+    real_step, calls = train.train_step, []
+
+    def ctrl_c_at_step_10(*a, **k):  # as if Ctrl-C were pressed during step 10
+        calls.append(1)
+        if len(calls) == 10:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*a, **k)
+    train.train_step = ctrl_c_at_step_10
+    try:
+        with pytest.raises(SystemExit) as stop:
+            train.train(train.parse_args(argv(str(tmp_path / "part"))))
+    finally:
+        train.train_step = real_step
+    assert stop.value.code == 130 and "interrupted at step 10" in capsys.readouterr().out
+    train.train(train.parse_args(argv(str(tmp_path / "part")) + ["--resume"]))
+    a, b = (load_file(str(tmp_path / d / "last_adapter.safetensors")) for d in ("whole", "part"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_confusion_matrix_and_class_report_of_a_known_prediction():
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
+    predicted = torch.tensor([0, 0, 2, 1, 3, 2, 2, 3, 2, 3])
+    confusion = predict.confusion_matrix(predicted, labels, 4)
+    assert confusion.tolist() == [[2, 0, 1, 0], [0, 1, 0, 1], [0, 0, 3, 1], [0, 0, 0, 1]]
+    lines = predict.class_report(confusion, ["World", "Sports", "Business", "Sci/Tech"]).splitlines()
+    # Business: precision 3/4 (3 of the 4 called Business were), recall 3/4, F1 0.75, 4 rows
+    assert lines[3].split() == ["Business", "0.7500", "0.7500", "0.7500", "4"]
+    assert lines[4].split() == ["Sci/Tech", "0.3333", "1.0000", "0.5000", "1"]
+    assert lines[-2].split() == ["Business", "0", "0", "3", "1"]
+
+
+def test_a_run_over_the_parameter_budget_is_refused_before_training(model_dirs, tmp_path, capsys):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--model", model_dirs["roberta"], "--data", write_csv(tmp_path / "t.csv", synthetic_rows(60, 2)),
+                    "--val-size", "10", "--max-length", "64", "--r", "4", "--max-trainable", "1500", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    # tiny RoBERTa: head 32*32+32 + 32*4+4 = 1,188; each rank costs 2 layers x 2 targets x (32+32) = 256
+    assert stop.value.code == 2 and err.splitlines() == [
+        "error: r=4 on query, value trains 2,212 parameters, above --max-trainable 1,500; the largest r that fits is 1"]
+    assert not out.exists()
+
+
+def test_roberta_base_fits_r_11_under_the_course_budget():
+    with torch.device("meta"):
+        model = inject_lora(RobertaForSequenceClassification(RobertaConfig(num_labels=4)), r=2, alpha=4)
+    from lora import largest_rank
+    assert largest_rank(model, 2, 1_000_000) == 11 and largest_rank(model, 2, 593_668 + 36_863) == 0
