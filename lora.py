@@ -75,7 +75,7 @@ def inject_lora(model, r, alpha, dropout=0.0, targets=("query", "value")):
         existing = sorted({n.split(".")[-1] for n in linear_names})
         raise TargetError(f"unknown LoRA target(s) {', '.join(missing)}; "
                          f"this model's Linear layers are named: {', '.join(existing)}")
-    model.requires_grad_(False)
+    model.requires_grad_(False)  # freeze all; the adapters made below are new, so they train
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save as safetensors_bytes
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from data import DataError, Tokens, pad_batch, read_text_chunks, short, sorted_batches, tokenize, write_atomically
+from data import DataError, pad_batch, read_text_chunks, short, sorted_batches, tokenize, write_atomically
 from lora import inject_lora, merge_lora
 
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "config.json"
@@ -266,7 +266,8 @@ def export_peft(checkpoint, folder):
     os.makedirs(folder, exist_ok=True)
     peft_config = {"peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": config["base_model"],
                    "r": config["r"], "lora_alpha": config["alpha"], "lora_dropout": config.get("dropout", 0.0),
-                   "target_modules": config["targets"], "modules_to_save": ["classifier"], "bias": "none",
+                   "target_modules": config["targets"], "bias": "none",
+                   "modules_to_save": ["score" if any(k.startswith("score.") for k in tensors) else "classifier"],
                    "fan_in_fan_out": False, "inference_mode": True}
     peft_tensors = {PEFT_PREFIX + name: t for name, t in tensors.items()}
     save_tensors(os.path.join(folder, PEFT_WEIGHTS_FILE), peft_tensors)

@@ -955,3 +955,42 @@ def test_roberta_base_fits_r_11_under_the_course_budget():
         model = inject_lora(RobertaForSequenceClassification(RobertaConfig(num_labels=4)), r=2, alpha=4)
     from lora import largest_rank
     assert largest_rank(model, 2, 1_000_000) == 11 and largest_rank(model, 2, 593_668 + 36_863) == 0
+
+
+# --- memory that grows with the data: compact tokens, streamed prediction ------------------------------
+
+def test_batches_from_compact_tokens_are_the_batches_of_plain_lists():
+    rng = random.Random(3)
+    lists = [[5] * rng.randint(1, 40) for _ in range(500)]
+    tokens = tokens_of(lists)
+    assert data.length_grouped_batches(tokens.lengths, 16, seed=7) == \
+        data.length_grouped_batches([len(x) for x in lists], 16, seed=7)
+    assert data.sorted_batches(tokens.lengths, 16) == \
+        [r[i:i + 16] for r in [sorted(range(500), key=lambda i: -len(lists[i]))] for i in range(0, 500, 16)]
+    # Python's own seeded random: the same batches on every machine, and as before the tokens were
+    # made compact (this list is what the list-based data.py of the previous release gave)
+    assert data.length_grouped_batches([3, 1, 2, 5, 4, 9, 8, 7], 3, seed=0, group_batches=1) == \
+        [[1, 4, 5], [7, 6], [2, 0, 3]]
+
+
+def test_predict_streams_its_input_in_chunks_with_the_same_answers(trained, tmp_path, capsys, monkeypatch):
+    rows = synthetic_rows(50, seed=21)
+    paths = write_inputs(tmp_path, rows)
+    whole = tmp_path / "whole.csv"
+    predict.main([paths["csv"], "--checkpoint", trained["out"], "--out", str(whole)])
+    whole_report = capsys.readouterr().out
+    seen = []
+    real = data.read_text_chunks
+
+    def small_chunks(source):
+        for texts, labels in real(source, rows=7):
+            seen.append(len(texts))
+            yield texts, labels
+    monkeypatch.setattr(predict, "read_text_chunks", small_chunks)
+    for kind in ("csv", "jsonl", "parquet", "pkl-dataframe"):
+        out = tmp_path / f"chunked-{kind}.csv"
+        seen.clear()
+        predict.main([paths[kind], "--checkpoint", trained["out"], "--out", str(out)])
+        assert seen == [7] * 7 + [1], kind  # read 7 rows at a time
+        assert read_submission(out) == read_submission(whole), kind
+        assert capsys.readouterr().out.replace(str(out), str(whole)) == whole_report, kind

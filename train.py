@@ -39,12 +39,12 @@ from predict import (ADAPTER_FILE, CONFIG_FILE, cast_frozen_linears, class_repor
                      plot_confusion, predict_logits, save_tensors)
 
 
-def train_step(model, batch, optimizer, scheduler, scaler, args, weight=1.0):
+def train_step(model, batch, optimizer, scheduler, scaler, args, loss_share=1.0):
     """One step of the method: forward under autocast, cross-entropy, backward, clip, AdamW, schedule."""
     input_ids, attention_mask, labels = batch
     with torch.autocast(input_ids.device.type, dtype=args.amp_dtype, enabled=args.amp_dtype is not None):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    loss = F.cross_entropy(logits.float(), labels) * weight  # weight: this process's share (torchrun)
+    loss = F.cross_entropy(logits.float(), labels) * loss_share  # this process's share of the batch (torchrun)
     scaler.scale(loss).backward()  # the scaler only scales in fp16, where small gradients would vanish
     if args.max_grad_norm > 0:
         scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
@@ -75,61 +75,62 @@ def lr_factor(schedule, warmup_steps, total_steps):
 
 
 def train(args):
-    rank, world = start_torchrun(args)  # (0, 1) for a plain `python train.py`
-    args.device = device_of(rank, world)  # carried on args, with the autocast dtype, to every helper
-    args.amp_dtype = pick_precision(args.device, args.precision)
-    torch.manual_seed(args.seed)  # the same on every process: the same initial adapter and head
+    rank, world = set_up(args)  # seeds torch; device and autocast dtype on args; torchrun: rank of world
 
     # data: labelled texts, split off a validation set, tokenized once (not padded)
     (train_texts, train_labels), (val_texts, val_labels), label_names = load_splits(
         args.data, args.val_size, args.seed, args.limit)
     label_names = name_classes(args, label_names, train_labels + val_labels)
-    tokenizer = load_tokenizer(args.model)
-    check_max_length(args, tokenizer)
+    tokenizer = tokenizer_for(args)
     train_tokens, val_tokens = (tokenize(tokenizer, texts, args.max_length) for texts in (train_texts, val_texts))
     del train_texts, val_texts
     train_labels, val_labels = torch.tensor(train_labels), torch.tensor(val_labels)
+    if rank == 0:
+        print(f"{len(train_tokens):,} training rows, {len(val_tokens):,} validation rows")
 
     # model: the pretrained encoder, a new head, and LoRA on the target layers; all else frozen
     model = load_base_model(args.model, len(label_names))
     inject_lora(model, args.r, args.alpha, args.dropout, args.targets)
-    check_budget(model, args)
-    if rank == 0:
-        print(f"{parameter_table(model)}\n{len(train_tokens):,} training rows, {len(val_tokens):,} validation rows")
-    model = cast_frozen_linears(model.to(args.device), args.amp_dtype).train()  # train mode: dropout on
-    forward = wrap_for_speed_and_torchrun(model, args, world)
+    check_budget(model, args, rank)  # prints where the parameters are; refuses more than --max-trainable
+    model = cast_frozen_linears(model.to(args.device), args.amp_dtype)
+    model.train()  # dropout on, in the encoder and on the adapters' input
+    step_model = wrap_for_speed_and_torchrun(model, args, world)  # what train_step calls: DDP, --compile
 
     # optimizer: AdamW on the adapters and the head, the learning-rate schedule on top
-    steps_per_epoch, total_steps = count_steps(len(train_tokens), args, world)
+    steps_per_epoch, total_steps, eval_every = count_steps(len(train_tokens), args, world)
     optimizer, scheduler, scaler = make_optimizer(model, args, total_steps)
     config = adapter_config(args, label_names)  # saved beside the adapter: how to rebuild the model
 
     # the loop: a step per batch; every eval_every steps, score, keep the best or count down patience
     run = Run(args, rank, world, total_steps, steps_per_epoch, model, optimizer, scheduler, scaler)
-    eval_every = args.eval_every or steps_per_epoch
+    if args.resume:
+        run.load_latest()  # the adapter, optimizer, schedule, step, patience and RNG of the saved run
     with run:
         for epoch in range(run.step // steps_per_epoch, args.epochs):
-            for rows, weight in run.batches(length_grouped_batches(train_tokens.lengths, args.batch_size,
-                                                                   seed=args.seed + epoch), epoch):
-                batch = on_device(*pad_batch(train_tokens, rows, tokenizer.pad_token_id), train_labels[rows], args)
-                loss = train_step(forward, batch, optimizer, scheduler, scaler, args, weight)
-                run.count(loss, rows, train_tokens, batch)  # loss, throughput, metrics.jsonl at --log-every
-                if run.step % eval_every == 0 or run.step == total_steps:
-                    if rank == 0:
-                        val_loss, val_acc, _ = evaluate(model, val_tokens, val_labels, tokenizer.pad_token_id, args)
-                        run.keep_if_best(val_loss, val_acc, {**config, "best_val_accuracy": val_acc, "step": run.step})
-                    run.agree_on_stopping()  # under torchrun, every process takes the main process's decision
-                if run.stopped or run.interrupted or run.step >= total_steps:
+            epoch_batches = length_grouped_batches(train_tokens.lengths, args.batch_size, seed=args.seed + epoch)
+            for rows, loss_share in run.not_yet_trained(epoch_batches, epoch):
+                if run.done:  # early-stopped, Ctrl-C, or the last step was taken
                     break
-            if run.stopped or run.interrupted or run.step >= total_steps:
-                break
+                input_ids, attention_mask = pad_batch(train_tokens, rows, tokenizer.pad_token_id)
+                batch = on_device(input_ids, attention_mask, train_labels[rows], args)
+                loss = train_step(step_model, batch, optimizer, scheduler, scaler, args, loss_share)
+                run.after_step(loss, rows, train_tokens, batch)  # step + 1; loss and speed, logged now and then
+                if run.step % eval_every == 0 or run.step == total_steps:
+                    if rank == 0:  # (under torchrun the main process evaluates, and the others follow it)
+                        val_loss, val_acc, _ = evaluate(model, val_tokens, val_labels, tokenizer.pad_token_id, args)
+                        if val_acc > run.best_acc:  # the best so far: save it
+                            run.keep_best(val_acc, {**config, "best_val_accuracy": val_acc, "step": run.step})
+                        else:  # no better: one evaluation less of patience
+                            run.count_down_patience()
+                        run.after_evaluation(val_loss, val_acc)  # log it, save the state --resume needs
+                    run.agree_on_stopping()
     if run.interrupted:
         run.save_and_exit()
     if rank != 0:
         return model, run.best_acc
 
     # restore the best adapter and score it once more, per class
-    model.load_state_dict(run.best_state, strict=False)
+    model.load_state_dict(run.best_state, strict=False)  # strict=False: the adapters and head only
     val_loss, val_acc, predicted = evaluate(model, val_tokens, val_labels, tokenizer.pad_token_id, args)
     report(args, run, val_loss, val_acc, predicted, val_labels, config["labels"])
     return model, val_acc
@@ -227,15 +228,29 @@ def name_classes(args, names_from_data, labels):
     return list(names or map(str, range(num_labels)))
 
 
-def check_max_length(args, tokenizer):
+def set_up(args):
+    """(rank, world): torchrun's, or (0, 1); the device and autocast dtype go on args; torch is seeded."""
+    rank, world = start_torchrun(args)
+    args.device = device_of(rank, world)  # carried on args, with the autocast dtype, to every helper
+    args.amp_dtype = pick_precision(args.device, args.precision)
+    torch.manual_seed(args.seed)  # the same on every process: the same initial adapter and head
+    return rank, world
+
+
+def tokenizer_for(args):
+    """The base model's tokenizer, after checking that --max-length is within the model's limit."""
+    tokenizer = load_tokenizer(args.model)
     limit = model_max_length(tokenizer)
     if args.max_length > limit:
         raise DataError(f"--max-length {args.max_length} is above {args.model}'s limit of {limit} tokens; "
                         f"use --max-length {limit} or less")
+    return tokenizer
 
 
-def check_budget(model, args):
-    """--max-trainable: refuse, before any training, a configuration with more trainable parameters."""
+def check_budget(model, args, rank):
+    """Print where the parameters are; --max-trainable: refuse, before any training, a larger configuration."""
+    if rank == 0:
+        print(parameter_table(model))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if args.max_trainable is not None and trainable > args.max_trainable:
         fits = largest_rank(model, args.r, args.max_trainable)
@@ -262,12 +277,13 @@ def adapter_config(args, label_names):
 
 
 def count_steps(rows, args, world):
-    """(steps per epoch, total steps): --epochs passes over the rows, or --max-steps if fewer."""
+    """(steps per epoch, total steps, steps between evaluations): --epochs passes over the rows, or
+    --max-steps if fewer; an evaluation every --eval-every steps, or at each epoch's end."""
     steps_per_epoch = math.ceil(rows / args.batch_size)
     if world > 1 and 0 < rows % args.batch_size < world:
         steps_per_epoch -= 1  # a last batch smaller than the process count is dropped
     total = steps_per_epoch * args.epochs
-    return steps_per_epoch, min(total, args.max_steps or total)
+    return steps_per_epoch, min(total, args.max_steps or total), args.eval_every or steps_per_epoch
 
 
 def on_device(input_ids, attention_mask, labels, args):
@@ -328,16 +344,12 @@ class Run:
         self.steps_per_epoch, self.model = steps_per_epoch, model
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.step, self.best_acc, self.bad_evals, self.stopped, self.best_state = 0, -1.0, 0, False, None
-        if args.resume:
-            self.load_latest()
         self.running_loss = torch.zeros((), device=args.device)
-        self.seen_rows = self.seen_tokens = self.computed_tokens = 0
+        self.steps_since_log = self.seen_rows = self.seen_tokens = self.computed_tokens = 0
         self.pressed = threading.Event()
         if rank == 0:
             print(f"{total_steps:,} steps on {args.device} ({args.amp_dtype or 'fp32'})"
-                  + (f" x {world} processes" if world > 1 else "")
-                  + (f", resumed from {args.out} at step {self.step} (best val accuracy so far "
-                     f"{max(self.best_acc, 0):.4f})" if args.resume else ""))
+                  + (f" x {world} processes" if world > 1 else ""))
 
     def __enter__(self):
         self.previous_handler = signal.getsignal(signal.SIGINT)
@@ -367,46 +379,54 @@ class Run:
     def interrupted(self):
         return self.pressed.is_set()
 
-    def batches(self, global_batches, epoch):
+    @property
+    def done(self):
+        return self.stopped or self.interrupted or self.step >= self.total_steps
+
+    def not_yet_trained(self, global_batches, epoch):
         """(this process's rows, its share of the batch) of each batch not yet trained on (--resume skips)."""
         global_batches = [b for b in global_batches if len(b) >= self.world]  # every process needs a row
-        for rows in global_batches[self.step - epoch * self.steps_per_epoch:]:
+        for rows in global_batches[max(0, self.step - epoch * self.steps_per_epoch):]:
             mine = rows[self.rank::self.world]  # row i of the batch goes to process i mod world
             # DDP averages over processes: weigh each mean loss by its share, for the whole batch's gradient
             yield mine, len(mine) * self.world / len(rows)
 
-    def count(self, loss, rows, tokens, batch):
-        """After a step: the step count, the loss kept on the device (read only every --log-every)."""
+    def after_step(self, loss, rows, tokens, batch):
+        """Count the step; keep the loss on the device and read it only every --log-every steps."""
         self.step += 1
         self.bar.update()
         self.running_loss += loss
+        self.steps_since_log += 1
         self.seen_rows += len(rows)
         self.seen_tokens += int(tokens.lengths[rows].sum())
         self.computed_tokens += batch[0].numel()
         if self.step % self.args.log_every == 0:
-            train_loss = self.running_loss.item() / self.args.log_every
+            train_loss = self.running_loss.item() / self.steps_since_log
             self.check_finite(train_loss, "training loss")
             self.bar.set_postfix(loss=f"{train_loss:.4f}")
             self.log(train_loss=train_loss, lr=self.optimizer.param_groups[0]["lr"])
             self.running_loss.zero_()
+            self.steps_since_log = 0
 
-    def keep_if_best(self, val_loss, val_acc, config):
-        """Save the adapter if it is the best so far, else count down patience; save the latest state."""
+    def keep_best(self, val_acc, config):
+        """A better validation accuracy: keep this adapter, in memory and on disk, with its config."""
+        self.best_acc, self.bad_evals, self.improved = val_acc, 0, True
+        self.best_state = {n: t.detach().clone() for n, t in lora_state_dict(self.model).items()}
+        save_tensors(os.path.join(self.args.out, ADAPTER_FILE), self.best_state)
+        write_atomically(os.path.join(self.args.out, CONFIG_FILE), lambda f: json.dump(config, f, indent=2))
+
+    def count_down_patience(self):
+        self.bad_evals, self.improved = self.bad_evals + 1, False
+        self.stopped = self.bad_evals >= self.args.patience
+
+    def after_evaluation(self, val_loss, val_acc):
+        """Say how it went, stop on a non-finite loss, log it, and save the state --resume needs."""
         self.check_finite(val_loss, "validation loss")
         self.log(val_loss=val_loss, val_accuracy=val_acc)
-        improved = val_acc > self.best_acc
         tqdm.write(f"step {self.step}: val loss {val_loss:.4f}, val accuracy {val_acc:.4f}"
-                   + (" (best so far, saved)" if improved else ""))
-        if improved:
-            self.best_acc, self.bad_evals = val_acc, 0
-            self.best_state = {n: t.detach().clone() for n, t in lora_state_dict(self.model).items()}
-            save_tensors(os.path.join(self.args.out, ADAPTER_FILE), self.best_state)
-            write_atomically(os.path.join(self.args.out, CONFIG_FILE), lambda f: json.dump(config, f, indent=2))
-        else:
-            self.bad_evals += 1
-            self.stopped = self.bad_evals >= self.args.patience
-            if self.stopped:
-                tqdm.write(f"early stop: no better validation accuracy in {self.args.patience} evaluations")
+                   + (" (best so far, saved)" if self.improved else ""))
+        if self.stopped:
+            tqdm.write(f"early stop: no better validation accuracy in {self.args.patience} evaluations")
         self.save_latest()
 
     def agree_on_stopping(self):
@@ -453,10 +473,12 @@ class Run:
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
-        self.step, self.best_acc, self.bad_evals, self.stopped = (state[k] for k in ("step", "best_acc", "bad_evals",
-                                                                                     "stopped"))
+        self.step, self.best_acc, self.bad_evals = state["step"], state["best_acc"], state["bad_evals"]
+        self.stopped = self.bad_evals >= args.patience  # --patience may have been raised to go on
         if self.best_acc >= 0:
             self.best_state = load_file(os.path.join(args.out, ADAPTER_FILE), device=str(args.device))
+        if self.rank == 0:
+            print(f"resumed from {args.out} at step {self.step} (best val accuracy so far {max(self.best_acc, 0):.4f})")
 
     def save_and_exit(self):
         """After Ctrl-C: save the latest state and print the command that continues the run."""

@@ -6,7 +6,6 @@ Each measurement runs in a fresh process (peak RSS is per process): AG News text
 ../shared/data/agnews_dev_train.csv repeated to N rows, max length 128.
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
