@@ -11,6 +11,7 @@ shuffled; evaluation and prediction batches are simply sorted by length.
 file-backed datasets and adds a second kind of table to read; the array is the data structure
 itself, and `tokenize` caches it on disk, keyed by the texts and the tokenizer.)
 """
+import contextlib
 import hashlib
 import io
 import itertools
@@ -41,24 +42,24 @@ class Tokens:
         return self.ids[self.starts[i]:self.starts[i + 1]]
 
 
-def tokenize(tokenizer, texts, max_length, cache=True, chunk=8192):
+def tokenize(tokenizer, texts, max_length, cache=True):
     """Tokens of every text, truncated to max_length, not padded (with `cache`, kept on disk for next time).
 
-    The fast tokenizer encodes each chunk of texts in parallel; only one chunk is ever held as
-    Python lists.
+    The fast tokenizer encodes a chunk of texts at a time, in parallel; each chunk is flattened to
+    int32 at once, so only one chunk is ever held as Python lists.
     """
     cached = token_cache_path(tokenizer, texts, max_length) if cache else None
-    if cached and os.path.isfile(cached + ".starts.npy"):
-        return Tokens(np.load(cached + ".ids.npy", mmap_mode="r"), np.load(cached + ".starts.npy"))
-    ids, lengths = [], []
+    if cached and all(os.path.isfile(cached + end) for end in (".ids.int32", ".starts.npy")):
+        return read_token_cache(cached)  # tokenized by an earlier run
+    try:
+        return store_tokens(encode_chunks(tokenizer, texts, max_length), cached)
+    except OSError:  # the cache could not be written (a full disk): keep the tokens in memory instead
+        return store_tokens(encode_chunks(tokenizer, texts, max_length), None)
+
+
+def encode_chunks(tokenizer, texts, max_length, chunk=8192):
     for start in range(0, len(texts), chunk):
-        encoded = tokenizer(texts[start:start + chunk], truncation=True, max_length=max_length)["input_ids"]
-        lengths.append(np.fromiter(map(len, encoded), np.int64, len(encoded)))
-        ids.append(np.fromiter(itertools.chain.from_iterable(encoded), np.int32, int(lengths[-1].sum())))
-    starts = np.concatenate([[0], np.cumsum(np.concatenate(lengths or [np.zeros(0, np.int64)]))])
-    tokens = Tokens(np.concatenate(ids or [np.zeros(0, np.int32)]), starts)
-    save_token_cache(cached, tokens)
-    return tokens
+        yield tokenizer(texts[start:start + chunk], truncation=True, max_length=max_length)["input_ids"]
 
 
 def length_grouped_batches(lengths, batch_size, seed, group_batches=64):
@@ -274,15 +275,33 @@ def token_cache_path(tokenizer, texts, max_length):
     return os.path.join(folder, f"tokens-{key.hexdigest()[:32]}")
 
 
-def save_token_cache(path, tokens):
-    """Write the tokens beside the cache key, starts last: a half-written entry is never read."""
-    if path is None:
-        return
+def store_tokens(chunks, cached):
+    """Tokens from chunks of token-id lists, flattened to int32 a chunk at a time: straight into the
+    cache file, then mapped back from disk (resident only as batches touch it), or into memory."""
+    lengths, in_memory, tmp = [], [], f"{cached}.ids.tmp{os.getpid()}" if cached else None
     try:
-        write_atomically(path + ".ids.npy", lambda f: np.save(f, tokens.ids), mode="wb")
-        write_atomically(path + ".starts.npy", lambda f: np.save(f, tokens.starts), mode="wb")
-    except OSError:
-        pass  # a read-only or full disk: the next run tokenizes again, nothing worse
+        with open(tmp, "wb") if tmp else contextlib.nullcontext() as ids_file:
+            for encoded in chunks:
+                lengths.append(np.fromiter(map(len, encoded), np.int64, len(encoded)))
+                ids = np.fromiter(itertools.chain.from_iterable(encoded), np.int32, int(lengths[-1].sum()))
+                ids_file.write(ids.tobytes()) if ids_file else in_memory.append(ids)
+        starts = np.concatenate([[0], np.cumsum(np.concatenate(lengths or [np.zeros(0, np.int64)]))])
+        if tmp is None:
+            return Tokens(np.concatenate(in_memory or [np.zeros(0, np.int32)]), starts)
+        os.replace(tmp, cached + ".ids.int32")
+        write_atomically(cached + ".starts.npy", lambda f: np.save(f, starts), mode="wb")  # last: the entry is whole
+        return read_token_cache(cached)
+    finally:
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_token_cache(cached):
+    starts = np.load(cached + ".starts.npy")
+    ids = np.memmap(cached + ".ids.int32", np.int32, mode="r") if starts[-1] else np.zeros(0, np.int32)
+    if len(ids) != starts[-1]:
+        raise DataError(f"{cached}: a damaged token cache entry; delete it and run again")
+    return Tokens(ids, starts)
 
 
 def write_atomically(path, write, mode="w"):

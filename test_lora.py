@@ -218,17 +218,23 @@ def test_pad_batch_pads_the_chosen_rows_to_the_longest_of_them():
     assert ids.dtype == mask.dtype == torch.long
 
 
-def test_tokens_are_4_bytes_each_and_cached_for_the_next_run(model_dirs):
+def test_tokens_are_4_bytes_each_and_cached_for_the_next_run(model_dirs, monkeypatch):
+    import numpy as np
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_dirs["roberta"])
     texts = [r["text"] for r in synthetic_rows(300, seed=8)]
-    tokens = data.tokenize(tokenizer, texts, 64, chunk=64)  # several chunks
     expected = tokenizer(texts, truncation=True, max_length=64)["input_ids"]
-    assert [tokens[i].tolist() for i in range(len(texts))] == expected
-    assert tokens.ids.dtype.itemsize == 4 and tokens.ids.size == sum(map(len, expected))
+    in_memory = data.store_tokens(data.encode_chunks(tokenizer, texts, 64, chunk=64), None)  # 5 chunks
+    assert [in_memory[i].tolist() for i in range(300)] == expected
+    assert in_memory.ids.dtype == np.int32 and in_memory.ids.size == sum(map(len, expected))
+    first = data.tokenize(tokenizer, texts, 64)  # tokenized, written to the cache, mapped back from disk
+    calls = []
+    monkeypatch.setattr(data, "encode_chunks", lambda *a, **k: calls.append(1) or iter(()))
     again = data.tokenize(tokenizer, texts, 64)
-    assert isinstance(again.ids, __import__("numpy").memmap)  # read back from the cache, not tokenized again
-    assert again.lengths.tolist() == tokens.lengths.tolist() and (again.ids == tokens.ids).all()
+    assert calls == []  # read back from the cache: not tokenized again
+    assert isinstance(first.ids, np.memmap) and isinstance(again.ids, np.memmap)
+    assert [again[i].tolist() for i in range(300)] == expected
+    monkeypatch.undo()
     assert data.tokenize(tokenizer, texts, 32).lengths.max() == 32  # another max length: another entry
 
 

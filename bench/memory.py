@@ -40,11 +40,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--kinds", nargs="+", default=["lists", "nocache", "cache-first", "cache-second"],
+                   help="lists: the old Python lists (about 240 bytes a token: leave it out at 1M rows)")
     p.add_argument("--data", default=os.path.join(HERE, "..", "..", "shared", "data", "agnews_dev_train.csv"))
     args = p.parse_args()
     env = {**os.environ, "XDG_CACHE_HOME": os.path.join(os.environ.get("TMPDIR", "/tmp"), "lora-bench-cache")}
     for rows in args.rows:
-        for kind in ("lists", "nocache", "cache-first", "cache-second"):
+        for kind in args.kinds:
             if kind == "cache-first":
                 subprocess.run(["rm", "-rf", env["XDG_CACHE_HOME"]])
             out = subprocess.run([sys.executable, "-c", CHILD, os.path.join(HERE, ".."), kind, args.model, str(rows),
