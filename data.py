@@ -149,7 +149,8 @@ def columns_of(table, source, first_row=0):
     """The `text` column (and `label`, or None) of a Dataset, DataFrame or dict of columns."""
     names = list(table) if isinstance(table, dict) else list(getattr(table, "column_names", None) or table.columns)
     if "text" not in names:
-        listed = ", ".join(short(n, 40) if not isinstance(n, str) else short(n, 40)[1:-1] for n in names[:20])
+        listed = ", ".join(n if isinstance(n, str) and n.isprintable() and len(n) <= 40 else short(n, 40)
+                           for n in names[:20])
         raise DataError(f"{source}: no `text` column (columns: {listed or 'none'}); "
                         "rename the column that holds the texts to `text`")
     texts = list(table["text"])
