@@ -2,7 +2,7 @@
 
 Every text is tokenized once, truncated and not padded. All the token ids live in one flat int32
 array, text i at ids[starts[i]:starts[i + 1]] (`Tokens`): 4 bytes a token, where Python lists of
-ints take about 60. A batch is a list of row numbers; `pad_batch` pads those rows to the longest
+ints took about 240 (bench/memory.py). A batch is a list of row numbers; `pad_batch` pads those rows to the longest
 one among them (dynamic padding) and gives the attention mask that hides the padding. Training
 batches are cut from groups of rows of similar length, so that little padding is computed, and
 shuffled; evaluation and prediction batches are simply sorted by length.
@@ -138,8 +138,9 @@ def read_table(source):
 
 READERS = {
     # a CSV's empty field is an empty text, and "NA" is a word, not a missing value
-    ".csv": lambda path: pd.read_csv(path, dtype={"text": str}, na_filter=False),
-    ".jsonl": lambda path: pd.read_json(path, lines=True, dtype=False),  # no guessing: "123" stays text
+    # (options: chunksize=N reads the file N rows at a time, as predict.py does)
+    ".csv": lambda path, **options: pd.read_csv(path, dtype={"text": str}, na_filter=False, **options),
+    ".jsonl": lambda path, **options: pd.read_json(path, lines=True, dtype=False, **options),  # "123" stays text
     ".parquet": pd.read_parquet,
     ".pkl": lambda path: read_pickle(path),  # below: a pickle is read as data, never run
 }
@@ -247,10 +248,8 @@ def read_text_chunks(source, rows=50_000):
 
 def file_pieces(path, ext, rows):
     """DataFrames of at most `rows` rows from a .csv, .jsonl or .parquet file, in order."""
-    if ext == ".csv":
-        yield from pd.read_csv(path, dtype={"text": str}, na_filter=False, chunksize=rows)
-    elif ext == ".jsonl":
-        yield from pd.read_json(path, lines=True, dtype=False, chunksize=rows)
+    if ext in (".csv", ".jsonl"):
+        yield from READERS[ext](path, chunksize=rows)
     else:
         import pyarrow.parquet as pq
         for batch in pq.ParquetFile(path).iter_batches(batch_size=rows):

@@ -77,16 +77,19 @@ def main(argv=None):
         first = next(chunks)  # bad input is found before the model is loaded
         model, tokenizer, config = load_model(args.checkpoint, device, dtype=amp_dtype)
         max_length = min(config["max_length"], model_max_length(tokenizer))
-        answers, labels = [], []
+        answers, labels = [], []  # one tensor of predicted classes per chunk, and its labels (or None)
 
         def write(f):  # a chunk at a time: tokenize, predict, write its rows
             out = csv.writer(f)
             out.writerow(["ID", "Label"])
+            written = 0
             for texts, chunk_labels in itertools.chain([first], chunks):
                 tokens = tokenize(tokenizer, texts, max_length, cache=False)
-                logits = predict_logits(model, tokens, tokenizer.pad_token_id, args.batch_size, device, amp_dtype)
-                out.writerows(enumerate(logits.argmax(-1).tolist(), start=sum(map(len, answers))))
-                answers.append(logits.argmax(-1))
+                predicted = predict_logits(model, tokens, tokenizer.pad_token_id, args.batch_size, device,
+                                           amp_dtype).argmax(-1)
+                out.writerows(enumerate(predicted.tolist(), start=written))
+                written += len(predicted)
+                answers.append(predicted)
                 labels.append(chunk_labels)
         write_atomically(args.out, write)
     except DataError as e:

@@ -59,8 +59,8 @@ def train_step(model, batch, optimizer, scheduler, scaler, args, loss_share=1.0)
 def evaluate(model, tokens, labels, pad_id, args):
     """(mean cross-entropy, accuracy, predicted classes) on a labelled split."""
     logits = predict_logits(model, tokens, pad_id, args.eval_batch_size, args.device, args.amp_dtype)
-    return F.cross_entropy(logits, labels).item(), (logits.argmax(-1) == labels).float().mean().item(), \
-        logits.argmax(-1)
+    predicted = logits.argmax(-1)
+    return F.cross_entropy(logits, labels).item(), (predicted == labels).float().mean().item(), predicted
 
 
 def lr_factor(schedule, warmup_steps, total_steps):
