@@ -1,0 +1,824 @@
+"""Reading a test.pkl as data, never as code: a path in; texts, labels (or None) and warnings out.
+
+    texts, labels, warnings = pickles.read_pickle("test.pkl")
+
+A pickle is a little program for a stack machine: opcodes push strings, numbers, lists and dicts,
+GLOBAL names any importable function ("os.system", "builtins.eval") and REDUCE calls it. The usual
+pickle.load runs that program, so a downloaded test.pkl can run anything. An allow-list of "safe"
+classes does not help either: the constructors of numpy, pandas, pyarrow and datasets trust their
+arguments (some open files, some replay method calls by name). So the file is read in three layers,
+each of which would stop what the others miss:
+
+1. **Nothing is called.** Every name the pickle asks for becomes an inert record (`Called`) of the
+   call it wanted: the name, the arguments, the state BUILD gives it. Python's own Unpickler then
+   builds a tree of plain values and records and runs no library code. A name from outside the
+   modules that build data (numpy, pandas, pyarrow, datasets, ...) is refused: no data file names
+   `builtins.eval`. `table_columns` then reads the few shapes a table takes (a Dataset, a DataFrame,
+   a Series, a list of rows, a dict of columns), checking every length, offset and shape against
+   its buffer before a byte is read, and returns plain lists.
+2. **Nothing grows without bound.** Before any value is built, `scan` walks the opcodes: memo
+   slots within the file's size, no data from outside the file, dict and set keys only of types
+   whose hashing an attacker cannot steer (str, bytes, int). After loading, `check_nesting` refuses
+   values nested over 200 deep or holding themselves. Every row and every byte of text read is
+   charged to a `Budget` sized by the file, so no file yields more than its size can honestly hold.
+3. **Contained.** `read_pickle` runs all of this in a child process (`python pickles.py`, the
+   standard library only), under a memory and a CPU-time limit scaled to the bytes it reads, and a
+   wall clock. The child answers in JSON, never in a pickle. If it is killed, that is one line.
+"""
+import io
+import json
+import os
+import pickle
+import pickletools
+import stat
+import subprocess
+import sys
+
+# What the child may spend: CPU seconds and bytes of memory, each a fixed part plus a part per
+# byte read (after decompression); the wall clock allows twice the CPU time, plus a margin.
+LIMITS = {"cpu_s": 10.0, "cpu_s_per_mb": 2.0, "memory": 2**30, "memory_per_byte": 64, "wall_margin_s": 10.0}
+FIX = ("re-save it with ds.to_parquet('test.parquet') or df.to_csv('test.csv', index=False), or pickle a plain "
+       "Dataset or DataFrame")
+
+
+class NotReadable(ValueError):
+    """The file is not a table we read; the message is one line: what is wrong, and what to do."""
+
+
+def read_pickle(path, limits=LIMITS):
+    """(texts, labels or None, warnings) of a pickled table, read in a contained child process."""
+    try:
+        with open_regular(path) as f:
+            size, head = os.fstat(f.fileno()).st_size, f.read(8)
+    except Refused as e:
+        raise NotReadable(f"{path}: {e}; {e.fix}") from None
+    most = decompressed_cap(size) if compression_of(head) else size
+    wall_s = 2 * cpu_seconds(most, limits) + limits["wall_margin_s"]
+    command = [sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps(limits), os.path.abspath(path)]
+    try:
+        child = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=wall_s)
+    except subprocess.TimeoutExpired:
+        raise NotReadable(f"{path}: not read: reading it took over {wall_s:.0f} s, the time allowed for a file "
+                          f"of its size; {FIX}") from None
+    if child.returncode != 0:
+        raise NotReadable(f"{path}: not read: {why_the_child_stopped(child.returncode)}; {FIX}")
+    try:
+        reply = json.loads(child.stdout)
+    except ValueError:
+        raise NotReadable(f"{path}: not read: the reader gave no answer; {FIX}") from None
+    if "error" in reply:
+        raise NotReadable(f"{path}: not read: {reply['error']}; {reply['fix']}")
+    return reply["texts"], reply["labels"], reply["warnings"]
+
+
+def why_the_child_stopped(code):
+    import signal
+    reasons = {getattr(signal, "SIGXCPU", None): "it used more CPU time than a file of its size may take",
+               signal.SIGKILL: "the reader was killed (out of memory, or from outside)",
+               signal.SIGSEGV: "the reader crashed (stack overflow?)", signal.SIGABRT: "the reader aborted"}
+    return reasons.get(-code, f"the reader stopped with exit code {code}")
+
+
+def cpu_seconds(size, limits):
+    return limits["cpu_s"] + limits["cpu_s_per_mb"] * size / 2**20
+
+
+def open_regular(path):
+    """The file at `path`, opened for reading only if it is a regular file (never waiting on a pipe)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        raise Refused(f"cannot open it ({e.strerror})", fix="check the path") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise Refused("it is not a regular file (a folder, pipe or device)", fix="give the .pkl file itself")
+    return os.fdopen(fd, "rb")
+
+
+# --- the child: python pickles.py LIMITS PATH -> one JSON line -------------------------------------
+
+def child_main(limits_json, path):
+    limits = json.loads(limits_json)
+    try:
+        with open_regular(path) as f:  # checked again: the file may have changed since the parent looked
+            raw = f.read()
+        limit_resources(len(raw), limits)
+        raw, compressed = decompress(raw)
+        limit_resources(len(raw), limits)  # now scaled to the bytes really read
+        texts, labels, warnings = read_here(raw, compressed)
+        reply = {"texts": texts, "labels": labels, "warnings": warnings}
+    except Refused as e:
+        reply = {"error": str(e), "fix": e.fix}
+    except MemoryError:
+        reply = {"error": "it needs more memory than a file of its size may take", "fix": FIX}
+    except RecursionError:
+        reply = {"error": "it nests values too deeply", "fix": FIX}
+    except Exception as e:  # truncated, garbled or inconsistent: all refused the same way
+        reply = {"error": f"not a readable table pickle ({type(e).__name__}: {short(e, 100)})", "fix": FIX}
+    sys.stdout.write(json.dumps(reply))  # ASCII: a lone surrogate travels as \udXXX
+
+
+def limit_resources(size, limits):
+    """Address space and CPU time for `size` bytes read (where the OS enforces them; else the wall clock)."""
+    try:
+        import resource
+        with open("/proc/self/statm") as f:
+            used = int(f.read().split()[0]) * resource.getpagesize()
+    except (ImportError, OSError):  # Windows, macOS: only the parent's wall clock
+        return
+    for kind, soft in [(resource.RLIMIT_AS, used + limits["memory"] + limits["memory_per_byte"] * size),
+                       (resource.RLIMIT_CPU, int(cpu_seconds(size, limits)) + 1)]:
+        hard = resource.getrlimit(kind)[1]
+        try:
+            resource.setrlimit(kind, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+        except (ValueError, OSError):
+            pass
+
+
+def read_here(raw, compressed=None):
+    """(texts, labels or None, warnings) of a pickle's bytes, in this process (the child's work)."""
+    refuse_other_formats(raw)
+    scan(raw)
+    unpickler = RecordingUnpickler(io.BytesIO(raw))
+    tree = unpickler.load()
+    unpickler.refuse_foreign_names()
+    check_nesting(tree)
+    warnings = [f"it is {compressed}-compressed: read decompressed"] if compressed else []
+    columns = table_columns(tree, Budget(len(raw)), warnings)
+    texts, labels = columns["text"], columns.get("label")
+    if labels is not None and len(labels) != len(texts):
+        raise Refused(f"its `text` column has {len(texts)} rows but `label` has {len(labels)}")
+    if labels is not None:  # 2.0 is label 2 (pandas stores an int column with a gap as floats); NaN is none
+        labels = [int(y) if type(y) is float and y.is_integer() else None if y != y else y for y in labels]
+    texts = [None if type(t) is float and t != t else t for t in texts]  # NaN: a missing text
+    return texts, labels, warnings
+
+
+# --- compression: recognised by the first bytes, whatever the file's name -------------------------
+
+MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz", b"PK\x03\x04": "zip", b"(\xb5/\xfd": "zstd"}
+
+
+def compression_of(head):
+    return next((kind for magic, kind in MAGIC.items() if head.startswith(magic)), None)
+
+
+def decompressed_cap(size):
+    """The most bytes a compressed file of `size` bytes may expand to: 64x, and at least 64 MiB."""
+    return max(64 * 2**20, 64 * size)
+
+
+def decompress(raw):
+    """(bytes, the compression's name or None): gzip, bz2, xz or a one-member zip, under a hard cap."""
+    kind = compression_of(raw[:8])
+    if kind is None:
+        return raw, None
+    if kind == "zstd":
+        raise Refused("it is zstd-compressed, which is not read here",
+                      fix="decompress it first (zstd -d FILE -o test.pkl) and pass the result")
+    import bz2
+    import gzip
+    import lzma
+    import zipfile
+    try:
+        if kind == "zip":
+            archive = zipfile.ZipFile(io.BytesIO(raw))
+            members = archive.namelist()
+            if len(members) != 1:
+                raise Refused(f"it is a zip archive of {len(members)} files, not of one pickle",
+                              fix="unzip it and pass the .pkl inside")
+            stream = archive.open(members[0])
+        else:
+            opener = {"gzip": lambda f: gzip.GzipFile(fileobj=f), "bz2": bz2.BZ2File, "xz": lzma.LZMAFile}[kind]
+            stream = opener(io.BytesIO(raw))
+        cap = decompressed_cap(len(raw))
+        data = stream.read(cap + 1)
+    except (OSError, EOFError, ValueError, RuntimeError, NotImplementedError, zipfile.BadZipFile, lzma.LZMAError) as e:
+        raise Refused(f"it looks {kind}-compressed but does not decompress ({short(e, 80)})",
+                      fix="check the download, or re-save it uncompressed") from None
+    if len(data) > cap:
+        raise Refused(f"it is {kind}-compressed and expands to over {cap:,} bytes (64 times its size)",
+                      fix="decompress it yourself and pass the .pkl")
+    return data, kind
+
+
+def refuse_other_formats(raw):
+    if raw[257:262] == b"ustar":
+        raise Refused("it is a tar archive, not a pickle", fix="extract it (tar xf FILE) and pass the .pkl inside")
+    if compression_of(raw[:8]):
+        raise Refused("it is compressed twice", fix="decompress it yourself and pass the .pkl")
+
+
+class Refused(Exception):
+    """The pickle is not a table we read: `str(e)` says what it holds, `fix` what to do instead."""
+
+    def __init__(self, message, fix=FIX):
+        super().__init__(message)
+        self.fix = fix
+
+
+def printable(name, width=40):
+    """A name as it is when it is short and printable, else as a short repr."""
+    return name if type(name) is str and name.isprintable() and len(name) <= width else short(name, width)
+
+
+def short(value, width=60):
+    """A repr safe to print on one line: newlines escaped, at most `width` characters."""
+    try:
+        text = repr(value) if not isinstance(value, BaseException) else str(value)
+    except Exception:  # a 5,000-digit int, a value nested too deep: say what it is, not its value
+        text = f"<a {type(value).__name__}>"
+    text = text.replace("\n", "\\n").replace("\r", "\\r")
+    return text if len(text) <= width else text[:width] + "..."
+
+
+# --- layer 2, before anything is built: a walk over the opcodes -----------------------------------
+
+MARK, KEY, OTHER, ENCODE = 0, 1, 2, 3  # what the scan knows of a stack value: a safe key, or not, or
+# _codecs.encode, whose result is bytes (protocols 0-2 write bytes as encode(str, 'latin1'))
+KEY_OPCODES = {"UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "STRING", "BINSTRING",
+               "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "INT", "BININT", "BININT1",
+               "BININT2", "LONG", "LONG1", "LONG4", "NEWTRUE", "NEWFALSE"}
+KEYED = {"DICT": 2, "SETITEMS": 2, "FROZENSET": 1, "ADDITEMS": 1}  # 2: every other item above the mark is a key
+MEMO_OPCODES = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE", "GET", "BINGET", "LONG_BINGET"}
+FRESH = {op.name for op in pickletools.opcodes if op.stack_after} - MEMO_OPCODES - {"DUP"}  # push a new value
+
+
+def stack_effect(opcode):
+    """(values popped below the mark, pops to a mark?, values pushed, key step) of one opcode."""
+    before = list(opcode.stack_before)
+    marked = pickletools.markobject in before
+    below = before[:before.index(pickletools.markobject)] if marked else before
+    return len(below), marked, len(opcode.stack_after), KEYED.get(opcode.name, 0)
+
+
+EFFECTS = {op.name: stack_effect(op) for op in pickletools.opcodes}
+
+
+def scan(raw):
+    """Walk the opcodes without building anything, and refuse what would hurt even the recorder.
+
+    - data from outside the file (out-of-band buffers, persistent ids);
+    - ints of 2**61 or more (an int hashes to itself mod 2**61 - 1, so such ints collide at will);
+    - dict and set keys that are not str, bytes or int: hashing a tuple or a record of the
+      attacker's choice could take quadratic time (str and bytes hashes are randomized);
+    - memo slots past the file's size, or memo writes that Python's pickler never makes (twice in
+      a row, or of a value just read from the memo). The memo is tracked in one byte per slot,
+      so the scan's memory is bounded by the file's size.
+    """
+    stack, marks = [], []
+    memo = bytearray(len(raw) + 1)  # the kind of each memo slot's value (0: not set)
+    memoized = put = 0  # Python writes MEMOIZE (protocol 4+) or PUT (0-3), never both
+    previous = None
+    for opcode, arg, _ in pickletools.genops(raw):  # checks every length against the bytes left
+        name = opcode.name
+        if name in ("NEXT_BUFFER", "READONLY_BUFFER", "PERSID", "BINPERSID"):
+            raise Refused(f"it needs data from outside the file ({name})")
+        if type(arg) is int and not -2**61 < arg < 2**61:
+            raise Refused("it holds an integer too large for a table cell")
+        if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            slot = memoized if name == "MEMOIZE" else arg
+            if (put if name == "MEMOIZE" else memoized) or previous not in FRESH or not 0 <= slot < len(memo):
+                raise Refused(f"its memo is not as a pickler writes it ({name} of slot {short(slot)} after "
+                              f"{previous})")
+            memo[slot] = stack[-1]
+            memoized, put = memoized + (name == "MEMOIZE"), put or name != "MEMOIZE"
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            if not 0 <= arg < len(memo) or not memo[arg]:
+                raise Refused(f"it reads memo slot {short(arg)} before setting it")
+            stack.append(memo[arg])
+        elif name == "MARK":
+            marks.append(len(stack))
+            stack.append(MARK)
+        elif name == "DUP":
+            stack.append(stack[-1])
+        elif name == "GLOBAL" and arg == "_codecs encode":
+            stack.append(ENCODE)
+        elif name == "FRAME":  # framing only groups opcodes: it is not one
+            continue
+        else:
+            pop_and_push(name, stack, marks)
+        previous = name
+
+
+def pop_and_push(name, stack, marks):
+    """The stack effect of one opcode, checking the keys of every dict and set it builds."""
+    below, marked, pushed, key_step = EFFECTS[name]
+    if marked:  # the values above the last MARK go, and the mark
+        floor = marks.pop()
+        if key_step and any(kind != KEY for kind in stack[floor + 1::key_step]):
+            raise Refused("it uses a key that is not a string or a number (only str, bytes and int keys are read)")
+        del stack[floor:]
+    elif name == "SETITEM" and len(stack) >= 2 and stack[-2] != KEY:
+        raise Refused("it uses a key that is not a string or a number (only str, bytes and int keys are read)")
+    if len(stack) - (marks[-1] + 1 if marks else 0) < below:
+        raise Refused(f"its {name} finds too few values on the stack")
+    kind = KEY if name in KEY_OPCODES or (name == "REDUCE" and stack[-2] == ENCODE) else OTHER
+    if below:
+        del stack[-below:]
+    stack += [kind] * pushed
+
+
+# --- layer 1: loading with inert records ------------------------------------------------------------
+
+DATA_MODULES = ("numpy", "pandas", "pyarrow", "datasets", "datetime", "decimal", "collections", "copyreg",
+                "_codecs", "zoneinfo", "pytz", "dateutil")
+PLAIN_BUILTINS = {"bytearray", "bytes", "set", "frozenset", "list", "dict", "tuple", "slice", "complex", "int",
+                  "float", "str", "bool", "object", "range"}
+
+
+class Called:
+    """An inert record of a call a pickle asked for: `name` (module.name), `args`, `state`."""
+    name = "?"
+
+    def __new__(cls, *args, **kwargs):  # REDUCE, NEWOBJ and OBJ all end here
+        record = object.__new__(cls)
+        record.args, record.state = args, None
+        return record
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):  # BUILD
+        self.state = state
+
+    def __setitem__(self, key, value):  # SETITEM(S) on a dict subclass (an OrderedDict, Features, DatasetDict)
+        self.state = self.state if type(self.state) is dict else {}
+        self.state[key] = value
+
+
+class RecordingUnpickler(pickle.Unpickler):
+    """Python's Unpickler, except that every global it asks for is a fresh `Called` subclass."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.names = {}
+
+    def find_class(self, module, name):
+        import _compat_pickle  # Python 2 names, as protocols 0-2 write them (__builtin__, copy_reg)
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        key = f"{module}.{name}"
+        if key not in self.names:
+            if len(self.names) >= 100:  # a Dataset pickle names about 20
+                raise Refused("it names over 100 different functions")
+            self.names[key] = type("Called", (Called,), {"name": key})
+        return self.names[key]
+
+    def refuse_foreign_names(self):
+        """Refuse a pickle that names anything but the builders of data (nothing was called either way)."""
+        if any(key.split(".")[0] == "polars" for key in self.names):
+            raise Refused("it is a polars DataFrame, which is not read here",
+                          fix="where it was made, write df.write_parquet('test.parquet'), or pickle df.to_pandas()")
+        foreign = sorted(key for key in self.names if not (key.split(".")[0] in DATA_MODULES or (
+            key.startswith("builtins.") and key[9:] in PLAIN_BUILTINS)))
+        if foreign:
+            raise Refused(f"it names {', '.join(printable(k) for k in foreign[:5])}{', ...' if len(foreign) > 5 else ''}"
+                          ", which no data file needs (nothing was run)",
+                          fix="do not use this file; get the data as .csv or .parquet from its source")
+
+
+def children(value):
+    if type(value) in (list, tuple, set, frozenset):
+        return value
+    if type(value) is dict:
+        return [*value.keys(), *value.values()]
+    if isinstance(value, Called):
+        return (value.args, value.state)
+    return ()
+
+
+def check_nesting(tree, limit=200):
+    """Refuse values nested deeper than `limit` or holding themselves (walked without recursion).
+
+    The reader below recurses into what it reads, so it must know the true depth: a list filled
+    after it was memoized can be deeper than it looked when it was made.
+    """
+    depth, on_path, todo = {}, set(), [(tree, False)]
+    while todo:
+        value, finished = todo.pop()
+        key = id(value)
+        if finished:
+            on_path.discard(key)
+            depth[key] = 1 + max((depth.get(id(c), 0) for c in children(value)), default=0)
+            if depth[key] > limit:
+                raise Refused(f"it nests values over {limit} deep")
+        elif key in on_path:
+            raise Refused("it holds a value that contains itself")
+        elif key not in depth and children(value):
+            on_path.add(key)
+            todo.append((value, True))
+            todo += [(c, False) for c in children(value) if id(c) not in depth]
+
+
+# --- layer 1, reading: the shapes a table takes ------------------------------------------------------
+
+class Budget:
+    """How many rows and text bytes a file of `size` bytes may honestly yield.
+
+    Every row needs at least a byte of the file, and text at most 8 bytes per byte of the file
+    (more only when one string is shared many times: a memo trick, not data). Every read is
+    charged as it happens, in Python ints (no wrap-around, no negative charges).
+    """
+
+    def __init__(self, size):
+        self.rows, self.text = size, 8 * size + 2**20
+
+    def take(self, rows=0, text=0):
+        if type(rows) is not int or type(text) is not int or rows < 0 or text < 0:
+            raise Refused("it has a negative or non-integer size")
+        self.rows, self.text = self.rows - rows, self.text - text
+        if self.rows < 0 or self.text < 0:
+            raise Refused("it decodes to more rows or text than its size can honestly hold")
+
+
+def call_of(obj):
+    """(short name, args, state) of a record; `copyreg._reconstructor(cls, ...)` counts as `cls`."""
+    if isinstance(obj, type) and issubclass(obj, Called):  # a class used as a value (pandas.NA)
+        return obj.name.rpartition(".")[2], (), None
+    if not isinstance(obj, Called):
+        return None, (), None
+    name, args = obj.name.rpartition(".")[2], obj.args
+    if name in ("_reconstructor", "__newobj__", "__newobj_ex__") and args and isinstance(args[0], type) \
+            and issubclass(args[0], Called):
+        name, args = args[0].name.rpartition(".")[2], args[1:]
+    return name, args, obj.state
+
+
+def table_columns(tree, budget, warnings):
+    """{'text': [...], 'label': [...] (if any)} of whichever table shape the pickle holds."""
+    name, args, state = call_of(tree)
+    if type(tree) in (list, tuple) and tree and all(type(row) is dict for row in tree):  # rows
+        budget.take(len(tree))
+        columns = {k: [cell(row.get(k), budget) for row in tree] if k in WANTED else None for k in tree[0]}
+    elif type(tree) is dict:  # a dict of columns
+        columns = {k: values_of(v, budget) if k in WANTED else None for k, v in tree.items()}
+    elif name == "DatasetDict":  # a dict subclass: its items come by SETITEMS, or (protocols 0-1) as an argument
+        return one_split(state if type(state) is dict else args[-1] if args else None, budget, warnings)
+    elif name == "Dataset":
+        columns = dataset_columns(state, budget)
+    elif name == "DataFrame":
+        columns = frame_columns(state, budget)
+    elif name == "Series" or type(tree) in (list, tuple) or name in ("_reconstruct", "_frombuffer"):
+        columns = {"text": series_values(tree, state, budget) if name == "Series" else values_of(tree, budget)}
+    else:
+        raise Refused(f"it holds {short(tree.name if isinstance(tree, Called) else type(tree).__name__)}, not a "
+                      "Dataset, DataFrame, Series, list of rows or texts, or dict of columns")
+    if "text" not in columns:
+        names = ", ".join(printable(n) for n in list(columns)[:20])
+        raise Refused(f"it has no `text` column (columns: {names or 'none'})",
+                      fix="rename the column that holds the texts to `text`")
+    return {k: v for k, v in columns.items() if k in WANTED}
+
+
+WANTED = ("text", "label")  # the only columns read; every other is skipped unread
+
+
+def one_split(splits, budget, warnings):
+    """A DatasetDict: its one split, or one line naming them all."""
+    names = list(splits) if type(splits) is dict else []
+    if len(names) != 1:
+        raise Refused(f"it is a DatasetDict of {len(names)} splits ({', '.join(short(n, 20) for n in names[:8])})",
+                      fix="pickle the split you mean: pickle.dump(dsd['test'], f)")
+    warnings.append(f"it is a DatasetDict: read its one split, {short(names[0], 30)}")
+    return table_columns(splits[names[0]], budget, [])
+
+
+def cell(value, budget):
+    """A cell as str, int, float, bool or None (missing: None, NaN, pandas.NA, anything else).
+
+    numpy scalars (np.int64(2) in a list of rows) are read as their value.
+    """
+    if type(value) is str:
+        budget.take(text=len(value))
+        return value
+    if type(value) in (int, float, bool):
+        return value
+    name, args, _ = call_of(value)
+    if name == "scalar" and len(args) == 2 and numpy_dtype(args[0]) != "object":
+        values = numbers_from(as_bytes(args[1], budget), numpy_dtype(args[0]))
+        return values[0] if len(values) == 1 else None
+    return None
+
+
+def values_of(obj, budget):
+    """A column as a plain list, from a list, a numpy array, an Arrow array or a pandas array."""
+    if type(obj) in (list, tuple):
+        budget.take(len(obj))
+        return [cell(v, budget) for v in obj]
+    name, args, state = call_of(obj)
+    if name in ("_reconstruct", "_frombuffer"):
+        shape, rows = numpy_array(name, args, state, budget, keep=None)
+        if len(shape) != 1:
+            raise Refused(f"a column is a numpy array of shape {short(shape)}, not one value per row")
+        return rows
+    if name in ("_restore_array", "chunked_array"):
+        return arrow_values(obj, budget)
+    if name in ("ArrowStringArray", "ArrowStringArrayNumpySemantics", "ArrowExtensionArray") and type(state) is dict:
+        return arrow_values(state.get("_pa_array", state.get("_data")), budget)  # pandas 1.5 called it _data
+    if name in ("IntegerArray", "BooleanArray", "FloatingArray") and type(state) is dict:  # nullable: a mask
+        values, missing = values_of(state.get("_data"), budget), values_of(state.get("_mask"), budget)
+        if len(values) != len(missing):
+            raise Refused("a nullable column's mask does not match its values")
+        return [None if m else v for v, m in zip(values, missing)]
+    if name == "_new_Index" and len(args) == 2 and type(args[1]) is dict:  # an Index's values
+        return values_of(args[1].get("data"), budget)
+    if name == "__pyx_unpickle_NDArrayBacked" and args and type(state) is tuple and len(state) >= 2:
+        kind = call_of(args[0])[0]
+        if kind == "Categorical":
+            return categories_of(state[0], state[1], budget)
+        if kind == "StringArray":  # (dtype, numpy object array)
+            return values_of(state[1], budget)
+        name = kind
+    raise Refused(f"its text or label column is {short(name or type(obj).__name__)}, which is not read here")
+
+
+def categories_of(dtype, codes, budget):
+    """A pandas Categorical: each code is an index into the categories (-1: missing)."""
+    _, _, dtype_state = call_of(dtype)
+    categories = values_of((dtype_state or {}).get("categories") if type(dtype_state) is dict else None, budget)
+    codes = values_of(codes, budget)
+    if not all(type(c) is int and -1 <= c < len(categories) for c in codes):
+        raise Refused("a categorical column has codes outside its categories")
+    values = [None if c < 0 else categories[c] for c in codes]
+    budget.take(text=sum(len(v) for v in values if type(v) is str))  # a shared category costs at each use
+    return values
+
+
+def series_values(series, state, budget):
+    """A pandas Series: SingleBlockManager with state (axes, [values], ...)."""
+    manager = state.get("_mgr") if type(state) is dict else None
+    _, _, manager_state = call_of(manager)
+    if type(manager_state) is not tuple or len(manager_state) < 2 or type(manager_state[1]) is not list \
+            or len(manager_state[1]) != 1:
+        raise Refused("a Series in a layout this reader does not know")
+    return values_of(manager_state[1][0], budget)
+
+
+def as_bytes(obj, budget):
+    """Bytes as a pickle writes them: bytes, bytearray, or (protocol 0-2) bytearray(encode(s, 'latin1')).
+
+    Each buffer read costs its size: one buffer named a thousand times is read at most a few times.
+    """
+    name, args, _ = call_of(obj)
+    for _ in range(2):  # py_buffer(bytearray(...))
+        if name in ("py_buffer", "bytearray", "bytes") and len(args) == 1:
+            obj = args[0]
+            name, args, _ = call_of(obj)
+    if name == "encode" and len(args) == 2 and type(args[0]) is str and args[1] in ("latin1", "latin-1"):
+        budget.take(text=len(args[0]))
+        return args[0].encode("latin-1")
+    if type(obj) in (bytes, bytearray):
+        budget.take(text=len(obj))
+        return bytes(obj)
+    raise Refused("a buffer is not plain bytes")
+
+
+def count(value, what):
+    if type(value) is not int or value < 0:
+        raise Refused(f"{what} is {short(value)}, not a count")
+    return value
+
+
+# numpy: _reconstruct(ndarray, (0,), b'b') + BUILD (version, shape, dtype, fortran, data), or
+# _frombuffer(data, dtype, shape, order). Read: object (a list), bool, int, float and unicode arrays.
+
+def numpy_array(name, args, state, budget, keep):
+    """(shape, values): 1-D, a list of values; 2-D (a pandas block), {row: values} for the rows in `keep`."""
+    if name == "_frombuffer" and len(args) == 4:
+        data, dtype, shape, order = args
+    elif name == "_reconstruct" and type(state) is tuple and len(state) in (4, 5):
+        shape, dtype, fortran, data = state[-4:]
+        order = "F" if fortran is True else "C"
+    else:
+        raise Refused("a numpy array is in an unknown layout")
+    if type(shape) is not tuple or not 1 <= len(shape) <= 1 + (keep is not None):
+        raise Refused(f"a numpy array has shape {short(shape)}")
+    shape = tuple(count(n, "a numpy dimension") for n in shape)
+    size = shape[0] * (shape[1] if len(shape) == 2 else 1)
+    budget.take(size)
+    kind = numpy_dtype(dtype)
+    if kind == "object":
+        if type(data) is not list or len(data) != size:
+            raise Refused("a numpy object array's items do not match its shape")
+        flat = data
+    else:
+        flat = numbers_from(as_bytes(data, budget), kind, size)
+    if len(shape) == 1:
+        return shape, [cell(v, budget) for v in flat] if kind == "object" else flat
+    width, length = shape  # a pandas block: one row per column of the frame
+    picked = {r: (flat[r::width] if order == "F" else flat[r * length:(r + 1) * length]) for r in keep}
+    return shape, {r: [cell(v, budget) for v in values] if kind == "object" else values
+                   for r, values in picked.items()}
+
+
+def numpy_dtype(obj):
+    """The dtype of a pickled dtype record: "object", or (code, itemsize, byte order) of a number or text."""
+    name, args, state = call_of(obj)
+    code = args[0] if name == "dtype" and args and type(args[0]) is str else ""
+    order = state[1] if type(state) is tuple and len(state) > 1 and state[1] in ("<", ">", "|", "=") else "|"
+    if code in ("O4", "O8"):
+        return "object"
+    if code[:1] in ("i", "u", "b", "f", "U") and code[1:].isdigit() and code[1:].isascii():
+        size = int(code[1:]) * (4 if code[0] == "U" else 1)
+        if code[0] == "U" or size in ((1, 2, 4, 8) if code[0] in "iu" else (1,) if code[0] == "b" else (4, 8)):
+            big = order == ">" or (order == "=" and sys.byteorder == "big")
+            return code[0], size, big
+    raise Refused(f"a text or label column has dtype {short(code or name)}, which is not read here")
+
+
+def numbers_from(buffer, kind, size=None):
+    """Python values of a numpy buffer of `kind` (see numpy_dtype), checked against `size` items."""
+    import array
+    letter, width, big = kind
+    size = len(buffer) // width if size is None else size
+    if width == 0 or len(buffer) != size * width:
+        raise Refused(f"a numpy array of {size} items has {len(buffer)} bytes")
+    if letter == "U":  # fixed-width UTF-32, padded with NULs
+        codec = "utf-32-be" if big else "utf-32-le"
+        return [buffer[i:i + width].decode(codec, "surrogatepass").rstrip("\0") for i in range(0, len(buffer), width)]
+    if letter == "b":
+        return [b != 0 for b in buffer]
+    typecode = {("i", 1): "b", ("u", 1): "B", ("i", 2): "h", ("u", 2): "H", ("i", 4): "i", ("u", 4): "I",
+                ("i", 8): "q", ("u", 8): "Q", ("f", 4): "f", ("f", 8): "d"}[letter, width]
+    values = array.array(typecode, buffer)
+    if big != (sys.byteorder == "big"):
+        values.byteswap()
+    return values.tolist()
+
+
+# pyarrow: _restore_array((type, length, null_count, offset, buffers, children, dictionary)),
+# chunked_array([arrays], type). Strings: validity bitmap, offsets (int32, or int64 when large), bytes.
+ARROW_NUMBERS = {"int8": ("i", 1), "int16": ("i", 2), "int32": ("i", 4), "int64": ("i", 8), "uint8": ("u", 1),
+                 "uint16": ("u", 2), "uint32": ("u", 4), "uint64": ("u", 8), "float": ("f", 4), "double": ("f", 8)}
+ARROW_STRINGS = {"string": 4, "utf8": 4, "large_string": 8, "large_utf8": 8}
+
+
+def arrow_values(obj, budget):
+    name, args, _ = call_of(obj)
+    budget.take(1)  # every array read costs: a chunk list that repeats one array cannot multiply work
+    if name == "chunked_array" and args and type(args[0]) is list:
+        return [v for chunk in args[0] for v in arrow_values(chunk, budget)]
+    if name != "_restore_array" or len(args) != 1 or type(args[0]) is not tuple or len(args[0]) < 6:
+        raise Refused(f"an Arrow column is {short(name)}, which is not read here")
+    arrow_type, length, _, offset, buffers, children_ = args[0][:6]
+    type_name, type_args, _ = call_of(arrow_type)
+    alias = type_args[0] if type_name == "type_for_alias" and type_args and type(type_args[0]) is str else ""
+    length, offset = count(length, "an Arrow length"), count(offset, "an Arrow offset")
+    budget.take(length)
+    if children_ or type(buffers) is not list or alias not in {**ARROW_NUMBERS, **ARROW_STRINGS, "null": 0}:
+        raise Refused(f"an Arrow column has type {short(alias or type_name)}, which is not read here")
+    if alias == "null":
+        return [None] * length
+    valid = arrow_validity(buffers[0] if buffers else None, offset, length, budget)
+    if alias in ARROW_NUMBERS and len(buffers) == 2:
+        letter, width = ARROW_NUMBERS[alias]
+        data = as_bytes(buffers[1], budget)
+        if len(data) < (offset + length) * width:
+            raise Refused(f"an Arrow array of {length} numbers has {len(data)} bytes")
+        values = numbers_from(data[offset * width:(offset + length) * width], (letter, width, False), length)
+    elif alias in ARROW_STRINGS and len(buffers) == 3:
+        values = arrow_strings(as_bytes(buffers[1], budget), as_bytes(buffers[2], budget), ARROW_STRINGS[alias],
+                               offset, length, budget)
+    else:
+        raise Refused(f"an Arrow {alias} array has {len(buffers)} buffers")
+    return [v if ok else None for v, ok in zip(values, valid)]
+
+
+def arrow_validity(bitmap, offset, length, budget):
+    """Which rows are not null, from Arrow's validity bitmap (least significant bit first; None: all are)."""
+    if bitmap is None:
+        return [True] * length
+    bits = as_bytes(bitmap, budget)
+    if len(bits) * 8 < offset + length:
+        raise Refused("an Arrow validity bitmap is shorter than its array")
+    as_text = format(int.from_bytes(bits, "little"), f"0{len(bits) * 8}b")[::-1]  # bit i is character i
+    return [c == "1" for c in as_text[offset:offset + length]]
+
+
+def arrow_strings(offsets, data, width, offset, length, budget):
+    """Each string data[ends[i]:ends[i+1]], after checking, in Python ints, that the ends lie in order in data."""
+    if len(offsets) < (offset + length + 1) * width:
+        raise Refused(f"an Arrow string array of {length} rows has too few offsets")
+    ends = numbers_from(offsets[offset * width:(offset + length + 1) * width], ("i", width, False), length + 1)
+    if ends[0] < 0 or ends[-1] > len(data) or any(a > b for a, b in zip(ends, ends[1:])):
+        raise Refused("an Arrow string array's offsets run outside its data")
+    budget.take(text=ends[-1] - ends[0])  # the sum of the texts' lengths, charged before they are made
+    try:
+        return [data[ends[i]:ends[i + 1]].decode("utf-8") for i in range(length)]
+    except UnicodeDecodeError:
+        raise Refused("an Arrow string array holds bytes that are not UTF-8") from None
+
+
+def table_of(obj, budget):
+    """{name: values} of a datasets table: InMemoryTable, or ConcatenationTable (blocks of tables)."""
+    name, _, state = call_of(obj)
+    if name == "MemoryMappedTable":
+        raise Refused("this Dataset was pickled straight from the file it maps (loaded from parquet or the hub "
+                      "cache), so it holds a path on the machine that made it, not the data",
+                      fix="where it was made, write ds.to_parquet('test.parquet'), or pickle an in-memory copy: "
+                          "pickle.dump(Dataset.from_dict(ds.to_dict()), f)")
+    if name == "InMemoryTable" and type(state) is dict:
+        return arrow_table(state.get("table"), budget)
+    if name == "ConcatenationTable" and type(state) is dict and type(state.get("blocks")) is list:
+        pieces = []  # blocks: rows of tables, each row's tables side by side
+        for row in state["blocks"]:
+            side_by_side = {}
+            for table in row if type(row) is list else ():
+                side_by_side.update(table_of(table, budget))
+            pieces.append(side_by_side)
+        names = [n for n in pieces[0] if all(n in p for p in pieces)] if pieces else []
+        read = [n for n in names if all(p[n] is not None for p in pieces)]
+        budget.take(sum(len(p[n]) for p in pieces for n in read))
+        return {n: [v for p in pieces for v in p[n]] if n in read else None for n in names}
+    raise Refused(f"a Dataset backed by {short(name)}, which is not read here")
+
+
+def arrow_table(obj, budget):
+    """{name: values} of a pickled pyarrow Table: _reconstruct_table([chunked arrays], schema)."""
+    name, args, _ = call_of(obj)
+    if name != "_reconstruct_table" or len(args) < 2 or type(args[0]) is not list:
+        raise Refused(f"a Dataset's table is {short(name)}, which is not read here")
+    _, schema_args, _ = call_of(args[1])
+    fields = schema_args[0] if schema_args and type(schema_args[0]) is list else []
+    names = [call_of(f)[1][0] if call_of(f)[1] else None for f in fields]
+    if len(names) != len(args[0]) or not all(type(n) is str for n in names):
+        raise Refused("a Dataset's column names do not match its columns")
+    return {n: arrow_values(c, budget) if n in (*WANTED, "indices") else None for n, c in zip(names, args[0])}
+
+
+def dataset_columns(state, budget):
+    """A datasets.Dataset: its in-memory Arrow table, with the row order of `.select`/`.shuffle`."""
+    if type(state) is not dict:
+        raise Refused("a Dataset without its state")
+    columns = table_of(state.get("_data"), budget)
+    if state.get("_indices") is not None:  # .select()/.shuffle() keep the table and a row mapping
+        order = table_of(state["_indices"], budget).get("indices")
+        rows = min((len(v) for v in columns.values() if v is not None), default=0)
+        if order is None or not all(type(i) is int and 0 <= i < rows for i in order):
+            raise Refused("a Dataset's row mapping is missing or points outside its table")
+        budget.take(len(order) * len(columns))
+        columns = {k: v if v is None else [v[i] for i in order] for k, v in columns.items()}
+    return columns
+
+
+def frame_columns(state, budget):
+    """A pandas DataFrame: BlockManager(blocks, axes); each block holds some columns, at `placement`.
+
+    Only the blocks that hold `text` or `label` are read; every other column is skipped by its
+    placement, whatever its dtype.
+    """
+    manager = state.get("_mgr") if type(state) is dict else None
+    name, args, _ = call_of(manager)
+    if name != "BlockManager" or len(args) != 2 or type(args[1]) is not list or len(args[1]) != 2:
+        raise Refused("a DataFrame in a layout this reader does not know")
+    blocks, (column_index, _) = args
+    names = values_of(column_index, budget)
+    wanted = {n: names.index(n) for n in WANTED if n in names}
+    if any(names.count(n) > 1 for n in wanted):
+        raise Refused("it has two columns of the same name, `text` or `label`")
+    columns = {n: None for n in names}
+    for block in blocks if type(blocks) is tuple else ():
+        positions, values = block_parts(block, len(names))
+        keep = {row: n for n, at in wanted.items() for row, p in enumerate(positions) if p == at}
+        if keep:
+            columns.update(block_columns(values, len(positions), keep, budget))
+    missing = [n for n in wanted if columns[n] is None]
+    if missing:
+        raise Refused(f"its `{missing[0]}` column has no data")
+    return columns
+
+
+def block_parts(block, width):
+    """(column positions, values) of a pandas block: _unpickle_block(values, placement, ndim)."""
+    name, args, _ = call_of(block)
+    if name not in ("_unpickle_block", "new_block") or len(args) < 2:
+        raise Refused(f"a DataFrame block is {short(name)}, which is not read here")
+    values, placement = args[0], args[1]
+    slice_name, slice_args, slice_state = call_of(placement)
+    if slice_name == "slice" and len(slice_args) == 3 and all(type(a) is int for a in slice_args):
+        positions = range(*slice_args)
+    elif slice_name in ("_reconstruct", "_frombuffer"):  # an array of positions, when they are not evenly spaced
+        positions = numpy_array(slice_name, slice_args, slice_state, Budget(width), keep=None)[1]
+    else:
+        raise Refused("a DataFrame block's placement is neither a slice nor positions")
+    if len(positions) > width or not all(type(p) is int and 0 <= p < width for p in positions):
+        raise Refused("a DataFrame block lies outside its frame")
+    return list(positions), values
+
+
+def block_columns(values, width, keep, budget):
+    """{column name: values} of the rows `keep` ({row of the block: name}) of a block of `width` columns."""
+    kind, args, state = call_of(values)
+    if kind in ("_reconstruct", "_frombuffer"):  # a 2-D numpy block: one row of it per column
+        shape, rows = numpy_array(kind, args, state, budget, keep=list(keep))
+        if len(shape) != 2 or shape[0] != width:
+            raise Refused("a DataFrame block's shape does not match its placement")
+        return {name: rows[r] for r, name in keep.items()}
+    if width != 1:
+        raise Refused("a DataFrame extension block spans several columns")
+    return {keep[0]: values_of(values, budget)}
+
+
+if __name__ == "__main__":
+    child_main(*sys.argv[1:3])
