@@ -299,6 +299,18 @@ def count_classes(labels, source):
                     "classes 1-4: subtract 1), or pass --num-labels K if some classes are absent")
 
 
+def name_classes(names, num_labels, labels, source):
+    """The class names, one per label 0..K-1 (given, else "0".."K-1"), after checking every label.
+
+    K is num_labels if given, else the number of names, else the labels' own 0..K-1."""
+    num_labels = num_labels or (len(names) if names else count_classes(labels, source))
+    if names and len(names) != num_labels:
+        raise DataError(f"{len(names)} class names ({', '.join(names)}) for {num_labels} labels; give one "
+                        "--label-names name per class")
+    check_labels(labels, num_labels, source)
+    return list(names or map(str, range(num_labels)))
+
+
 def check_labels(labels, num_labels, source):
     """Every label must be an integer in 0..num_labels-1."""
     for i, label in enumerate(labels):

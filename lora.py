@@ -7,6 +7,14 @@ B (d_out x r) starts at zero, so an untrained adapter changes nothing. Only r * 
 numbers per layer are learned. After training, W0 + (alpha / r) * B A can be folded into one plain
 weight (`merge`), so inference costs exactly what the original model costs.
 (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models".)
+
+PiSSA (`init="pissa"`, Meng et al., 2024) starts the adapter where W0 itself is largest. By
+Eckart-Young, the best rank-r approximation of W0 = U S V^T is its top-r SVD, U_r S_r V_r^T. With
+s = alpha / r, set B0 = U_r sqrt(S_r / s) and A0 = sqrt(S_r / s) V_r^T, so that s B0 A0 is that
+approximation, and freeze the residual W0 - s B0 A0 as the base. Before training the model is
+exactly the pretrained one; training then moves W0's principal directions instead of a random A.
+Saved, a trained PiSSA adapter is plain LoRA on the pretrained W0, of rank 2r with alpha 2 alpha:
+s (B A - B0 A0) = s [B, -B0] [A; A0] (`saved_A_B`), so merge, predict and PEFT take it unchanged.
 """
 import math
 
@@ -17,20 +25,21 @@ from torch import nn
 class LoRALinear(nn.Module):
     """`base(x) + (alpha / r) * lora_B(lora_A(dropout(x)))`, with `base` frozen."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, init: str = "lora"):
         super().__init__()
         if r < 1:
             raise ValueError(f"LoRA rank r must be at least 1, got {r}")
         self.base = base
         self.base.requires_grad_(False)
-        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        self.r, self.alpha, self.scale, self.init = r, alpha, alpha / r, init
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device,
-                                dtype=base.weight.dtype)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device,
-                                dtype=base.weight.dtype)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's own init
-        nn.init.zeros_(self.lora_B.weight)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        if init == "pissa":
+            self.start_on_principal_directions()
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's own init
+            nn.init.zeros_(self.lora_B.weight)
         self.merged = False
 
     def forward(self, x):
@@ -49,39 +58,70 @@ class LoRALinear(nn.Module):
             self.base.weight += self.delta_weight().to(self.base.weight.dtype)
             self.merged = True
 
+    @torch.no_grad()
+    def start_on_principal_directions(self):
+        """PiSSA: B0 A0 from W0's top-r SVD (in fp32, whatever W0's dtype), W0 - s B0 A0 as the base."""
+        weight = self.base.weight
+        U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
+        root = (S[:self.r] / self.scale).sqrt()
+        self.lora_B.weight.copy_(U[:, :self.r] * root)
+        self.lora_A.weight.copy_(root[:, None] * Vh[:self.r])
+        self.register_buffer("B0", self.lora_B.weight.detach().clone(), persistent=False)  # kept to save
+        self.register_buffer("A0", self.lora_A.weight.detach().clone(), persistent=False)  # the adapter
+        weight.copy_(weight.float() - self.scale * self.B0.float() @ self.A0.float())
 
-def classifier_head(model):
-    """The task head that is trained along with the adapters (`classifier`, or `score`)."""
-    for name in ("classifier", "score"):
-        if isinstance(getattr(model, name, None), nn.Module):
-            return name, getattr(model, name)
-    raise ValueError(f"{type(model).__name__} has no `classifier` or `score` head to train")
+    def saved_A_B(self):
+        """(A, B) of the adapter as saved: plain LoRA on the pretrained W0 (for PiSSA, rank 2r)."""
+        if self.init != "pissa":
+            return self.lora_A.weight, self.lora_B.weight
+        return torch.cat([self.lora_A.weight, self.A0]), torch.cat([self.lora_B.weight, -self.B0], dim=1)
+
+
+def adaptable_paths(model, skip=()):
+    """Paths of the nn.Linear layers LoRA may adapt: pretrained ones, not those in `skip` (made for the task)."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name not in skip and not isinstance(module, LoRALinear)]
+
+
+def target_paths(model, targets, skip=()):
+    """The paths named by `targets`: dotted suffixes of module paths ("query", "attention.output.dense"),
+    or "all-linear" for every adaptable Linear. An unknown target lists the suffixes that exist."""
+    paths = adaptable_paths(model, skip)
+    if "all-linear" in targets:
+        return paths
+    chosen = [p for p in paths if any(p == t or p.endswith("." + t) for t in targets)]
+    missing = [t for t in targets if not any(p == t or p.endswith("." + t) for p in chosen)]
+    if missing:
+        suffixes = sorted({p.rsplit(".", 1)[-1] for p in paths} | {layer_relative(p) for p in paths})
+        raise TargetError(f"unknown LoRA target(s) {', '.join(missing)}; targets are dotted suffixes of the paths of "
+                          f"this model's pretrained Linear layers: {', '.join(suffixes)}, or all-linear")
+    return chosen
+
+
+def layer_relative(path):
+    """"encoder.layer.3.attention.self.query" -> "attention.self.query" (the part after the layer number)."""
+    parts = path.split(".")
+    numbers = [i for i, p in enumerate(parts) if p.isdigit()]
+    return ".".join(parts[numbers[-1] + 1:]) if numbers else path
 
 
 class TargetError(ValueError):
-    """A --targets name that no nn.Linear of the model has; the message lists the names it has."""
+    """A --targets name that matches no adaptable nn.Linear; the message lists the ones that exist."""
 
 
-def inject_lora(model, r, alpha, dropout=0.0, targets=("query", "value")):
-    """Wrap every nn.Linear whose name ends in one of `targets` with LoRALinear, in place.
+def inject_lora(model, r, alpha, dropout=0.0, targets=("query", "value"), skip=(), init="lora"):
+    """Freeze the whole model, then wrap each target nn.Linear with a (trainable) LoRALinear, in place.
 
-    Afterwards everything is frozen except the adapters and the classification head. Returns model.
+    `skip`: paths of modules made new for the task (a new head), which are never adapted.
+    Returns the paths adapted.
     """
-    targets = tuple(targets)
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    chosen = [n for n in linear_names if n.split(".")[-1] in targets]
-    missing = [t for t in targets if not any(n.split(".")[-1] == t for n in chosen)]
-    if missing:
-        existing = sorted({n.split(".")[-1] for n in linear_names})
-        raise TargetError(f"unknown LoRA target(s) {', '.join(missing)}; "
-                         f"this model's Linear layers are named: {', '.join(existing)}")
+    paths = target_paths(model, targets, skip)
     model.requires_grad_(False)  # freeze all; the adapters made below are new, so they train
-    for name in chosen:
-        parent_name, _, child = name.rpartition(".")
+    for path in paths:
+        parent_name, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout))
-    classifier_head(model)[1].requires_grad_(True)
-    return model
+        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, init))
+    return paths
 
 
 def merge_lora(model):
@@ -94,36 +134,29 @@ def merge_lora(model):
     return model
 
 
-def lora_state_dict(model):
-    """Only the trained tensors (adapters + head): what a checkpoint needs to hold."""
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {n: t for n, t in model.state_dict().items() if n in trainable}
+# --- the budget: how many numbers train ------------------------------------------------------------
+
+def count_per_rank(model, paths):
+    """Trainable numbers per unit of rank on these Linear paths: sum of d_in + d_out."""
+    return sum(model.get_submodule(p).in_features + model.get_submodule(p).out_features for p in paths)
 
 
-def largest_rank(model, r, max_trainable):
-    """The largest rank whose trainable count (adapters + head) stays within max_trainable (0: none).
-
-    The adapters of rank r hold r * sum(d_in + d_out) numbers: trainable = head + r * per_rank.
-    """
-    lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
-    head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n)
-    return max(0, (max_trainable - head) // (lora // r))
+def largest_rank(per_rank, other_trainable, max_trainable):
+    """The largest r with other_trainable + r * per_rank <= max_trainable (0: none fits)."""
+    return max(0, (max_trainable - other_trainable) // per_rank)
 
 
-def parameter_table(model):
-    """A small table of where the parameters are: frozen, LoRA, head, trainable in total."""
-    head_name = classifier_head(model)[0]
-    counts = {"frozen": 0, "LoRA (A and B)": 0, f"head ({head_name})": 0}
+def parameter_table(model, new_names=()):
+    """Where the parameters are, each tensor counted once: frozen, LoRA, the new head, other trained."""
+    counts = {"frozen (pretrained)": 0, "LoRA (A and B)": 0, "new for the task (head)": 0, "other trained": 0}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            counts["frozen"] += p.numel()
-        elif ".lora_" in name:
-            counts["LoRA (A and B)"] += p.numel()
-        else:
-            counts[f"head ({head_name})"] += p.numel()
-    trainable = sum(counts.values()) - counts["frozen"]
+        row = ("LoRA (A and B)" if ".lora_" in name else "new for the task (head)" if name in new_names
+               else "other trained" if p.requires_grad else "frozen (pretrained)")
+        counts[row] += p.numel()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(counts.values())
-    rows = [*counts.items(), ("trainable in total", trainable), ("all parameters", total)]
-    lines = [f"{'parameters':<22}{'count':>14}{'share':>9}"]
-    lines += [f"{k:<22}{v:>14,}{v / total:>9.2%}" for k, v in rows]
+    rows = [(k, v) for k, v in counts.items() if v or k != "other trained"]
+    rows += [("trainable in total", trainable), ("all parameters", total)]
+    lines = [f"{'parameters':<25}{'count':>14}{'share':>9}"]
+    lines += [f"{k:<25}{v:>14,}{v / total:>9.2%}" for k, v in rows]
     return "\n".join(lines)

@@ -37,6 +37,7 @@ import sys
 # What the child may spend: CPU seconds and bytes of memory, each a fixed part plus a part per
 # byte read (after decompression); the wall clock allows twice the CPU time, plus a margin.
 LIMITS = {"cpu_s": 10.0, "cpu_s_per_mb": 2.0, "memory": 2**30, "memory_per_byte": 64, "wall_margin_s": 10.0}
+REPLY_PER_BYTE = 16  # characters of text sent back per byte read: the Budget's limit, checked once more
 FIX = ("re-save it with ds.to_parquet('test.parquet') or df.to_csv('test.csv', index=False), or pickle a plain "
        "Dataset or DataFrame")
 
@@ -63,7 +64,7 @@ def read_pickle(path, limits=LIMITS):
     if child.returncode != 0:
         raise NotReadable(f"{path}: not read: {why_the_child_stopped(child.returncode)}; {FIX}")
     try:
-        reply = json.loads(child.stdout)
+        reply = json.loads(child.stdout.decode("utf-8", "surrogatepass"))
     except ValueError:
         raise NotReadable(f"{path}: not read: the reader gave no answer; {FIX}") from None
     if "error" in reply:
@@ -107,6 +108,8 @@ def child_main(limits_json, path):
         limit_resources(len(raw), limits)  # now scaled to the bytes really read
         texts, labels, warnings = read_here(raw, compressed)
         reply = {"texts": texts, "labels": labels, "warnings": warnings}
+        if sum(len(t) for t in texts if type(t) is str) > REPLY_PER_BYTE * len(raw) + 2**20:
+            raise Refused("it decodes to more text than its size can honestly hold")
     except Refused as e:
         reply = {"error": str(e), "fix": e.fix}
     except MemoryError:
@@ -115,7 +118,8 @@ def child_main(limits_json, path):
         reply = {"error": "it nests values too deeply", "fix": FIX}
     except Exception as e:  # truncated, garbled or inconsistent: all refused the same way
         reply = {"error": f"not a readable table pickle ({type(e).__name__}: {short(e, 100)})", "fix": FIX}
-    sys.stdout.write(json.dumps(reply))  # ASCII: a lone surrogate travels as \udXXX
+    # UTF-8, as long as the texts (a lone surrogate passes through as its 3 bytes)
+    sys.stdout.buffer.write(json.dumps(reply, ensure_ascii=False).encode("utf-8", "surrogatepass"))
 
 
 def limit_resources(size, limits):
@@ -164,8 +168,8 @@ def compression_of(head):
 
 
 def decompressed_cap(size):
-    """The most bytes a compressed file of `size` bytes may expand to: 64x, and at least 64 MiB."""
-    return max(64 * 2**20, 64 * size)
+    """The most bytes a compressed file of `size` bytes may expand to: 64 times, and at least 4 MiB."""
+    return max(4 * 2**20, 64 * size)
 
 
 def decompress(raw):
@@ -197,13 +201,23 @@ def decompress(raw):
         raise Refused(f"it looks {kind}-compressed but does not decompress ({short(e, 80)})",
                       fix="check the download, or re-save it uncompressed") from None
     if len(data) > cap:
-        raise Refused(f"it is {kind}-compressed and expands to over {cap:,} bytes (64 times its size)",
+        raise Refused(f"it is {kind}-compressed and expands to over {cap:,} bytes (64 times its size, or 4 MiB)",
                       fix="decompress it yourself and pass the .pkl")
     return data, kind
 
 
+def is_tar(raw):
+    """A tar archive's first header: "ustar" at 257, and its checksum (the header's bytes, the field as spaces)."""
+    if len(raw) < 512 or raw[257:262] != b"ustar":
+        return False
+    try:
+        return int(raw[148:156].strip(b" \0") or b"-1", 8) == sum(raw[:148]) + 8 * 32 + sum(raw[156:512])
+    except ValueError:
+        return False
+
+
 def refuse_other_formats(raw):
-    if raw[257:262] == b"ustar":
+    if is_tar(raw):
         raise Refused("it is a tar archive, not a pickle", fix="extract it (tar xf FILE) and pass the .pkl inside")
     if compression_of(raw[:8]):
         raise Refused("it is compressed twice", fix="decompress it yourself and pass the .pkl")
@@ -223,10 +237,14 @@ def printable(name, width=40):
 
 
 def short(value, width=60):
-    """A repr safe to print on one line: newlines escaped, at most `width` characters."""
+    """A repr safe to print on one line, of bounded cost: a few levels and items deep, at most `width` long."""
+    import reprlib
+    bounded = reprlib.Repr()  # (Python 3.12 takes these as arguments)
+    bounded.maxlevel, bounded.maxtuple, bounded.maxlist, bounded.maxdict, bounded.maxset = 3, 4, 4, 4, 4
+    bounded.maxstring = bounded.maxother = bounded.maxlong = width
     try:
-        text = repr(value) if not isinstance(value, BaseException) else str(value)
-    except Exception:  # a 5,000-digit int, a value nested too deep: say what it is, not its value
+        text = bounded.repr(value) if not isinstance(value, BaseException) else str(value)[:4 * width]
+    except Exception:  # a 5,000-digit int: say what it is, not its value
         text = f"<a {type(value).__name__}>"
     text = text.replace("\n", "\\n").replace("\r", "\\r")
     return text if len(text) <= width else text[:width] + "..."
@@ -253,6 +271,8 @@ def stack_effect(opcode):
 
 
 EFFECTS = {op.name: stack_effect(op) for op in pickletools.opcodes}
+BUILDERS = {"EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET", "EMPTY_TUPLE", "LIST", "DICT", "TUPLE", "TUPLE1", "TUPLE2",
+            "TUPLE3", "FROZENSET", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST", "BUILD"}  # containers, records
 
 
 def scan(raw):
@@ -264,9 +284,11 @@ def scan(raw):
       attacker's choice could take quadratic time (str and bytes hashes are randomized);
     - memo slots past the file's size, or memo writes that Python's pickler never makes (twice in
       a row, or of a value just read from the memo). The memo is tracked in one byte per slot,
-      so the scan's memory is bounded by the file's size.
+      so the scan's memory is bounded by the file's size;
+    - more containers and records than one per 8 bytes: each costs the unpickler 50-250 bytes, so
+      a file of one-byte EMPTY_SETs would take 230 times its size (a table needs far fewer).
     """
-    stack, marks = [], []
+    stack, marks, built = [], [], 0
     memo = bytearray(len(raw) + 1)  # the kind of each memo slot's value (0: not set)
     memoized = put = 0  # Python writes MEMOIZE (protocol 4+) or PUT (0-3), never both
     previous = None
@@ -298,6 +320,9 @@ def scan(raw):
             continue
         else:
             pop_and_push(name, stack, marks)
+            built += name in BUILDERS
+            if built > len(raw) // 8 + 1000:
+                raise Refused("it builds more values than its size can honestly hold")
         previous = name
 
 
@@ -416,13 +441,15 @@ def check_nesting(tree, limit=200):
 class Budget:
     """How many rows and text bytes a file of `size` bytes may honestly yield.
 
-    Every row needs at least a byte of the file, and text at most 8 bytes per byte of the file
-    (more only when one string is shared many times: a memo trick, not data). Every read is
-    charged as it happens, in Python ints (no wrap-around, no negative charges).
+    Every row needs at least a byte of the file, and text at most 16 characters per byte of the
+    file (a text shared through the memo counts at each use: pd.concat([df] * 10) is honest, a
+    text named a million times is not). Every read is charged as it happens, in Python ints (no
+    wrap-around, no negative charges). Each structure read (an array, a block, a table) costs rows
+    too, so one shared by reference cannot be read more often than the file has bytes for.
     """
 
     def __init__(self, size):
-        self.rows, self.text = size, 8 * size + 2**20
+        self.rows, self.text = size, REPLY_PER_BYTE * size + 2**20
 
     def take(self, rows=0, text=0):
         if type(rows) is not int or type(text) is not int or rows < 0 or text < 0:
@@ -430,6 +457,13 @@ class Budget:
         self.rows, self.text = self.rows - rows, self.text - text
         if self.rows < 0 or self.text < 0:
             raise Refused("it decodes to more rows or text than its size can honestly hold")
+
+    def take_texts(self, values):
+        self.take(text=sum(len(v) for v in values if type(v) is str))
+        return values
+
+
+STRUCTURE = 16  # rows charged for reading an array, a block or a table: each takes more bytes than that
 
 
 def call_of(obj):
@@ -485,20 +519,23 @@ def one_split(splits, budget, warnings):
 
 
 def cell(value, budget):
-    """A cell as str, int, float, bool or None (missing: None, NaN, pandas.NA, anything else).
+    """A cell as str, int, float, bool or None (missing: None, NaN, pandas.NA or NaT).
 
-    numpy scalars (np.int64(2) in a list of rows) are read as their value.
+    numpy scalars (np.int64(2) in a list of rows) are read as their value; anything else is refused.
     """
     if type(value) is str:
         budget.take(text=len(value))
         return value
-    if type(value) in (int, float, bool):
+    if value is None or type(value) in (int, float, bool):
         return value
     name, args, _ = call_of(value)
+    if name in ("NA", "NAType", "__nat_unpickle", "NaTType"):
+        return None
     if name == "scalar" and len(args) == 2 and numpy_dtype(args[0]) != "object":
         values = numbers_from(as_bytes(args[1], budget), numpy_dtype(args[0]))
-        return values[0] if len(values) == 1 else None
-    return None
+        if len(values) == 1:
+            return values[0]
+    raise Refused(f"a text or label is {printable(name or type(value).__name__)}, not a string or a number")
 
 
 def values_of(obj, budget):
@@ -540,9 +577,7 @@ def categories_of(dtype, codes, budget):
     codes = values_of(codes, budget)
     if not all(type(c) is int and -1 <= c < len(categories) for c in codes):
         raise Refused("a categorical column has codes outside its categories")
-    values = [None if c < 0 else categories[c] for c in codes]
-    budget.take(text=sum(len(v) for v in values if type(v) is str))  # a shared category costs at each use
-    return values
+    return budget.take_texts([None if c < 0 else categories[c] for c in codes])  # each use of a category costs
 
 
 def series_values(series, state, budget):
@@ -565,6 +600,8 @@ def as_bytes(obj, budget):
         if name in ("py_buffer", "bytearray", "bytes") and len(args) == 1:
             obj = args[0]
             name, args, _ = call_of(obj)
+    if name in ("bytearray", "bytes") and not args:  # protocols 0-2 write b"" as bytes()
+        return b""
     if name == "encode" and len(args) == 2 and type(args[0]) is str and args[1] in ("latin1", "latin-1"):
         budget.take(text=len(args[0]))
         return args[0].encode("latin-1")
@@ -607,7 +644,8 @@ def numpy_array(name, args, state, budget, keep):
     if len(shape) == 1:
         return shape, [cell(v, budget) for v in flat] if kind == "object" else flat
     width, length = shape  # a pandas block: one row per column of the frame
-    picked = {r: (flat[r::width] if order == "F" else flat[r * length:(r + 1) * length]) for r in keep}
+    by_columns = order == "F" and kind != "object"  # numpy lists an object array's items in C order, always
+    picked = {r: (flat[r::width] if by_columns else flat[r * length:(r + 1) * length]) for r in keep}
     return shape, {r: [cell(v, budget) for v in values] if kind == "object" else values
                    for r, values in picked.items()}
 
@@ -656,7 +694,7 @@ ARROW_STRINGS = {"string": 4, "utf8": 4, "large_string": 8, "large_utf8": 8}
 
 def arrow_values(obj, budget):
     name, args, _ = call_of(obj)
-    budget.take(1)  # every array read costs: a chunk list that repeats one array cannot multiply work
+    budget.take(STRUCTURE)  # every array read costs: a chunk list that repeats one array cannot multiply work
     if name == "chunked_array" and args and type(args[0]) is list:
         return [v for chunk in args[0] for v in arrow_values(chunk, budget)]
     if name != "_restore_array" or len(args) != 1 or type(args[0]) is not tuple or len(args[0]) < 6:
@@ -741,6 +779,7 @@ def arrow_table(obj, budget):
         raise Refused(f"a Dataset's table is {short(name)}, which is not read here")
     _, schema_args, _ = call_of(args[1])
     fields = schema_args[0] if schema_args and type(schema_args[0]) is list else []
+    budget.take(STRUCTURE + len(fields))  # a table shared by many blocks is charged at each
     names = [call_of(f)[1][0] if call_of(f)[1] else None for f in fields]
     if len(names) != len(args[0]) or not all(type(n) is str for n in names):
         raise Refused("a Dataset's column names do not match its columns")
@@ -757,8 +796,9 @@ def dataset_columns(state, budget):
         rows = min((len(v) for v in columns.values() if v is not None), default=0)
         if order is None or not all(type(i) is int and 0 <= i < rows for i in order):
             raise Refused("a Dataset's row mapping is missing or points outside its table")
-        budget.take(len(order) * len(columns))
-        columns = {k: v if v is None else [v[i] for i in order] for k, v in columns.items()}
+        read = [k for k, v in columns.items() if v is not None]
+        budget.take(len(order) * len(read))
+        columns = {k: v if v is None else budget.take_texts([v[i] for i in order]) for k, v in columns.items()}
     return columns
 
 
@@ -773,6 +813,10 @@ def frame_columns(state, budget):
     if name != "BlockManager" or len(args) != 2 or type(args[1]) is not list or len(args[1]) != 2:
         raise Refused("a DataFrame in a layout this reader does not know")
     blocks, (column_index, _) = args
+    index_name, index_args, _ = call_of(column_index)
+    if index_name != "_new_Index" or not index_args or call_of(index_args[0])[0] in ("MultiIndex", None):
+        raise Refused("a DataFrame whose column names are not plain names (a MultiIndex?)",
+                      fix="flatten the columns (df.columns = ['text', 'label', ...]), then pickle it again")
     names = values_of(column_index, budget)
     wanted = {n: names.index(n) for n in WANTED if n in names}
     if any(names.count(n) > 1 for n in wanted):
@@ -780,6 +824,7 @@ def frame_columns(state, budget):
     columns = {n: None for n in names}
     for block in blocks if type(blocks) is tuple else ():
         positions, values = block_parts(block, len(names))
+        budget.take(STRUCTURE + len(positions))  # a block shared by many places is charged at each
         keep = {row: n for n, at in wanted.items() for row, p in enumerate(positions) if p == at}
         if keep:
             columns.update(block_columns(values, len(positions), keep, budget))

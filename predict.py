@@ -5,48 +5,19 @@
 Writes `ID,Label` rows, IDs 0..N-1 in input order. If the input has a `label` column too, prints
 the accuracy and, per class, precision, recall, F1 and the confusion matrix. The input is read,
 tokenized and predicted a chunk at a time, so memory does not grow with its length.
-`load_model(checkpoint)` is the one way to get a trained model back.
+`checkpoint.load_model(folder)` is the one way to get a trained model back.
 """
 import argparse
 import csv
 import itertools
-import json
 import os
 import sys
 
 import torch
-import transformers
-from safetensors.torch import load_file, save as safetensors_bytes
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from data import DataError, pad_batch, read_text_chunks, short, sorted_batches, tokenize, write_atomically
-from lora import inject_lora, merge_lora
-
-ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "config.json"
-
-
-def load_model(checkpoint, device="cpu", merge=True, dtype=None):
-    """(model, tokenizer, config) from a checkpoint folder written by train.py (or a PEFT adapter).
-
-    The base model is rebuilt as in training: pretrained encoder, new head, LoRA on the same
-    targets; then the trained tensors (adapters and head) are loaded on top. With merge=True each
-    adapter is folded into its weight, W0 + (alpha/r) B A: inference then costs exactly what the
-    base model costs. With a dtype (the autocast dtype), the Linear layers are stored in it.
-    """
-    config, trained = read_checkpoint(checkpoint)
-    base_model, labels, r, alpha, targets = (config[k] for k in ("base_model", "labels", "r", "alpha", "targets"))
-    tokenizer = load_tokenizer(base_model)
-    model = inject_lora(load_base_model(base_model, len(labels)), r, alpha, targets=targets)
-    expected = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
-    if {n: t.shape for n, t in trained.items()} != expected:  # other targets, r or label count than config says
-        raise DataError(f"{checkpoint}: its tensors do not fit {base_model} with r={r}, targets={targets}, "
-                        f"{len(labels)} labels; retrain, or pick the checkpoint that goes with it")
-    model.load_state_dict(trained, strict=False)
-    if merge:
-        merge_lora(model)
-    model.requires_grad_(False)  # nothing trains from here on
-    return cast_frozen_linears(model.to(device), dtype).eval(), tokenizer, config
+from checkpoint import load_model, model_max_length
+from data import DataError, pad_batch, read_text_chunks, sorted_batches, tokenize, warn, write_atomically
 
 
 @torch.inference_mode()
@@ -75,7 +46,8 @@ def main(argv=None):
     try:
         chunks = read_text_chunks(args.input)
         first = next(chunks)  # bad input is found before the model is loaded
-        model, tokenizer, config = load_model(args.checkpoint, device, dtype=amp_dtype)
+        model, tokenizer, config = load_model(args.checkpoint, device)
+        model = cast_frozen_linears(model, amp_dtype)
         max_length = min(config["max_length"], model_max_length(tokenizer))
         answers, labels = [], []  # one tensor of predicted classes per chunk, and its labels (or None)
 
@@ -97,21 +69,25 @@ def main(argv=None):
     predicted = torch.cat(answers)
     print(f"wrote {len(predicted)} predictions to {args.out}")
     if all(chunk is not None for chunk in labels):
-        report_labelled(predicted, [y for chunk in labels for y in chunk], config["labels"],
-                        os.path.dirname(os.path.abspath(args.out)))
+        labels = [y for chunk in labels for y in chunk]
+        if all(isinstance(y, int) and not isinstance(y, bool) and 0 <= y < len(config["labels"]) for y in labels):
+            report_classes(predicted, torch.tensor(labels), config["labels"], os.path.dirname(os.path.abspath(args.out)))
+        else:
+            warn(f"{args.input}: its labels are not all integers 0..{len(config['labels']) - 1}, so no accuracy "
+                 "is printed")
 
 
-def report_labelled(predicted, labels, names, folder):
-    """Accuracy, per-class precision/recall/F1 and the confusion matrix, when the labels are 0..K-1."""
-    if not all(isinstance(y, int) and not isinstance(y, bool) and 0 <= y < len(names) for y in labels):
-        return
-    confusion = confusion_matrix(predicted, torch.tensor(labels), len(names))
-    correct = int(confusion.diag().sum())
-    print(f"accuracy {correct / len(labels):.4f} ({correct}/{len(labels)})")
+def report_classes(predicted, labels, names, folder, print_accuracy=True):
+    """Accuracy, per-class precision/recall/F1 and the confusion matrix; confusion.png in `folder`."""
+    confusion = confusion_matrix(predicted, labels, len(names))
+    if print_accuracy:
+        correct = int(confusion.diag().sum())
+        print(f"accuracy {correct / len(labels):.4f} ({correct}/{len(labels)})")
     print(class_report(confusion, names))
     picture = plot_confusion(confusion, names, os.path.join(folder, "confusion.png"))
-    if picture:
+    if picture and print_accuracy:
         print(f"confusion matrix: {picture}")
+    return picture
 
 
 def confusion_matrix(predicted, labels, num_labels):
@@ -155,13 +131,12 @@ def plot_confusion(confusion, names, path):
 
 
 # --- operations: not needed to follow the method --------------------------------------------------
-# The command line, the device and precision, loading the base model, checkpoint files (ours and
-# PEFT's), and the one-line error exit.
+# The command line, the device and precision (train.py uses them too), and the one-line error exit.
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", help=".pkl (datasets.Dataset or pandas DataFrame), .csv, .jsonl or .parquet "
-                                 "with a `text` column")
+    p.add_argument("input", help=".pkl (datasets.Dataset or pandas DataFrame, also compressed), .csv, .jsonl or "
+                                 ".parquet with a `text` column")
     p.add_argument("--checkpoint", default="checkpoint", help="folder written by train.py --out")
     p.add_argument("--out", default="submission.csv", help="CSV to write (ID,Label)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -198,32 +173,6 @@ def pick_precision(device, precision="auto"):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
-def load_tokenizer(base_model):
-    try:
-        return AutoTokenizer.from_pretrained(base_model)
-    except OSError as e:
-        raise DataError(f"cannot load the tokenizer of {base_model} ({short(e, 120)}); give a hub name, or "
-                        "offline a local model folder (--model DIR) with HF_HUB_OFFLINE=1") from None
-
-
-def model_max_length(tokenizer):
-    """The most tokens the model takes (its tokenizer knows; a huge value means "not set")."""
-    return tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else 512
-
-
-def load_base_model(base_model, num_labels):
-    """The pretrained encoder (hub name or local folder) with a new, randomly initialised head."""
-    transformers.logging.set_verbosity_error()  # its "head newly initialized" note: new on purpose
-    transformers.logging.disable_progress_bar()
-    try:
-        # ignore_mismatched_sizes: a base model that already has a head of another size gets a new one
-        return AutoModelForSequenceClassification.from_pretrained(base_model, num_labels=num_labels,
-                                                                  ignore_mismatched_sizes=True)
-    except OSError as e:
-        raise DataError(f"cannot load the model {base_model} ({short(e, 120)}); give a hub name, or offline "
-                        "a local model folder (--model DIR) with HF_HUB_OFFLINE=1") from None
-
-
 def cast_frozen_linears(model, dtype):
     """Keep frozen nn.Linear layers in the autocast dtype, so autocast need not cast them each call.
 
@@ -238,87 +187,10 @@ def cast_frozen_linears(model, dtype):
     return model
 
 
-# PEFT's layout for the same adapter: its key = PEFT_PREFIX + our key, the head under modules_to_save
-PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
-
-
-def read_checkpoint(checkpoint):
-    """(config, tensors) from a train.py checkpoint folder, or from a PEFT LoRA adapter folder."""
-    if os.path.isfile(os.path.join(checkpoint, PEFT_CONFIG_FILE)):
-        return read_peft_adapter(checkpoint)
-    config_path, adapter_path = (os.path.join(checkpoint, f) for f in (CONFIG_FILE, ADAPTER_FILE))
-    if not (os.path.isfile(config_path) and os.path.isfile(adapter_path)):
-        raise DataError(f"{checkpoint}: not a checkpoint folder (needs {CONFIG_FILE} and {ADAPTER_FILE}, or a "
-                        f"PEFT {PEFT_CONFIG_FILE}); pass the --out folder of a finished train.py run")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-        missing = {"base_model", "labels", "r", "alpha", "targets", "max_length"} - set(config)
-        if missing:
-            raise KeyError(", ".join(sorted(missing)))
-        return config, load_file(adapter_path)
-    except Exception as e:  # truncated, garbled or hand-edited files
-        raise DataError(f"{checkpoint}: corrupt checkpoint ({type(e).__name__}: {e}); "
-                        "retrain, or pick another checkpoint folder") from None
-
-
-def export_peft(checkpoint, folder):
-    """Write a train.py checkpoint as a PEFT adapter: `PeftModel.from_pretrained(base, folder)` loads it."""
-    config, tensors = read_checkpoint(checkpoint)
-    os.makedirs(folder, exist_ok=True)
-    peft_config = {"peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": config["base_model"],
-                   "r": config["r"], "lora_alpha": config["alpha"], "lora_dropout": config.get("dropout", 0.0),
-                   "target_modules": config["targets"], "bias": "none",
-                   "modules_to_save": ["score" if any(k.startswith("score.") for k in tensors) else "classifier"],
-                   "fan_in_fan_out": False, "inference_mode": True}
-    peft_tensors = {PEFT_PREFIX + name: t for name, t in tensors.items()}
-    save_tensors(os.path.join(folder, PEFT_WEIGHTS_FILE), peft_tensors)
-    write_atomically(os.path.join(folder, PEFT_CONFIG_FILE), lambda f: json.dump(peft_config, f, indent=2))
-
-
-def read_peft_adapter(folder):
-    """(config, tensors) in our layout from a PEFT LoRA adapter folder (plain LoRA on Linear layers)."""
-    try:
-        with open(os.path.join(folder, PEFT_CONFIG_FILE)) as f:
-            peft_config = json.load(f)
-        weights = load_file(os.path.join(folder, PEFT_WEIGHTS_FILE))
-    except Exception as e:
-        raise DataError(f"{folder}: unreadable PEFT adapter ({type(e).__name__}: {e})") from None
-    unsupported = [k for k in ("use_dora", "use_rslora", "fan_in_fan_out", "alpha_pattern", "rank_pattern")
-                   if peft_config.get(k)]
-    if peft_config.get("peft_type") != "LORA":
-        unsupported.append(f"peft_type {peft_config.get('peft_type')}")
-    if peft_config.get("bias", "none") != "none":
-        unsupported.append("bias")
-    if not isinstance(peft_config.get("target_modules"), list):
-        unsupported.append("target_modules as a pattern")
-    # strip PEFT's prefix, and the adapter name PEFT keeps in a head saved under modules_to_save
-    tensors = {k.removeprefix(PEFT_PREFIX).replace(".modules_to_save.default.", "."): t for k, t in weights.items()}
-    # the head's last layer maps to the labels and is its narrowest (RoBERTa's dense layer is hidden-wide)
-    head_widths = [t.shape[0] for k, t in tensors.items() if k.startswith(("classifier.", "score.")) and t.dim() == 2]
-    if not head_widths:
-        unsupported.append("no trained classifier head")
-    if unsupported:
-        raise DataError(f"{folder}: only plain LoRA adapters with a classifier head load here; this one has "
-                        f"{', '.join(unsupported)}")
-    config = {"base_model": peft_config["base_model_name_or_path"], "r": peft_config["r"],
-              "alpha": peft_config["lora_alpha"], "targets": sorted(peft_config["target_modules"]),
-              "labels": [str(i) for i in range(min(head_widths))], "max_length": 512}
-    return config, tensors
-
-
-def save_tensors(path, tensors, metadata=None):
-    """Tensors to a safetensors file, atomically (CPU copies, so training can go on meanwhile)."""
-    cpu = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in tensors.items()}
-    write_atomically(path, lambda f: f.write(safetensors_bytes(cpu, metadata)), mode="wb")
-
-
 def fail(message, code=2):
     """Bad input ends here: one line that says what is wrong and how to fix it, and a non-zero exit."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
-
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """Tests: offline, on tiny random RoBERTa and BERT models built here from a config.
 
     python -m pytest -q test_lora.py
+
+In the order of the files: lora.py, data.py, train.py, predict.py, checkpoint.py, then operations
+(resume, bad input, torchrun) and pickles.py.
 """
 import contextlib
 import csv
@@ -9,25 +12,29 @@ import json
 import os
 import pickle
 import random
+import re
+import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never touch the network, even run by hand
 os.environ["XDG_CACHE_HOME"] = __import__("tempfile").mkdtemp(prefix="lora-test-cache-")  # token cache: not ~
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast, RobertaConfig,
                           RobertaForSequenceClassification)
 
+import checkpoint
 import data
 import pickles
 import predict
 import train
-from lora import LoRALinear, inject_lora, lora_state_dict, merge_lora, parameter_table
+from lora import LoRALinear, count_per_rank, inject_lora, largest_rank, merge_lora, parameter_table, target_paths
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's ids: <s>=0, <pad>=1, </s>=2
@@ -49,21 +56,24 @@ def tiny_model(kind, num_labels=4, seed=0):
     return cls(tiny_config(kind, len(SPECIALS) + len(FILLER) + 20, num_labels)).eval()
 
 
+def save_tokenizer(folder):
+    """A word-level tokenizer over this file's vocabulary, saved like a hub model's."""
+    vocab = {t: i for i, t in enumerate(SPECIALS + FILLER + [w for ws in KEYWORDS for w in ws])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>", mask_token="<mask>", model_max_length=128).save_pretrained(folder)
+
+
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
     """Folders holding a tiny random RoBERTa and BERT with a word-level tokenizer, like a hub model."""
-    vocab = {t: i for i, t in enumerate(SPECIALS + FILLER + [w for ws in KEYWORDS for w in ws])}
     dirs = {}
     for kind in ("roberta", "bert"):
-        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>",
-                                                           special_tokens=[("<s>", 0), ("</s>", 2)])
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                       unk_token="<unk>", mask_token="<mask>", model_max_length=128)
         folder = tmp_path_factory.mktemp(kind)
-        fast.save_pretrained(folder)
-        tiny_model(kind).save_pretrained(folder)
+        save_tokenizer(folder)
+        tiny_model(kind).base_model.save_pretrained(folder)  # the encoder alone, as on the hub: the head is new
         dirs[kind] = str(folder)
     return dirs
 
@@ -93,6 +103,10 @@ def read_submission(path):
         return list(csv.reader(f))
 
 
+def adapters_of(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
 # --- lora.py: the method ---------------------------------------------------------------------------
 
 def test_lora_linear_computes_w0_plus_scaled_ba():
@@ -107,13 +121,18 @@ def test_lora_linear_computes_w0_plus_scaled_ba():
 
 def test_dropout_acts_on_the_adapter_input_only():
     torch.manual_seed(0)
-    layer = LoRALinear(nn.Linear(8, 8), r=2, alpha=2, dropout=0.9).train()
-    x = torch.randn(4, 8)
-    torch.testing.assert_close(layer(x), layer.base(x))  # B = 0: dropout cannot touch the base path
+    layer = LoRALinear(nn.Linear(8, 5), r=2, alpha=2, dropout=0.5).train()
     nn.init.normal_(layer.lora_B.weight)
-    assert not torch.allclose(layer(x), layer(x))  # with B != 0 the adapter path is dropped at random
+    seen = []
+    layer.dropout.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0], output)))
+    x = torch.randn(4, 8)
+    out = layer(x)
+    dropout_in, dropped = seen[0]
+    assert dropout_in is x  # dropout sees the layer's input (8 wide), not the adapter's output (5 wide)
+    assert (dropped == 0).any() and ((dropped == 0) | torch.isclose(dropped, 2 * x)).all()  # p=0.5: 0 or 2x
+    torch.testing.assert_close(out, layer.base(x) + layer.lora_B(layer.lora_A(dropped)))  # the base path whole
     layer.eval()
-    torch.testing.assert_close(layer(x), layer(x))
+    torch.testing.assert_close(layer(x), layer.base(x) + layer.lora_B(layer.lora_A(x)))  # no dropout in eval
 
 
 @pytest.mark.parametrize("kind", ["roberta", "bert"])
@@ -121,54 +140,38 @@ def test_untrained_adapter_leaves_outputs_unchanged(kind):
     model = tiny_model(kind)
     ids = torch.randint(5, 40, (3, 12))
     before = model(input_ids=ids).logits
-    inject_lora(model, r=4, alpha=8).eval()
-    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
+    inject_lora(model, r=4, alpha=8)
+    torch.testing.assert_close(model.eval()(input_ids=ids).logits, before, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["roberta", "bert"])
 def test_merged_and_unmerged_outputs_agree(kind):
-    model = inject_lora(tiny_model(kind), r=2, alpha=4).eval()
-    for m in model.modules():
-        if isinstance(m, LoRALinear):
-            nn.init.normal_(m.lora_B.weight, std=0.5)
+    model = tiny_model(kind)
+    inject_lora(model, r=2, alpha=4)
+    for m in adapters_of(model):
+        nn.init.normal_(m.lora_B.weight, std=0.5)
     ids = torch.randint(5, 40, (3, 12))
     unmerged = model(input_ids=ids).logits
     layer = model.base_model.encoder.layer[0].attention.self.query
     layer.merge()
     layer.merge()  # a second merge must not add the update twice
     merge_lora(model)
-    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert not adapters_of(model)
     torch.testing.assert_close(model(input_ids=ids).logits, unmerged, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(unmerged, tiny_model(kind)(input_ids=ids).logits)  # the update did matter
 
 
-@pytest.mark.parametrize("kind,head", [("roberta", {"classifier.dense.weight", "classifier.dense.bias",
-                                                    "classifier.out_proj.weight", "classifier.out_proj.bias"}),
-                                       ("bert", {"classifier.weight", "classifier.bias"})])
-def test_only_adapters_and_head_are_trainable(kind, head):
-    model = inject_lora(tiny_model(kind), r=2, alpha=4)
+def test_inject_lora_freezes_everything_but_the_adapters():
+    model = tiny_model("roberta")
+    paths = inject_lora(model, r=2, alpha=4)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    adapters = {n for n in trainable if ".lora_" in n}
-    assert trainable - adapters == head
-    assert len(adapters) == 2 * 2 * 2  # 2 layers x (query, value) x (A, B)
-    assert all(n.split(".")[-3] in ("query", "value") for n in adapters)
-    assert set(lora_state_dict(model)) == trainable
-
-
-def test_roberta_base_has_667396_trainable_parameters():
-    with torch.device("meta"):  # the real architecture, no weights, no download
-        model = RobertaForSequenceClassification(RobertaConfig(num_labels=4))
-    inject_lora(model, r=2, alpha=4, targets=("query", "value"))
-    lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert lora == 24 * 2 * 2 * 768 == 73_728
-    assert trainable == 73_728 + 593_668 == 667_396
-    table = parameter_table(model)
-    assert "667,396" in table and "73,728" in table and "593,668" in table
+    assert paths == [f"roberta.encoder.layer.{i}.attention.self.{t}" for i in (0, 1) for t in ("query", "value")]
+    assert trainable == {f"{p}.lora_{m}.weight" for p in paths for m in "AB"}
 
 
 def test_gradients_reach_a_and_b():
-    model = inject_lora(tiny_model("roberta"), r=2, alpha=4)
+    model = tiny_model("roberta")
+    inject_lora(model, r=2, alpha=4)
     logits = model(input_ids=torch.randint(5, 40, (4, 10))).logits
     nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()
     layer = model.roberta.encoder.layer[1].attention.self.value
@@ -176,8 +179,7 @@ def test_gradients_reach_a_and_b():
     assert layer.lora_A.weight.grad.abs().sum() == 0  # dL/dA = B^T (...) = 0 while B is zero: that is LoRA
     assert model.roberta.embeddings.word_embeddings.weight.grad is None
     assert layer.base.weight.grad is None
-    # one step on B makes A's gradient non-zero too
-    with torch.no_grad():
+    with torch.no_grad():  # one step on B makes A's gradient non-zero too
         layer.lora_B.weight.normal_()
     model.zero_grad()
     nn.functional.cross_entropy(model(input_ids=torch.randint(5, 40, (4, 10))).logits,
@@ -185,9 +187,57 @@ def test_gradients_reach_a_and_b():
     assert layer.lora_A.weight.grad.abs().sum() > 0
 
 
-def test_unknown_target_is_an_error_that_lists_the_linear_names():
-    with pytest.raises(ValueError, match=r"unknown LoRA target\(s\) qkv.*query.*value"):
-        inject_lora(tiny_model("bert"), r=2, alpha=4, targets=("query", "qkv"))
+ROBERTA_LAYER = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                 "intermediate.dense", "output.dense"]
+
+
+@pytest.mark.parametrize("kind,targets,adapted", [
+    ("roberta", ["query", "value"], ["attention.self.query", "attention.self.value"]),
+    ("roberta", ["attention.output.dense"], ["attention.output.dense"]),
+    ("roberta", ["intermediate.dense", "key"], ["attention.self.key", "intermediate.dense"]),
+    ("roberta", ["output.dense"], ["attention.output.dense", "output.dense"]),  # a suffix of both paths
+    ("roberta", ["dense"], ["attention.output.dense", "intermediate.dense", "output.dense"]),  # never the new head
+    ("roberta", ["all-linear"], ROBERTA_LAYER),
+    ("bert", ["all-linear"], ROBERTA_LAYER + ["bert.pooler.dense"]),  # the pretrained pooler stays adaptable
+    ("bert", ["pooler.dense"], ["bert.pooler.dense"]),
+])
+def test_targets_are_dotted_suffixes_of_module_paths(model_dirs, kind, targets, adapted):
+    model, new = checkpoint.load_base_model(model_dirs[kind], 4)
+    paths = inject_lora(model, 2, 4, targets=targets, skip=checkpoint.made_for_the_task(model, new))
+    layered = {p.split(".layer.")[1].split(".", 1)[1] if ".layer." in p else p for p in paths}
+    assert sorted(layered) == sorted(adapted)
+    assert len(paths) == sum(1 if "pooler" in a else 2 for a in adapted)  # each layer's, in both layers
+    assert not any(p.startswith("classifier") for p in paths)
+
+
+def test_an_unknown_target_lists_the_suffixes_that_exist(model_dirs):
+    model, new = checkpoint.load_base_model(model_dirs["roberta"], 4)
+    with pytest.raises(ValueError) as error:
+        inject_lora(model, 2, 4, targets=["query", "qkv", "classifier.dense"],
+                    skip=checkpoint.made_for_the_task(model, new))
+    assert str(error.value) == (
+        "unknown LoRA target(s) qkv, classifier.dense; targets are dotted suffixes of the paths of this model's "
+        "pretrained Linear layers: attention.output.dense, attention.self.key, attention.self.query, "
+        "attention.self.value, dense, intermediate.dense, key, output.dense, query, value, or all-linear")
+
+
+def test_roberta_base_has_667396_trainable_parameters_and_fits_r_11_under_1m():
+    with torch.device("meta"):  # the real architecture, no weights, no download
+        model = RobertaForSequenceClassification(RobertaConfig(num_labels=4))
+    new = {n for n, _ in model.named_parameters() if n.startswith("classifier.")}
+    paths = target_paths(model, ["query", "value"], skip={"classifier", "classifier.dense", "classifier.out_proj"})
+    assert count_per_rank(model, paths) == 24 * (768 + 768) == 36_864
+    assert largest_rank(36_864, 593_668, 1_000_000) == 11 and largest_rank(36_864, 593_668, 593_668 + 36_863) == 0
+    inject_lora(model, r=2, alpha=4, targets=paths)
+    model.classifier.requires_grad_(True)
+    lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert lora == 24 * 2 * 2 * 768 == 73_728
+    assert trainable == 73_728 + 593_668 == 667_396
+    rows = {line[:25].strip(): line[25:].split()[0] for line in parameter_table(model, new).splitlines()[1:]}
+    assert rows == {"frozen (pretrained)": "124,054,272", "LoRA (A and B)": "73,728",
+                    "new for the task (head)": "593,668", "trainable in total": "667,396",
+                    "all parameters": "124,721,668"}
 
 
 # --- data.py: what a batch is ----------------------------------------------------------------------
@@ -245,13 +295,14 @@ def test_texts_are_cut_at_64_characters_a_token_before_the_tokenizer(model_dirs)
     texts = [r["text"] for r in synthetic_rows(50, seed=9)] + [" ".join(["w1"] * 5000 + ["k2_0"])]
     tokens = data.tokenize(tokenizer, texts, 16, cache=False)  # the long text is cut at 16 * 64 characters
     assert [tokens[i].tolist() for i in range(51)] == tokenizer(texts, truncation=True, max_length=16)["input_ids"]
-    script = ("import resource, sys, data\n"
+    script = ("import sys, data\n"  # VmHWM: this process's peak (ru_maxrss would count pytest's, before exec)
               "from transformers import AutoTokenizer\n"
+              "peak = lambda: int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))\n"
               "tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])\n"
               "data.tokenize(tokenizer, ['w2 w3'], 64, cache=False)\n"
-              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+              "before = peak()\n"
               "data.tokenize(tokenizer, ['w1 ' * int(sys.argv[2])] * 8, 64, cache=False)\n"
-              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+              "print(peak() - before)\n")
     growth_kib = {}
     for words in (3_333, 333_333):  # 8 texts of 10 kB, then of 1 MB
         result = subprocess.run([sys.executable, "-c", script, model_dirs["roberta"], str(words)], cwd=HERE,
@@ -278,7 +329,21 @@ def test_splits_are_seeded_disjoint_and_the_rows_datasets_would_pick(tmp_path):
     assert (tr_x, va_x) == (sample["train"]["text"], sample["test"]["text"])
 
 
-# --- train.py and predict.py, end to end -----------------------------------------------------------
+def test_batches_from_compact_tokens_are_the_batches_of_plain_lists():
+    rng = random.Random(3)
+    lists = [[5] * rng.randint(1, 40) for _ in range(500)]
+    tokens = tokens_of(lists)
+    assert data.length_grouped_batches(tokens.lengths, 16, seed=7) == \
+        data.length_grouped_batches([len(x) for x in lists], 16, seed=7)
+    assert data.sorted_batches(tokens.lengths, 16) == \
+        [r[i:i + 16] for r in [sorted(range(500), key=lambda i: -len(lists[i]))] for i in range(0, 500, 16)]
+    # Python's own seeded random: the same batches on every machine, and as before the tokens were
+    # made compact (this list is what the list-based data.py of the previous release gave)
+    assert data.length_grouped_batches([3, 1, 2, 5, 4, 9, 8, 7], 3, seed=0, group_batches=1) == \
+        [[1, 4, 5], [7, 6], [2, 0, 3]]
+
+
+# --- train.py: how we learn ------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
 def trained(model_dirs, tmp_path_factory):
@@ -294,18 +359,19 @@ def trained(model_dirs, tmp_path_factory):
             "--eval-every", "20", "--patience", "5", "--max-length", "64", "--log-every", "10",
             "--precision", "fp32", "--export-peft", str(folder / "peft")]))
     return {"out": out, "model": model, "val_acc": val_acc, "folder": folder, "report": report.getvalue(),
-            "peft": str(folder / "peft")}
+            "peft": str(folder / "peft"), "steps_per_epoch": -(-1000 // 32)}
 
 
 def test_training_learns_far_above_chance(trained):
     assert trained["val_acc"] >= 0.85  # chance is 0.25
     config = json.load(open(os.path.join(trained["out"], "config.json")))
     assert config["best_val_accuracy"] == trained["val_acc"]
-    assert config["r"] == 4 and config["alpha"] == 8 and config["targets"] == ["query", "value"]
+    assert config["r"] == 4 and config["alpha"] == 8 and config["init"] == "lora"
+    assert config["targets"] == [f"roberta.encoder.layer.{i}.attention.self.{t}" for i in (0, 1)
+                                 for t in ("query", "value")]
     assert config["labels"] == ["0", "1", "2", "3"] and config["max_length"] == 64
-    files = sorted(f for f in os.listdir(trained["out"]) if f != "curves.png")  # curves: with matplotlib only
-    assert files == ["adapter.safetensors", "config.json", "last_adapter.safetensors", "last_state.pt",
-                     "metrics.jsonl"]
+    files = sorted(f for f in os.listdir(trained["out"]) if f not in ("curves.png", "confusion.png"))
+    assert files == ["adapter.safetensors", "config.json", "last_state.pt", "metrics.jsonl"]
     assert os.path.getsize(os.path.join(trained["out"], "adapter.safetensors")) < 200_000  # no full model
 
 
@@ -317,7 +383,7 @@ def test_the_run_logs_its_metrics_and_an_interval(trained):
     assert [r["step"] for r in evals][:3] == [20, 40, 60] and [r["step"] for r in logs][:3] == [10, 20, 30]
     assert max(r["val_accuracy"] for r in evals) == trained["val_acc"]
     assert [r for r in evals if r["val_accuracy"] == trained["val_acc"]][0]["step"] == last_step
-    assert all(r["lr"] == 1e-2 and r["elapsed_s"] >= 0 and r["epoch"] > 0 for r in logs)
+    assert all(r["lr"] == 1e-2 and r["elapsed_s"] >= 0 and r["epoch"] == round(r["step"] / 32, 3) for r in logs)
     assert logs[-1]["train_loss"] < logs[0]["train_loss"]
     assert all(r1["elapsed_s"] <= r2["elapsed_s"] for r1, r2 in zip(rows, rows[1:]))
     assert trained["report"].count("95% bootstrap interval") == 1
@@ -330,15 +396,19 @@ def test_bootstrap_interval_brackets_the_accuracy():
     assert train.bootstrap_interval(correct, seed=0) == (low, high)
 
 
-def test_early_stopping_stops_and_restores_the_best_adapter(trained, capsys):
-    config = json.load(open(os.path.join(trained["out"], "config.json")))
-    steps_per_epoch = -(-1000 // 32)
-    assert config["step"] < 30 * steps_per_epoch - 30  # stopped long before the 30 epochs were up
+def test_early_stopping_stops_patience_evaluations_after_the_best_and_restores_it(trained):
+    best_step = json.load(open(os.path.join(trained["out"], "config.json")))["step"]
+    evals = [json.loads(line)["step"] for line in open(os.path.join(trained["out"], "metrics.jsonl"))
+             if "val_accuracy" in line]
+    assert evals[-1] == best_step + 5 * 20 < 30 * trained["steps_per_epoch"]  # patience 5, every 20 steps
+    assert trained["report"].count("early stop: no better validation accuracy in 5 evaluations") == 1
     saved = load_file(os.path.join(trained["out"], "adapter.safetensors"))
-    current = lora_state_dict(trained["model"])
-    assert set(saved) == set(current)
+    current = trained["model"].state_dict()
+    assert {n for n in saved if ".lora_" not in n} == {n for n in current if n.startswith("classifier.")}
     for name, tensor in saved.items():  # the model in memory is the best one, not the last one
         torch.testing.assert_close(current[name].cpu(), tensor, rtol=0, atol=0)
+    last = torch.load(os.path.join(trained["out"], "last_state.pt"), weights_only=True)["trained"]
+    assert any(not torch.equal(last[n], current[n]) for n in last)  # ... which differs from the last
 
 
 def test_a_run_stops_after_patience_evaluations_without_improvement(model_dirs, tmp_path, capsys):
@@ -355,10 +425,166 @@ def test_a_run_stops_after_patience_evaluations_without_improvement(model_dirs, 
     assert "early stop: no better validation accuracy in 2 evaluations" in log
 
 
+def test_the_schedule_warms_up_from_zero_then_decays_to_zero_at_the_last_step():
+    linear, cosine = train.lr_factor("linear", 10, 100), train.lr_factor("cosine", 10, 100)
+    assert linear(0) == 0 and linear(5) == 0.5 and linear(10) == 1.0  # warmup: 0 -> 1 over 10 steps
+    assert linear(55) == 0.5 and linear(100) == 0.0  # then linearly to 0 at the last step
+    assert cosine(10) == 1.0 and abs(cosine(55) - 0.5) < 1e-12 and cosine(100) == 0.0
+    assert train.lr_factor("constant", 0, 100)(0) == train.lr_factor("constant", 0, 100)(99) == 1.0
+
+
+def tiny_run_argv(model_dir, train_csv, out, *extra):
+    return ["--model", model_dir, "--data", train_csv, "--out", out, "--lr", "1e-2", "--epochs", "3",
+            "--batch-size", "16", "--val-size", "40", "--eval-every", "7", "--patience", "50",
+            "--max-length", "64", "--precision", "fp32", "--seed", "5", *extra]
+
+
+def test_a_run_with_a_schedule_logs_its_rate_and_resumes_exactly(model_dirs, tmp_path, capsys):
+    import signal
+    train_csv = write_csv(tmp_path / "t.csv", synthetic_rows(440, seed=4))
+    argv = lambda out: tiny_run_argv(model_dirs["roberta"], train_csv, out, "--schedule", "linear",  # noqa: E731
+                                     "--warmup-ratio", "0.2", "--log-every", "5")
+    train.train(train.parse_args(argv(str(tmp_path / "whole"))))
+    rates = {r["step"]: r["lr"] for r in map(json.loads, open(tmp_path / "whole" / "metrics.jsonl")) if "lr" in r}
+    assert rates[5] == pytest.approx(1e-2 * 5 / 15) and rates[15] == pytest.approx(1e-2)  # 75 steps, 15 warmup
+    assert rates[70] == pytest.approx(1e-2 * 5 / 60) and rates[75] == 0.0
+    real_step, calls = train.train_step, []
+
+    def ctrl_c_at_step_10(*a, **k):  # as if Ctrl-C were pressed during step 10
+        calls.append(1)
+        if len(calls) == 10:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*a, **k)
+    train.train_step = ctrl_c_at_step_10
+    try:
+        with pytest.raises(SystemExit) as stop:
+            train.train(train.parse_args(argv(str(tmp_path / "part"))))
+    finally:
+        train.train_step = real_step
+    assert stop.value.code == 130 and "interrupted at step 10" in capsys.readouterr().out
+    train.train(train.parse_args(argv(str(tmp_path / "part")) + ["--resume"]))
+    a, b = (torch.load(tmp_path / d / "last_state.pt", weights_only=True)["trained"] for d in ("whole", "part"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_over_the_parameter_budget_is_refused_before_training(model_dirs, tmp_path, capsys):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--model", model_dirs["roberta"], "--data", write_csv(tmp_path / "t.csv", synthetic_rows(60, 2)),
+                    "--val-size", "10", "--max-length", "64", "--r", "4", "--max-trainable", "1500", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    # tiny RoBERTa: head 32*32+32 + 32*4+4 = 1,188; each rank costs 2 layers x 2 targets x (32+32) = 256
+    assert stop.value.code == 2 and err.splitlines() == [
+        "error: r=4 on query, value trains 2,212 parameters, above --max-trainable 1,500; the largest r that fits is 1"]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("targets,budget,rank", [(["query", "value"], 1_500, 1), (["query", "value"], 3_000, 7),
+                                                  (["all-linear"], 3_000, 2)])
+def test_r_auto_takes_the_largest_rank_under_the_budget_and_alpha_2r(model_dirs, tmp_path, capsys, targets, budget,
+                                                                    rank):
+    out = str(tmp_path / "auto")
+    train.main(["--model", model_dirs["roberta"], "--data", write_csv(tmp_path / "t.csv", synthetic_rows(60, 2)),
+                "--val-size", "10", "--max-length", "64", "--r", "auto", "--max-trainable", str(budget), "--out", out,
+                "--max-steps", "1", "--targets", *targets])
+    printed = capsys.readouterr().out
+    assert f"LoRA r={rank} (--r auto: the largest under {budget:,}), alpha={2 * rank}" in printed
+    trainable = int(printed.split("trainable in total")[1].split()[0].replace(",", ""))
+    per_rank = 4 * 64 if targets != ["all-linear"] else 2 * (4 * 64 + 2 * (32 + 64))  # tiny: hidden 32, ffn 64
+    assert trainable <= budget < trainable + per_rank  # one rank more would not fit
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["r"] == rank and config["alpha"] == 2 * rank
+
+
+def tiny_step(amp_dtype, scaler=None, steps=1):
+    """(losses, gradients of the first step, tensors before, after) of train_step on the tiny RoBERTa."""
+    torch.manual_seed(0)
+    model = tiny_model("roberta")
+    inject_lora(model, 4, 8)
+    model.classifier.requires_grad_(True)
+    for m in adapters_of(model):
+        nn.init.normal_(m.lora_B.weight, std=0.1)  # as after some training: every gradient non-zero
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    model = predict.cast_frozen_linears(model, amp_dtype).train()
+    args = SimpleNamespace(amp_dtype=amp_dtype, max_grad_norm=1.0, lr=1e-3, weight_decay=0.01, schedule="constant",
+                           warmup_ratio=0.0, device=torch.device("cpu"))
+    optimizer, scheduler, default_scaler = train.make_optimizer(model, args, total_steps=10)
+    grads, adamw_step = {}, optimizer.step
+    optimizer.step = lambda *a, **k: grads or grads.update({n: p.grad.clone() for n, p in trainable.items()}) \
+        or adamw_step(*a, **k)  # the first step's gradients, unscaled, as AdamW gets them
+    batch = (torch.randint(5, 60, (8, 16)), torch.ones(8, 16, dtype=torch.long), torch.arange(8) % 4)
+    losses = [train.train_step(model, batch, optimizer, scheduler, scaler or default_scaler, args).item()
+              for _ in range(steps)]
+    return losses, grads, before, {n: p.detach() for n, p in trainable.items()}
+
+
+def cosine(a, b):
+    return nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+def test_a_bf16_training_step_on_cpu_moves_the_adapters_as_fp32_does():
+    (fp32_loss,), fp32_grads, before, _ = tiny_step(None)
+    (bf16_loss,), bf16_grads, _, after = tiny_step(torch.bfloat16)
+    assert bf16_loss != fp32_loss and abs(bf16_loss - fp32_loss) < 0.02 * fp32_loss  # bf16 rounds, a little
+    for name in before:
+        assert torch.isfinite(after[name]).all() and not torch.equal(after[name], before[name]), name
+        assert cosine(bf16_grads[name], fp32_grads[name]) > 0.99, name
+        assert 0.8 < bf16_grads[name].norm() / fp32_grads[name].norm() < 1.25, name
+
+
+def test_the_fp16_path_scales_the_loss_and_steps_like_fp32():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    losses, fp16_grads, before, after = tiny_step(torch.float16, scaler, steps=3)
+    fp32_losses, fp32_grads, _, _ = tiny_step(None, steps=3)
+    assert losses != fp32_losses and all(abs(a - b) < 0.02 * b for a, b in zip(losses, fp32_losses))
+    assert scaler.get_scale() == 2.0**10  # no step was skipped for an overflow
+    for name in before:
+        assert not torch.equal(after[name], before[name]), name
+        assert cosine(fp16_grads[name], fp32_grads[name]) > 0.99, name
+        assert 0.8 < fp16_grads[name].norm() / fp32_grads[name].norm() < 1.25, name  # unscaled before AdamW
+
+
+def test_cast_frozen_linears_stores_frozen_weights_in_the_autocast_dtype_with_the_same_outputs():
+    model = tiny_model("roberta")
+    inject_lora(model, 4, 8)
+    for m in adapters_of(model):
+        nn.init.normal_(m.lora_B.weight, std=0.1)
+    ids = torch.randint(5, 60, (4, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(input_ids=ids).logits
+        cast = predict.cast_frozen_linears(model, torch.bfloat16)
+        torch.testing.assert_close(cast(input_ids=ids).logits, expected, rtol=0, atol=0)
+    layer = model.roberta.encoder.layer[0].attention.self.query
+    assert layer.base.weight.dtype == torch.bfloat16 and model.roberta.encoder.layer[0].output.dense.weight.dtype \
+        == torch.bfloat16
+    assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.float32  # what trains stays fp32
+    assert predict.cast_frozen_linears(tiny_model("bert"), None).bert.pooler.dense.weight.dtype == torch.float32
+
+
+def test_compile_trains_a_few_steps(model_dirs, tmp_path, capsys):
+    if not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
+        pytest.skip("torch.compile on a CPU needs a C++ compiler, and none was found")
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    out = str(tmp_path / "compiled")
+    try:
+        train.train(train.parse_args(["--model", model_dirs["bert"], "--data", write_csv(
+            tmp_path / "t.csv", synthetic_rows(60, 2)), "--val-size", "10", "--out", out, "--max-length", "32",
+            "--batch-size", "8", "--max-steps", "3", "--compile", "--precision", "fp32"]))
+        assert counters["stats"]["unique_graphs"] > 0  # dynamo did compile the model
+    finally:
+        torch._dynamo.reset()
+    state = torch.load(os.path.join(out, "last_state.pt"), weights_only=True)
+    assert state["step"] == 3 and all(torch.isfinite(t).all() for t in state["trained"].values())
+
+
+# --- predict.py: how we answer ---------------------------------------------------------------------
+
 def test_load_model_predicts_like_the_trained_model(trained, model_dirs):
     texts = [r["text"] for r in synthetic_rows(50, seed=9)]
-    model, tokenizer, config = predict.load_model(trained["out"])
-    assert not any(isinstance(m, LoRALinear) for m in model.modules())  # merged for inference
+    model, tokenizer, config = checkpoint.load_model(trained["out"])
+    assert not adapters_of(model)  # merged for inference
     ids = data.tokenize(tokenizer, texts, config["max_length"])
     cpu = torch.device("cpu")
     merged = predict.predict_logits(model, ids, tokenizer.pad_token_id, 16, cpu)
@@ -408,16 +634,20 @@ def test_predict_writes_the_submission_from_every_input_format(trained, tmp_path
     assert sum(p == r["label"] for p, r in zip(labels, rows)) / 120 >= 0.8
 
 
-def test_bf16_and_fp32_predictions_agree(trained, tmp_path, capsys):
+def test_precision_bf16_predicts_in_bf16_and_agrees_with_fp32(trained, tmp_path, monkeypatch):
     rows = synthetic_rows(120, seed=11)
-    answers = {}
+    logits, answers = {}, {}
+    real = predict.predict_logits
     for precision in ("fp32", "bf16"):
+        monkeypatch.setattr(predict, "predict_logits", lambda *a, **k: logits.setdefault(precision, real(*a, **k)))
         out = str(tmp_path / f"{precision}.csv")
         predict.main([write_csv(tmp_path / "in.csv", rows), "--checkpoint", trained["out"], "--out", out,
                       "--precision", precision])
         answers[precision] = read_submission(out)
+    assert not torch.equal(logits["bf16"], logits["fp32"])  # bf16 did run: it rounds...
+    torch.testing.assert_close(logits["bf16"], logits["fp32"], rtol=0.05, atol=0.05)  # ...a little
     agree = sum(a == b for a, b in zip(answers["fp32"][1:], answers["bf16"][1:])) / 120
-    assert agree >= 0.95  # bf16 rounds a little, but hardly changes an answer
+    assert agree >= 0.95  # and hardly changes an answer
 
 
 def test_the_command_line_runs_end_to_end(trained, tmp_path):
@@ -431,13 +661,138 @@ def test_the_command_line_runs_end_to_end(trained, tmp_path):
     assert len(read_submission(out)) == 31
 
 
-# --- nothing lost, nothing let in ------------------------------------------------------------------
+def test_the_confusion_matrix_and_class_report_of_a_known_prediction():
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
+    predicted = torch.tensor([0, 0, 2, 1, 3, 2, 2, 3, 2, 3])
+    confusion = predict.confusion_matrix(predicted, labels, 4)
+    assert confusion.tolist() == [[2, 0, 1, 0], [0, 1, 0, 1], [0, 0, 3, 1], [0, 0, 0, 1]]
+    lines = predict.class_report(confusion, ["World", "Sports", "Business", "Sci/Tech"]).splitlines()
+    # Business: precision 3/4 (3 of the 4 called Business were), recall 3/4, F1 0.75, 4 rows
+    assert lines[3].split() == ["Business", "0.7500", "0.7500", "0.7500", "4"]
+    assert lines[4].split() == ["Sci/Tech", "0.3333", "1.0000", "0.5000", "1"]
+    assert lines[-2].split() == ["Business", "0", "0", "3", "1"]
 
-def tiny_run_argv(model_dir, train_csv, out, *extra):
-    return ["--model", model_dir, "--data", train_csv, "--out", out, "--lr", "1e-2", "--epochs", "3",
-            "--batch-size", "16", "--val-size", "40", "--eval-every", "7", "--patience", "50",
-            "--max-length", "64", "--precision", "fp32", "--seed", "5", *extra]
 
+def test_predict_streams_its_input_in_chunks_with_the_same_answers(trained, tmp_path, capsys, monkeypatch):
+    rows = synthetic_rows(50, seed=21)
+    paths = write_inputs(tmp_path, rows)
+    whole = tmp_path / "whole.csv"
+    predict.main([paths["csv"], "--checkpoint", trained["out"], "--out", str(whole)])
+    whole_report = capsys.readouterr().out
+    seen = []
+    real = data.read_text_chunks
+
+    def small_chunks(source):
+        for texts, labels in real(source, rows=7):
+            seen.append(len(texts))
+            yield texts, labels
+    monkeypatch.setattr(predict, "read_text_chunks", small_chunks)
+    for kind in ("csv", "jsonl", "parquet", "pkl-dataframe"):
+        out = tmp_path / f"chunked-{kind}.csv"
+        seen.clear()
+        predict.main([paths[kind], "--checkpoint", trained["out"], "--out", str(out)])
+        assert seen == [7] * 7 + [1], kind  # read 7 rows at a time
+        assert read_submission(out) == read_submission(whole), kind
+        assert capsys.readouterr().out.replace(str(out), str(whole)) == whole_report, kind
+
+
+def test_missing_texts_and_lone_surrogates_are_predicted_with_one_warning_each(trained, tmp_path, capsys):
+    rows = synthetic_rows(6, seed=3)
+    path = tmp_path / "odd.jsonl"  # JSON lines carry lone surrogates as \ud800 escapes
+    path.write_text("\n".join([json.dumps(rows[0]), '{"text": null}', '{"text": "w1 \\ud800 k2_0"}',
+                               '{"text": "\\udfff"}', *map(json.dumps, rows[1:])]))
+    out = tmp_path / "sub.csv"
+    predict.main([str(path), "--checkpoint", trained["out"], "--out", str(out)])
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {path}: 1 rows have no text (a missing value); each was predicted as an empty text",
+        f"warning: {path}: 2 texts held lone surrogates (invalid UTF-16); each became U+FFFD",
+        f"warning: {path}: its labels are not all integers 0..3, so no accuracy is printed"]  # 3 rows have none
+    assert [r[0] for r in read_submission(out)] == ["ID", *map(str, range(9))]
+    assert data.clean_texts([None, "a\ud800b", "ok"]) == (["", "a\ufffdb", "ok"], 1, 1)
+
+
+def test_long_texts_are_truncated_not_errors(trained, tmp_path):
+    rows = [{"text": " ".join(["w1"] * 5000 + ["k2_0"]), "label": 2}, {"text": "k1_0 k1_1 w3", "label": 1}]
+    out = tmp_path / "sub.csv"
+    predict.main([write_csv(tmp_path / "long.csv", rows), "--checkpoint", trained["out"], "--out", str(out)])
+    assert [r[0] for r in read_submission(out)] == ["ID", "0", "1"]
+
+
+# --- checkpoint.py: everything that is not the pretrained base's -------------------------------------
+
+def test_a_run_with_the_head_frozen_saves_its_random_head_and_predicts_what_it_trained(model_dirs, tmp_path,
+                                                                                       monkeypatch, capsys):
+    monkeypatch.setattr(train, "head_of", lambda model: nn.Identity())  # a student deletes the line that trains it
+    out = str(tmp_path / "frozen_head")
+    model, _ = train.train(train.parse_args(tiny_run_argv(model_dirs["roberta"], write_csv(
+        tmp_path / "t.csv", synthetic_rows(200, seed=4)), out, "--epochs", "1")))
+    assert not any(p.requires_grad for p in model.classifier.parameters())
+    assert re.search(r"new for the task \(head\) +1,188", capsys.readouterr().out)  # new, though not trained
+    saved = load_file(os.path.join(out, "adapter.safetensors"))
+    assert {n for n in saved if ".lora_" not in n} == {"classifier.dense.weight", "classifier.dense.bias",
+                                                       "classifier.out_proj.weight", "classifier.out_proj.bias"}
+    reloaded, tokenizer, _ = checkpoint.load_model(out)
+    tokens = data.tokenize(tokenizer, [r["text"] for r in synthetic_rows(40, seed=5)], 64, cache=False)
+    expected, got = (predict.predict_logits(m, tokens, tokenizer.pad_token_id, 16, torch.device("cpu"))
+                     for m in (model, reloaded))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_the_base_is_trained_in_fp32_whatever_dtype_its_folder_holds(tmp_path):
+    folder = tmp_path / "fp16"
+    save_tokenizer(folder)
+    tiny_model("bert").bert.half().save_pretrained(folder)
+    model, new = checkpoint.load_base_model(str(folder), 4)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert new == ["classifier.bias", "classifier.weight"]
+    out = str(tmp_path / "run")
+    train.main(["--model", str(folder), "--data", write_csv(tmp_path / "t.csv", synthetic_rows(60, 2)), "--out", out,
+                "--val-size", "10", "--max-length", "32", "--max-steps", "2", "--precision", "fp32"])
+    state = torch.load(os.path.join(out, "last_state.pt"), weights_only=True)
+    assert {t.dtype for t in state["trained"].values()} == {torch.float32}
+    assert {s["exp_avg"].dtype for s in state["optimizer"]["state"].values()} == {torch.float32}
+
+
+def test_an_exported_adapter_gives_the_same_logits_in_peft(trained, model_dirs):
+    peft = pytest.importorskip("peft")
+    assert sorted(os.listdir(trained["peft"])) == ["adapter_config.json", "adapter_model.safetensors"]
+    peft_config = json.load(open(os.path.join(trained["peft"], "adapter_config.json")))
+    assert peft_config["target_modules"] == json.load(open(os.path.join(trained["out"], "config.json")))["targets"]
+    assert peft_config["modules_to_save"] == ["classifier"]
+    base = RobertaForSequenceClassification.from_pretrained(model_dirs["roberta"])
+    theirs = peft.PeftModel.from_pretrained(base, trained["peft"]).eval()
+    ours, _, _ = checkpoint.load_model(trained["out"])  # fp32, merged
+    ids = torch.randint(5, 60, (6, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_peft_adapter_predicts_here_as_it_does_in_peft(model_dirs, tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(3)
+    base = RobertaForSequenceClassification.from_pretrained(model_dirs["roberta"])
+    theirs = peft.get_peft_model(base, peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=8, lora_dropout=0.1,
+                                                       target_modules=["query", "value"], init_lora_weights=False))
+    with torch.no_grad():  # a head unlike the base model's, so that loading it shows
+        for name, p in theirs.named_parameters():
+            if "modules_to_save" in name:
+                p.normal_(std=0.5)
+    theirs.eval().save_pretrained(tmp_path / "adapter")
+    ours, tokenizer, config = checkpoint.load_model(str(tmp_path / "adapter"))
+    assert config["r"] == 2 and config["alpha"] == 8 and config["labels"] == ["0", "1", "2", "3"]
+    texts = [r["text"] for r in synthetic_rows(40, seed=13)]
+    ids, mask = data.pad_batch(data.tokenize(tokenizer, texts, 64), range(len(texts)), tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits, expected, rtol=1e-5, atol=1e-5)
+    out = tmp_path / "sub.csv"
+    predict.main([write_csv(tmp_path / "in.csv", [{"text": t} for t in texts], columns=("text",)),
+                  "--checkpoint", str(tmp_path / "adapter"), "--out", str(out), "--precision", "fp32"])
+    assert [int(r[1]) for r in read_submission(out)[1:]] == expected.argmax(-1).tolist()
+
+
+# --- operations: nothing lost, nothing let in, torchrun ------------------------------------------------
 
 def test_ctrl_c_then_resume_ends_exactly_like_an_uninterrupted_run(model_dirs, tmp_path, capsys):
     import signal
@@ -466,11 +821,10 @@ def test_ctrl_c_then_resume_ends_exactly_like_an_uninterrupted_run(model_dirs, t
     _, resumed_acc = train.train(train.parse_args(argv + ["--resume"]))
     assert f"resumed from {part} at step {stopped_at}" in capsys.readouterr().out
     assert resumed_acc == whole_acc
-    for name in ("adapter.safetensors", "last_adapter.safetensors"):
-        a, b = load_file(os.path.join(whole, name)), load_file(os.path.join(part, name))
-        assert set(a) == set(b)
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    a, b = (load_file(os.path.join(d, "adapter.safetensors")) for d in (whole, part))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (torch.load(os.path.join(d, "last_state.pt"), weights_only=True)["trained"] for d in (whole, part))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     whole_cfg, part_cfg = (json.load(open(os.path.join(d, "config.json"))) for d in (whole, part))
     assert whole_cfg == {**part_cfg, "base_model": whole_cfg["base_model"]}
 
@@ -507,6 +861,182 @@ def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_best_adapter(m
     assert open(os.path.join(out, "adapter.safetensors"), "rb").read() == best
 
 
+def checkpoint_variant(trained, tmp_path, name, edit_config=None, edit_tensors=None, adapter_bytes=None):
+    folder = tmp_path / name
+    shutil.copytree(trained["out"], folder)
+    if edit_config:
+        config = json.load(open(folder / "config.json"))
+        edit_config(config)
+        json.dump(config, open(folder / "config.json", "w"))
+    if edit_tensors:
+        tensors = load_file(folder / "adapter.safetensors")
+        edit_tensors(tensors)
+        save_file(tensors, folder / "adapter.safetensors")
+    if adapter_bytes is not None:
+        (folder / "adapter.safetensors").write_bytes(adapter_bytes)
+    return str(folder)
+
+
+BAD_PREDICTIONS = {  # name: (how to make the input or the checkpoint, what the one line says)
+    "no such file": (lambda d, v: [str(d / "missing.csv")], "no such file"),
+    "unknown kind": (lambda d, v: [write_csv(d / "x.txt", [])], "unknown input kind"),
+    "no text column": (lambda d, v: [write_csv(d / "nocol.csv", [{"body": "a"}], columns=("body",))],
+                       "no `text` column (columns: body)"),
+    "no rows": (lambda d, v: [write_csv(d / "empty.csv", [])], "no rows"),
+    "a number for a text": (lambda d, v: [str((d / "n.jsonl").write_text('{"text": "w1"}\n{"text": 7}\n') and
+                                              d / "n.jsonl")], "row 1 has text 7, not a string"),
+    "not a checkpoint": (lambda d, v: ["--checkpoint", str(d / "nowhere")], "not a checkpoint folder"),
+    "garbled adapter": (lambda d, v: ["--checkpoint", v("garbled", adapter_bytes=b"\x00garbage")],
+                        "corrupt checkpoint"),
+    "config without r": (lambda d, v: ["--checkpoint", v("badjson", edit_config=lambda c: c.pop("r"))],
+                         "corrupt checkpoint"),
+    "another r": (lambda d, v: ["--checkpoint", v("other_r", edit_config=lambda c: c.update(r=8))], "does not fit"),
+    "other targets": (lambda d, v: ["--checkpoint", v("other_targets", edit_config=lambda c: c.update(
+        targets=["query", "key"]))], "it lacks roberta.encoder.layer.0.attention.self.key.lora_A.weight"),
+    "other labels": (lambda d, v: ["--checkpoint", v("other_labels", edit_config=lambda c: c.update(
+        labels=["a", "b", "c"]))], "classifier.out_proj.bias does not fit"),
+    "no head in it": (lambda d, v: ["--checkpoint", v("headless", edit_tensors=lambda t: t.pop(
+        "classifier.out_proj.weight"))], "it lacks classifier.out_proj.weight"),
+    "a target it lacks": (lambda d, v: ["--checkpoint", v("no_key", edit_config=lambda c: c.update(
+        targets=c["targets"] + ["nothing.here"]))], "unknown LoRA target(s) nothing.here"),
+    "batch size 0": (lambda d, v: ["--batch-size", "0"], "--batch-size must be at least 1"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PREDICTIONS)
+def test_bad_prediction_inputs_and_checkpoints_are_one_line_and_exit_2(trained, tmp_path, capsys, case):
+    make, message = BAD_PREDICTIONS[case]
+    argv = make(tmp_path, lambda name, **kw: checkpoint_variant(trained, tmp_path, name, **kw))
+    if argv[0].startswith("--"):
+        argv = [write_csv(tmp_path / "ok.csv", synthetic_rows(3, 0))] + argv
+    if "--checkpoint" not in argv:
+        argv += ["--checkpoint", trained["out"]]
+    out = tmp_path / "never.csv"
+    with pytest.raises(SystemExit) as stop:
+        predict.main(argv + ["--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert not out.exists()
+
+
+BAD_TRAINING = {  # name: (flags, what the one line says)
+    "a label outside 0..K-1": (lambda d, rows: ["--data", write_csv(d / "l.csv", rows[:10] + [
+        {"text": "w1", "label": 7}] + rows[10:]), "--num-labels", "4"], "has label 7, outside 0..3"),
+    "no label column": (lambda d, rows: ["--data", write_csv(d / "n.csv", rows, columns=("text",))],
+                        "no `label` column"),
+    "a missing text": (lambda d, rows: ["--data", str((d / "m.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        rows[:5] + [{"text": None, "label": 1}] + rows[5:]))) and d / "m.jsonl")],
+        "row 5 has no text (a missing value); fill it in"),
+    "labels 1 and 7": (lambda d, rows: ["--data", write_csv(d / "17.csv", [{**r, "label": 1 + 6 * (r["label"] % 2)}
+                                                                            for r in rows])],
+                       "labels must be the integers 0..K-1, found 2 distinct: 1, 7; map them to 0..K-1 (AG News' "
+                       "original CSV numbers its classes 1-4: subtract 1)"),
+    "an unknown hub dataset": (lambda d, rows: ["--data", "no_such_hub_dataset"],
+                               "cannot load the dataset 'no_such_hub_dataset' from the Hugging Face hub"),
+    "the hub, offline": (lambda d, rows: ["--model", "roberta-base"],
+                         "offline a local model folder (--model DIR) with HF_HUB_OFFLINE=1"),
+    "r 0": (lambda d, rows: ["--r", "0"], "--r must be at least 1, got 0"),
+    "r neither a number nor auto": (lambda d, rows: ["--r", "big"], "--r takes a whole number or auto, not 'big'"),
+    "r auto without a budget": (lambda d, rows: ["--r", "auto"], "--r auto needs --max-trainable N"),
+    "a negative lr": (lambda d, rows: ["--lr", "-0.001"], "--lr must be positive, got -0.001"),
+    "val size too big": (lambda d, rows: ["--val-size", "60"],
+                         "--val-size 60 must be above 0 and below the 60 rows used"),
+    "an unknown target": (lambda d, rows: ["--targets", "query", "qkv"], "unknown LoRA target(s) qkv; targets are "
+                          "dotted suffixes of the paths of this model's pretrained Linear layers: "
+                          "attention.output.dense, attention.self.key"),
+    "an unknown init": (lambda d, rows: ["--init", "gaussian"], "argument --init: invalid choice: 'gaussian'"),
+    "max length above the model's": (lambda d, rows: ["--max-length", "4096"], "--max-length 4096 is above"),
+    "no such data file": (lambda d, rows: ["--data", str(d / "missing.csv")], "no such file"),
+    "no such model": (lambda d, rows: ["--model", str(d / "no_model")], "cannot load the tokenizer"),
+    "a bogus flag": (lambda d, rows: ["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TRAINING)
+def test_bad_training_inputs_and_flags_are_one_line_and_exit_2(model_dirs, tmp_path, capsys, case):
+    rows = synthetic_rows(60, seed=2)
+    flags, message = BAD_TRAINING[case]
+    argv = ["--model", model_dirs["bert"], "--max-length", "64", "--val-size", "10",
+            "--data", write_csv(tmp_path / "ok.csv", rows)] + flags(tmp_path, rows)
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv + ["--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert not out.exists()
+
+
+@pytest.fixture(scope="session")
+def no_dropout_model(model_dirs, tmp_path_factory):
+    """The tiny RoBERTa without its own dropout: one step is then the same computation on any split."""
+    folder = tmp_path_factory.mktemp("roberta_nodrop")
+    save_tokenizer(folder)
+    model = tiny_model("roberta")
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def torchrun(argv, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                           "--standalone", os.path.join(HERE, "train.py"), *argv],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_one_step_on_two_processes_equals_one_step_in_one(no_dropout_model, tmp_path, capsys):
+    rows = synthetic_rows(15 + 8, seed=6)  # 15 training rows: one global batch (odd: one process gets 8, one 7)
+    train_csv = write_csv(tmp_path / "t.csv", rows)
+    argv = lambda out: ["--model", no_dropout_model, "--data", train_csv, "--out", out,  # noqa: E731
+                        "--batch-size", "16", "--val-size", "8", "--epochs", "1", "--lr", "5e-2", "--dropout", "0",
+                        "--max-length", "64", "--precision", "fp32"]
+    single, double = str(tmp_path / "single"), str(tmp_path / "double")
+    train.main(argv(single))
+    result = torchrun(argv(double))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("trainable in total") == 1  # only the main process prints
+    a, b = (torch.load(os.path.join(d, "last_state.pt"), weights_only=True)["trained"] for d in (single, double))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)  # the step did change the adapter (B was 0)
+
+
+def test_a_two_process_run_trains_early_stops_and_saves_one_checkpoint(model_dirs, tmp_path):
+    train_csv = write_csv(tmp_path / "t.csv", synthetic_rows(200, seed=7))
+    out = tmp_path / "run"
+    result = torchrun(["--model", model_dirs["roberta"], "--data", train_csv, "--out", str(out), "--lr", "1e-12",
+                       "--batch-size", "16", "--val-size", "40", "--epochs", "10", "--eval-every", "2",
+                       "--patience", "2", "--max-length", "64", "--precision", "fp32"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout
+    assert log.count("early stop: no better validation accuracy in 2 evaluations") == 1
+    assert "step 6: val" in log and "step 8: val" not in log  # both processes stopped together
+    assert "x 2 processes" in log
+    assert sorted(f for f in os.listdir(out) if f not in ("curves.png", "confusion.png")) == [
+        "adapter.safetensors", "config.json", "last_state.pt", "metrics.jsonl"]
+    assert json.load(open(out / "config.json"))["step"] == 2
+
+
+def test_each_process_draws_its_own_dropout_and_resumes_its_own_stream(model_dirs, tmp_path):
+    rows = [{"text": " ".join(r["text"].split()[:6]), "label": r["label"]} for r in synthetic_rows(200, seed=8)]
+    train_csv = write_csv(tmp_path / "t.csv", rows)  # 6 words each: both processes draw as many numbers a step
+    argv = lambda out, *extra: ["--model", model_dirs["roberta"], "--data", train_csv, "--out", str(out),  # noqa
+                                "--batch-size", "16", "--val-size", "40", "--eval-every", "4", "--lr", "1e-2",
+                                "--max-length", "64", "--precision", "fp32", "--dropout", "0.3", *extra]
+    for run in (argv(tmp_path / "whole", "--max-steps", "8"), argv(tmp_path / "part", "--max-steps", "4"),
+                argv(tmp_path / "part", "--max-steps", "8", "--resume")):
+        result = torchrun(run)
+        assert result.returncode == 0, result.stderr[-3000:]
+    whole, part = (torch.load(tmp_path / d / "last_state.pt", weights_only=True) for d in ("whole", "part"))
+    assert not torch.equal(whole["rng"][0]["cpu"], whole["rng"][1]["cpu"])  # two streams of dropout masks
+    assert part["step"] == whole["step"] == 8
+    for key in whole["trained"]:  # resumed, each process on its own stream: the same steps as without a stop
+        torch.testing.assert_close(part["trained"][key], whole["trained"][key], rtol=0, atol=0)
+
+
 # --- pickles.py: a test.pkl is read right and read safely, as data, never run --------------------------
 
 TEXTS, LABELS = ["first text", "zweiter Text, ü", "", "k1_0 w3"], [2, 0, 3, 1]
@@ -531,6 +1061,10 @@ def ordinary_tables():
     with_index = pd.DataFrame({"text": ["dropped"] + TEXTS, "label": [9] + LABELS})
     ag_news = [y + 1 for y in LABELS]  # AG News' own CSV numbers the classes 1-4
     one_row = Dataset.from_dict({"text": TEXTS[:1], "label": LABELS[:1]})
+    many = {"text": [f"text {i}" for i in range(4000)], "label": [i % 4 for i in range(4000)],
+            **{f"flag{c}": [bool(i % (c + 2)) for i in range(4000)] for c in range(60)}}
+    order = Dataset.from_dict(many).shuffle(seed=0)["label"]  # what the shuffled Dataset holds, in its order
+    long_texts = pd.DataFrame({"text": [t * 40 for t in TEXTS], "label": LABELS})
     ORDINARY.update({
         "Dataset.from_dict": (Dataset.from_dict(rows), TEXTS, LABELS),
         "Dataset.from_pandas": (Dataset.from_pandas(frame), TEXTS, LABELS),
@@ -570,6 +1104,13 @@ def ordinary_tables():
                                    TEXTS, LABELS),
         "dict of columns, numpy labels": ({"text": TEXTS, "label": np.array(LABELS)}, TEXTS, LABELS),
         "dict of numpy unicode columns": ({"text": np.array(TEXTS), "label": np.array(LABELS)}, TEXTS, LABELS),
+        "Dataset of 60 bool columns, shuffled": (Dataset.from_dict(many).shuffle(seed=0),
+                                                 Dataset.from_dict(many).shuffle(seed=0)["text"], order),
+        "DataFrame repeated ten times (each text memoized once)": (pd.concat([long_texts.astype(object)] * 10),
+                                                                  [t * 40 for t in TEXTS] * 10, LABELS * 10),
+        "empty DataFrame": (pd.DataFrame({"text": [], "label": []}).astype({"text": object, "label": int}), [], []),
+        "'ustar' at byte 257 of a text": ({"text": ["x" * 230 + "custard" * 10]}, ["x" * 230 + "custard" * 10],
+                                           None),
     })
     return ORDINARY
 
@@ -583,7 +1124,9 @@ ORDINARY_NAMES = ["Dataset.from_dict", "Dataset.from_pandas", "Dataset with a Cl
                   "DataFrame, category labels 1-4 in another order", "DataFrame, nullable Int64 labels",
                   "DataFrame, a missing text", "Series of texts", "list of texts", "numpy array of texts",
                   "list of row dicts", "tuple of row dicts", "rows with numpy labels", "dict of columns, numpy labels",
-                  "dict of numpy unicode columns"]
+                  "dict of numpy unicode columns", "Dataset of 60 bool columns, shuffled",
+                  "DataFrame repeated ten times (each text memoized once)", "empty DataFrame",
+                  "'ustar' at byte 257 of a text"]
 
 
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
@@ -736,6 +1279,38 @@ def stale_nesting(depth):
     return b"\x80\x02" + made + linked + b"j\x00\x00\x00\x00."
 
 
+def shared_structure(value, times, close=pickle.TUPLE):
+    """`times` references to one memoized value, in a tuple (or a list): read each time, unless charged."""
+    return b"RAW:" + pickle.MARK + assemble(value, bytearray()) + pickle.BINPUT + b"\x03" + \
+        (pickle.BINGET + b"\x03") * (times - 1) + close
+
+
+def wide_frame_of_shared_blocks(width, blocks):
+    """A DataFrame of `width` columns named "x", and one block spanning them all, placed `blocks` times."""
+    block = Call("pandas._libs.internals._unpickle_block", None, Call("builtins.slice", 0, width, 1), 2)
+    return pickled(Call("pandas.core.frame.DataFrame", state={"_mgr": Call("pandas.core.internals.managers.BlockManager",
+        shared_structure(block, blocks), [Call("pandas.core.indexes.base._new_Index", Call("pandas.Index"),
+                                               {"data": shared("x", width)}), None])}))
+
+
+def concatenation_of_a_wide_table(width, times):
+    """A ConcatenationTable naming one table of `width` fields `times` times."""
+    table = Call("datasets.table.InMemoryTable", state={"table": Call("pyarrow.lib._reconstruct_table", [None] * width,
+                 Call("pyarrow.lib.schema", shared_structure(Call("pyarrow.lib.field", "x"), width, pickle.LIST),
+                      None))})
+    return pickled(Call("datasets.arrow_dataset.Dataset", state={"_data": Call("datasets.table.ConcatenationTable",
+                   state={"blocks": shared_structure([table], times, pickle.LIST)}), "_indices": None}))
+
+
+def tuple_dag(depth):
+    """A tuple pair of pairs of ... 60 deep, each level the level below twice (memo): its repr is 2**60 long."""
+    out = bytearray(assemble("a" * 1000, bytearray())) + pickle.BINPUT + b"\x00" + pickle.POP
+    for k in range(depth):
+        out += pickle.BINGET + bytes([k]) + pickle.BINGET + bytes([k]) + pickle.TUPLE2 + pickle.BINPUT + bytes([k + 1])
+        out += pickle.POP if k + 1 < depth else b""
+    return b"RAW:" + bytes(out)
+
+
 def hostile_pickles(marker, fifo):
     """One file per kind of attack: (what it tries, bytes, what the refusal must say; None: it loads)."""
     run_shell = Call("os.system", f"touch {marker}")
@@ -801,13 +1376,39 @@ def hostile_pickles(marker, fifo):
         ("40,000 tuples of one hash in a set", colliding_keys(40_000, as_set=True),
          "a key that is not a string or a number"),
         ("a tuple nested 300,000 deep as a dict key", b"\x80\x02}" + b")" + b"\x85" * 300_000 + b"K\x01s.",
-         "a key that is not a string or a number"),
+         "builds more values than its size can honestly hold"),
+        ("a tuple as a dict key", b"\x80\x02}" + b")" + b"\x85" * 100 + b"K\x01s.", "a key that is not a string"),
         ("40,000 ints with one hash in a dict", b"\x80\x02}(" + b"".join(
             b"\x8a\x0b" + (i * (2**61 - 1)).to_bytes(11, "little", signed=True) + b"N" for i in range(1, 40_001))
          + b"u.", "an integer too large for a table cell"),
         ("a list nested 1,000 deep", b"\x80\x02" + b"(" * 1000 + b"]" + b"l" * 1000 + b".", "nests values over 200 deep"),
         ("lists nested 100,000 deep after they were memoized", stale_nesting(100_000), "nests values over 200 deep"),
         ("a list that holds itself", pickle.dumps(looped), "a value that contains itself"),
+        # found by the attacker: work, text or memory that grew faster than the file
+        ("one block placed over 25,000 columns, 25,000 times", wide_frame_of_shared_blocks(25_000, 25_000),
+         "more rows or text than its size can honestly hold"),
+        ("one table of 8,000 fields concatenated 8,000 times", concatenation_of_a_wide_table(8_000, 8_000),
+         "more rows or text than its size can honestly hold"),
+        ("a Dataset selecting one 30 kB text 10,000 times", pickle.dumps(__import__("datasets").Dataset.from_dict(
+            {"text": ["w" * 30_000], "label": [0]}).select([0] * 10_000)),
+         "more rows or text than its size can honestly hold"),
+        ("a shape whose repr is 2**60 long, in an error message", pickled({"text": Call(
+            "numpy._core.multiarray._reconstruct", Call("numpy.ndarray"), (0,), b"b", state=(
+                1, (tuple_dag(60),), Call("numpy.dtype", "O8", False, True), False, ["a"]))}),
+         "a numpy dimension is"),
+        ("3 MB of one-byte EMPTY_SETs", b"\x80\x04(" + b"\x8f" * 3_000_000 + b"l.",
+         "builds more values than its size can honestly hold"),
+        ("one empty Arrow chunk named 1,900,000 times", pickled(dataset(Call("pyarrow.lib.chunked_array", shared_structure(
+            arrow_strings([0], b"", 0), 1_900_000, pickle.LIST)))), "more rows or text than its size can honestly hold"),
+        ("750,000 emoji shared by 32 rows (12 bytes each as ASCII JSON)", pickled({"text": shared("\U0001F600" * 750_000,
+                                                                                                    32)}), None),
+        ("a 96-byte bz2 file expanding to 64 MB", __import__("bz2").compress(b"\x80\x04(" + b"\x8f" * 64_000_000 + b"l."),
+         "expands to over 4,194,304 bytes"),
+        ("a list of tuples", pickle.dumps([("great movie", 1), ("awful plot", 0)]), "a text or label is tuple"),
+        ("a list of bytes", pickle.dumps([b"great movie", b"awful plot"]), "a text or label is bytes"),
+        ("columns under a MultiIndex", pickle.dumps(__import__("pandas").DataFrame(
+            [["a", 1]], columns=__import__("pandas").MultiIndex.from_tuples([("x", "text"), ("x", "label")]))),
+         "column names are not plain names (a MultiIndex?)"),
         # not pickles at all
         ("garbled bytes", b"\x80\x04\xffnot a pickle at all", "not a readable table pickle"),
         ("empty file", b"", "not a readable table pickle"),
@@ -842,7 +1443,9 @@ def test_hostile_pickles_end_in_one_line_and_run_nothing(trained, tmp_path, caps
 
 
 def test_hostile_pickles_are_read_within_a_memory_cap(tmp_path):
-    """The attacks again, from a process allowed 1 GiB more than it has; the readers' peak memory is measured."""
+    """The attacks again, from a process allowed 1 GiB more than it has; the peak memory of the readers (each a
+    child of it) and of it (what came back, decoded) is measured. (VmHWM, not ru_maxrss: that counts what the
+    process was before exec, a copy of pytest.)"""
     marker, fifo = tmp_path / "pwned", tmp_path / "fifo"
     os.mkfifo(fifo)
     paths = []
@@ -855,14 +1458,16 @@ def test_hostile_pickles_are_read_within_a_memory_cap(tmp_path):
               "for path in sys.argv[1:]:\n"
               "    try: pickles.read_pickle(path); print('loaded')\n"
               "    except pickles.NotReadable as e: print('refused', len(str(e).splitlines()))\n"
-              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
+              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+              "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')))\n")
     result = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, cwd=HERE,
                             timeout=600)
     assert result.returncode == 0 and result.stderr == "", result.stderr[-2000:]
-    *outcomes, peak_kib = result.stdout.splitlines()
+    *outcomes, child_kib, parent_kib = result.stdout.splitlines()
     assert outcomes == ["loaded" if message is None else "refused 1"
                         for _, _, message in hostile_pickles(marker, fifo)]
-    assert int(peak_kib) < 600 * 1024  # KiB: the largest reader's peak, for files of at most 5 MB
+    assert int(child_kib) < 400 * 1024  # KiB: the largest reader's peak, for files of at most 5 MB
+    assert int(parent_kib) < 400 * 1024  # and what came back, decoded
     assert not marker.exists()
 
 
@@ -874,7 +1479,7 @@ def test_the_reader_is_contained_in_a_child_with_limits(tmp_path):
     table = tmp_path / "test.pkl"
     table.write_bytes(pickle.dumps(Dataset.from_dict({"text": texts})))
     slow = tmp_path / "slow.pkl"  # 4 MB of tiny opcodes: about 3 s to scan, fine within the default limits
-    slow.write_bytes(b"\x80\x04" + b"]0" * 2_000_000 + b"].")
+    slow.write_bytes(b"\x80\x04" + b"N0" * 2_000_000 + b"].")
     tight = dict(pickles.LIMITS, cpu_s=0, cpu_s_per_mb=0, wall_margin_s=60)  # 1 s of CPU time
     cases = [(fifo, pickles.LIMITS, "not a regular file"),
              (slow, tight, "used more CPU time than a file of its size may take"),
@@ -900,314 +1505,3 @@ def test_an_8000_row_test_set_loads_in_well_under_a_second(tmp_path):
         seconds.append(time.perf_counter() - start)
     assert sorted(seconds)[1] < 0.5
     assert texts == [r["text"] for r in rows] and labels is None
-
-
-def make_checkpoint_variant(trained, tmp_path, name, edit_config=None, adapter_bytes=None):
-    import shutil
-    folder = tmp_path / name
-    shutil.copytree(trained["out"], folder)
-    if edit_config:
-        config = json.load(open(folder / "config.json"))
-        edit_config(config)
-        json.dump(config, open(folder / "config.json", "w"))
-    if adapter_bytes is not None:
-        (folder / "adapter.safetensors").write_bytes(adapter_bytes)
-    return str(folder)
-
-
-def test_bad_prediction_inputs_and_checkpoints_are_one_line_and_exit_2(trained, tmp_path, capsys):
-    good = write_csv(tmp_path / "ok.csv", synthetic_rows(3, 0))
-    empty = tmp_path / "empty.csv"
-    empty.write_text("text,label\n")
-    numbers_ = tmp_path / "numbers.jsonl"
-    numbers_.write_text('{"text": "w1 w2"}\n{"text": 7}\n')
-    variant = lambda name, **kw: make_checkpoint_variant(trained, tmp_path, name, **kw)  # noqa: E731
-    cases = [
-        ([str(tmp_path / "missing.csv")], "no such file"),
-        ([write_csv(tmp_path / "x.txt", [])], "unknown input kind"),
-        ([write_csv(tmp_path / "nocol.csv", [{"body": "a"}], columns=("body",))], "no `text` column (columns: body)"),
-        ([str(empty)], "no rows"),
-        ([str(numbers_)], "row 1 has text 7, not a string"),
-        ([good, "--checkpoint", str(tmp_path / "nowhere")], "not a checkpoint folder"),
-        ([good, "--checkpoint", variant("garbled", adapter_bytes=b"\x00garbage")], "corrupt checkpoint"),
-        ([good, "--checkpoint", variant("badjson", edit_config=lambda c: c.pop("r"))], "corrupt checkpoint"),
-        ([good, "--checkpoint", variant("other_r", edit_config=lambda c: c.update(r=8))], "do not fit"),
-        ([good, "--checkpoint", variant("other_targets", edit_config=lambda c: c.update(targets=["query", "key"]))],
-         "do not fit"),
-        ([good, "--checkpoint", variant("other_labels", edit_config=lambda c: c.update(labels=["a", "b", "c"]))],
-         "do not fit"),
-        ([good, "--batch-size", "0"], "--batch-size must be at least 1"),
-    ]
-    out = tmp_path / "never.csv"
-    for argv, message in cases:
-        if "--checkpoint" not in argv:
-            argv = argv + ["--checkpoint", trained["out"]]
-        with pytest.raises(SystemExit) as stop:
-            predict.main(argv + ["--out", str(out)])
-        err = capsys.readouterr().err.strip()
-        assert stop.value.code == 2, argv
-        assert message in err and len(err.splitlines()) == 1 and err.startswith("error: "), (argv, err)
-        assert not out.exists()
-
-
-def test_missing_texts_and_lone_surrogates_are_predicted_with_one_warning_each(trained, tmp_path, capsys):
-    rows = synthetic_rows(6, seed=3)
-    path = tmp_path / "odd.jsonl"  # JSON lines carry lone surrogates as \ud800 escapes
-    path.write_text("\n".join([json.dumps(rows[0]), '{"text": null}', '{"text": "w1 \\ud800 k2_0"}',
-                               '{"text": "\\udfff"}', *map(json.dumps, rows[1:])]))
-    out = tmp_path / "sub.csv"
-    predict.main([str(path), "--checkpoint", trained["out"], "--out", str(out)])
-    assert capsys.readouterr().err.splitlines() == [
-        f"warning: {path}: 1 rows have no text (a missing value); each was predicted as an empty text",
-        f"warning: {path}: 2 texts held lone surrogates (invalid UTF-16); each became U+FFFD"]
-    assert [r[0] for r in read_submission(out)] == ["ID", *map(str, range(9))]
-    assert data.clean_texts([None, "a\ud800b", "ok"]) == (["", "a\ufffdb", "ok"], 1, 1)
-
-
-def test_long_texts_are_truncated_not_errors(trained, tmp_path):
-    rows = [{"text": " ".join(["w1"] * 5000 + ["k2_0"]), "label": 2}, {"text": "k1_0 k1_1 w3", "label": 1}]
-    out = tmp_path / "sub.csv"
-    predict.main([write_csv(tmp_path / "long.csv", rows), "--checkpoint", trained["out"], "--out", str(out)])
-    assert [r[0] for r in read_submission(out)] == ["ID", "0", "1"]
-
-
-def test_bad_training_inputs_and_flags_are_one_line_and_exit_2(model_dirs, tmp_path, capsys):
-    rows = synthetic_rows(60, seed=2)
-    good = write_csv(tmp_path / "ok.csv", rows)
-    bad_labels = write_csv(tmp_path / "labels.csv", rows[:10] + [{"text": "w1", "label": 7}] + rows[10:])
-    no_labels = write_csv(tmp_path / "nolabel.csv", rows, columns=("text",))
-    one_and_seven = write_csv(tmp_path / "17.csv", [{**r, "label": 1 + 6 * (r["label"] % 2)} for r in rows])
-    no_text = tmp_path / "missing.jsonl"
-    no_text.write_text("\n".join(json.dumps(r) for r in rows[:5] + [{"text": None, "label": 1}] + rows[5:]))
-    base = ["--model", model_dirs["bert"], "--max-length", "64", "--val-size", "10"]
-    cases = [
-        (["--data", bad_labels, "--num-labels", "4"], "has label 7, outside 0..3"),
-        (["--data", no_labels], "no `label` column"),
-        (["--data", str(no_text)], "row 5 has no text (a missing value); fill it in"),
-        (["--data", one_and_seven], "labels must be the integers 0..K-1, found 2 distinct: 1, 7; map them to "
-                                    "0..K-1 (AG News' original CSV numbers its classes 1-4: subtract 1)"),
-        (["--data", "no_such_hub_dataset"], "cannot load the dataset 'no_such_hub_dataset' from the Hugging Face "
-                                            "hub"),
-        (["--data", good, "--model", "roberta-base"], "offline a local model folder (--model DIR) with "
-                                                      "HF_HUB_OFFLINE=1"),
-        (["--data", good, "--r", "0"], "--r must be at least 1, got 0"),
-        (["--data", good, "--lr", "-0.001"], "--lr must be positive, got -0.001"),
-        (["--data", good, "--val-size", "60"], "--val-size 60 must be above 0 and below the 60 rows used"),
-        (["--data", good, "--targets", "query", "qkv"], "unknown LoRA target(s) qkv; this model's Linear layers "
-                                                        "are named: classifier, dense, key, query, value"),
-        (["--data", good, "--max-length", "4096"], "--max-length 4096 is above"),
-        (["--data", str(tmp_path / "missing.csv")], "no such file"),
-        (["--data", good, "--model", str(tmp_path / "no_model")], "cannot load the tokenizer"),
-        (["--data", good, "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
-    ]
-    for argv, message in cases:
-        out = tmp_path / "never"
-        with pytest.raises(SystemExit) as stop:
-            train.main(base + argv + ["--out", str(out)])
-        err = capsys.readouterr().err.strip()
-        assert stop.value.code == 2, argv
-        assert message in err and len(err.splitlines()) == 1 and err.startswith("error: "), (argv, err)
-        assert not out.exists()
-
-
-# --- torchrun: the same train.py on several processes ----------------------------------------------
-
-@pytest.fixture(scope="session")
-def no_dropout_model(model_dirs, tmp_path_factory):
-    """The tiny RoBERTa without its own dropout: one step is then the same computation on any split."""
-    folder = tmp_path_factory.mktemp("roberta_nodrop")
-    model = RobertaForSequenceClassification.from_pretrained(model_dirs["roberta"])
-    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
-    model.save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        with open(os.path.join(model_dirs["roberta"], name)) as src, open(folder / name, "w") as dst:
-            dst.write(src.read())
-    return str(folder)
-
-
-def torchrun(argv, nproc=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                           "--standalone", os.path.join(HERE, "train.py"), *argv],
-                          capture_output=True, text=True, env=env, timeout=300)
-
-
-def test_one_step_on_two_processes_equals_one_step_in_one(no_dropout_model, tmp_path, capsys):
-    rows = synthetic_rows(16 + 8, seed=6)  # 16 training rows = one global batch, 8 for validation
-    train_csv = write_csv(tmp_path / "t.csv", rows)
-    argv = lambda out: ["--model", no_dropout_model, "--data", train_csv, "--out", out,  # noqa: E731
-                        "--batch-size", "16", "--val-size", "8", "--epochs", "1", "--lr", "5e-2", "--dropout", "0",
-                        "--max-length", "64", "--precision", "fp32"]
-    single, double = str(tmp_path / "single"), str(tmp_path / "double")
-    train.main(argv(single))
-    result = torchrun(argv(double))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("trainable in total") == 1  # only the main process prints
-    before = inject_lora(RobertaForSequenceClassification.from_pretrained(no_dropout_model), 2, 4)
-    a, b = (load_file(os.path.join(d, "last_adapter.safetensors")) for d in (single, double))
-    assert set(a) == set(b)
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
-    moved = sum((a[k] - before.state_dict()[k]).abs().sum() for k in a if "lora_B" in k)
-    assert moved > 0  # the step did change the adapter
-
-
-def test_a_two_process_run_trains_early_stops_and_saves_one_checkpoint(model_dirs, tmp_path):
-    train_csv = write_csv(tmp_path / "t.csv", synthetic_rows(200, seed=7))
-    out = tmp_path / "run"
-    result = torchrun(["--model", model_dirs["roberta"], "--data", train_csv, "--out", str(out), "--lr", "1e-12",
-                       "--batch-size", "16", "--val-size", "40", "--epochs", "10", "--eval-every", "2",
-                       "--patience", "2", "--max-length", "64", "--precision", "fp32"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    log = result.stdout
-    assert log.count("early stop: no better validation accuracy in 2 evaluations") == 1
-    assert "step 6: val" in log and "step 8: val" not in log  # both processes stopped together
-    assert "x 2 processes" in log
-    assert sorted(f for f in os.listdir(out) if f != "curves.png") == [
-        "adapter.safetensors", "config.json", "last_adapter.safetensors", "last_state.pt", "metrics.jsonl"]
-    assert json.load(open(out / "config.json"))["step"] == 2
-
-
-# --- PEFT interop (PEFT is a test-only dependency: .ci/run installs it, requirements.txt does not) ------
-
-def test_an_exported_adapter_gives_the_same_logits_in_peft(trained, model_dirs):
-    peft = pytest.importorskip("peft")
-    assert sorted(os.listdir(trained["peft"])) == ["adapter_config.json", "adapter_model.safetensors"]
-    base = RobertaForSequenceClassification.from_pretrained(model_dirs["roberta"])
-    theirs = peft.PeftModel.from_pretrained(base, trained["peft"]).eval()
-    ours, _, _ = predict.load_model(trained["out"])  # fp32, merged
-    ids = torch.randint(5, 60, (6, 20))
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
-
-
-def test_a_peft_adapter_predicts_here_as_it_does_in_peft(model_dirs, tmp_path):
-    peft = pytest.importorskip("peft")
-    torch.manual_seed(3)
-    base = RobertaForSequenceClassification.from_pretrained(model_dirs["roberta"])
-    theirs = peft.get_peft_model(base, peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=8, lora_dropout=0.1,
-                                                       target_modules=["query", "value"], init_lora_weights=False))
-    with torch.no_grad():  # a head unlike the base model's, so that loading it shows
-        for name, p in theirs.named_parameters():
-            if "modules_to_save" in name:
-                p.normal_(std=0.5)
-    theirs.eval().save_pretrained(tmp_path / "adapter")
-    ours, tokenizer, config = predict.load_model(str(tmp_path / "adapter"))
-    assert config["r"] == 2 and config["alpha"] == 8 and config["labels"] == ["0", "1", "2", "3"]
-    texts = [r["text"] for r in synthetic_rows(40, seed=13)]
-    ids, mask = data.pad_batch(data.tokenize(tokenizer, texts, 64), range(len(texts)), tokenizer.pad_token_id)
-    with torch.no_grad():
-        expected = theirs(input_ids=ids, attention_mask=mask).logits
-        torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits, expected, rtol=1e-5, atol=1e-5)
-    out = tmp_path / "sub.csv"
-    predict.main([write_csv(tmp_path / "in.csv", [{"text": t} for t in texts], columns=("text",)),
-                  "--checkpoint", str(tmp_path / "adapter"), "--out", str(out), "--precision", "fp32"])
-    assert [int(r[1]) for r in read_submission(out)[1:]] == expected.argmax(-1).tolist()
-
-
-# --- the recipe: schedule, per-class report, parameter budget ----------------------------------------
-
-def test_the_schedule_warms_up_from_zero_then_decays_to_zero_at_the_last_step():
-    linear, cosine = train.lr_factor("linear", 10, 100), train.lr_factor("cosine", 10, 100)
-    assert linear(0) == 0 and linear(5) == 0.5 and linear(10) == 1.0  # warmup: 0 -> 1 over 10 steps
-    assert linear(55) == 0.5 and linear(100) == 0.0  # then linearly to 0 at the last step
-    assert cosine(10) == 1.0 and abs(cosine(55) - 0.5) < 1e-12 and cosine(100) == 0.0
-    assert train.lr_factor("constant", 0, 100)(0) == train.lr_factor("constant", 0, 100)(99) == 1.0
-
-
-def test_a_run_with_a_schedule_logs_its_rate_and_resumes_exactly(model_dirs, tmp_path, capsys):
-    import signal
-    train_csv = write_csv(tmp_path / "t.csv", synthetic_rows(440, seed=4))
-    argv = lambda out: tiny_run_argv(model_dirs["roberta"], train_csv, out, "--schedule", "linear",  # noqa: E731
-                                     "--warmup-ratio", "0.2", "--log-every", "5")
-    train.train(train.parse_args(argv(str(tmp_path / "whole"))))
-    rates = {r["step"]: r["lr"] for r in map(json.loads, open(tmp_path / "whole" / "metrics.jsonl")) if "lr" in r}
-    assert rates[5] == pytest.approx(1e-2 * 5 / 15) and rates[15] == pytest.approx(1e-2)  # 75 steps, 15 warmup
-    assert rates[70] == pytest.approx(1e-2 * 5 / 60) and rates[75] == 0.0
-    real_step, calls = train.train_step, []
-
-    def ctrl_c_at_step_10(*a, **k):  # as if Ctrl-C were pressed during step 10
-        calls.append(1)
-        if len(calls) == 10:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_step(*a, **k)
-    train.train_step = ctrl_c_at_step_10
-    try:
-        with pytest.raises(SystemExit) as stop:
-            train.train(train.parse_args(argv(str(tmp_path / "part"))))
-    finally:
-        train.train_step = real_step
-    assert stop.value.code == 130 and "interrupted at step 10" in capsys.readouterr().out
-    train.train(train.parse_args(argv(str(tmp_path / "part")) + ["--resume"]))
-    a, b = (load_file(str(tmp_path / d / "last_adapter.safetensors")) for d in ("whole", "part"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_the_confusion_matrix_and_class_report_of_a_known_prediction():
-    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
-    predicted = torch.tensor([0, 0, 2, 1, 3, 2, 2, 3, 2, 3])
-    confusion = predict.confusion_matrix(predicted, labels, 4)
-    assert confusion.tolist() == [[2, 0, 1, 0], [0, 1, 0, 1], [0, 0, 3, 1], [0, 0, 0, 1]]
-    lines = predict.class_report(confusion, ["World", "Sports", "Business", "Sci/Tech"]).splitlines()
-    # Business: precision 3/4 (3 of the 4 called Business were), recall 3/4, F1 0.75, 4 rows
-    assert lines[3].split() == ["Business", "0.7500", "0.7500", "0.7500", "4"]
-    assert lines[4].split() == ["Sci/Tech", "0.3333", "1.0000", "0.5000", "1"]
-    assert lines[-2].split() == ["Business", "0", "0", "3", "1"]
-
-
-def test_a_run_over_the_parameter_budget_is_refused_before_training(model_dirs, tmp_path, capsys):
-    out = tmp_path / "never"
-    with pytest.raises(SystemExit) as stop:
-        train.main(["--model", model_dirs["roberta"], "--data", write_csv(tmp_path / "t.csv", synthetic_rows(60, 2)),
-                    "--val-size", "10", "--max-length", "64", "--r", "4", "--max-trainable", "1500", "--out", str(out)])
-    err = capsys.readouterr().err.strip()
-    # tiny RoBERTa: head 32*32+32 + 32*4+4 = 1,188; each rank costs 2 layers x 2 targets x (32+32) = 256
-    assert stop.value.code == 2 and err.splitlines() == [
-        "error: r=4 on query, value trains 2,212 parameters, above --max-trainable 1,500; the largest r that fits is 1"]
-    assert not out.exists()
-
-
-def test_roberta_base_fits_r_11_under_the_course_budget():
-    with torch.device("meta"):
-        model = inject_lora(RobertaForSequenceClassification(RobertaConfig(num_labels=4)), r=2, alpha=4)
-    from lora import largest_rank
-    assert largest_rank(model, 2, 1_000_000) == 11 and largest_rank(model, 2, 593_668 + 36_863) == 0
-
-
-# --- memory that grows with the data: compact tokens, streamed prediction ------------------------------
-
-def test_batches_from_compact_tokens_are_the_batches_of_plain_lists():
-    rng = random.Random(3)
-    lists = [[5] * rng.randint(1, 40) for _ in range(500)]
-    tokens = tokens_of(lists)
-    assert data.length_grouped_batches(tokens.lengths, 16, seed=7) == \
-        data.length_grouped_batches([len(x) for x in lists], 16, seed=7)
-    assert data.sorted_batches(tokens.lengths, 16) == \
-        [r[i:i + 16] for r in [sorted(range(500), key=lambda i: -len(lists[i]))] for i in range(0, 500, 16)]
-    # Python's own seeded random: the same batches on every machine, and as before the tokens were
-    # made compact (this list is what the list-based data.py of the previous release gave)
-    assert data.length_grouped_batches([3, 1, 2, 5, 4, 9, 8, 7], 3, seed=0, group_batches=1) == \
-        [[1, 4, 5], [7, 6], [2, 0, 3]]
-
-
-def test_predict_streams_its_input_in_chunks_with_the_same_answers(trained, tmp_path, capsys, monkeypatch):
-    rows = synthetic_rows(50, seed=21)
-    paths = write_inputs(tmp_path, rows)
-    whole = tmp_path / "whole.csv"
-    predict.main([paths["csv"], "--checkpoint", trained["out"], "--out", str(whole)])
-    whole_report = capsys.readouterr().out
-    seen = []
-    real = data.read_text_chunks
-
-    def small_chunks(source):
-        for texts, labels in real(source, rows=7):
-            seen.append(len(texts))
-            yield texts, labels
-    monkeypatch.setattr(predict, "read_text_chunks", small_chunks)
-    for kind in ("csv", "jsonl", "parquet", "pkl-dataframe"):
-        out = tmp_path / f"chunked-{kind}.csv"
-        seen.clear()
-        predict.main([paths[kind], "--checkpoint", trained["out"], "--out", str(out)])
-        assert seen == [7] * 7 + [1], kind  # read 7 rows at a time
-        assert read_submission(out) == read_submission(whole), kind
-        assert capsys.readouterr().out.replace(str(out), str(whole)) == whole_report, kind

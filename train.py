@@ -5,15 +5,16 @@
 
 The method, as `train()` reads: tokenize the texts once; load the pretrained encoder with a new
 classification head and put LoRA adapters on its `query` and `value` layers, freezing everything
-else; then, batch after batch, one AdamW step on the cross-entropy, the learning rate following
-its schedule. Every --eval-every steps the validation split is scored: a better accuracy saves
-the adapter, --patience evaluations without one end the run. At the end the best adapter is put
-back and scored once more, per class.
+else but the head; then, batch after batch, one AdamW step on the cross-entropy, the learning rate
+following its schedule. Every --eval-every steps the validation split is scored: a better accuracy
+keeps the adapter and saves it, --patience evaluations without one end the run. At the end the best
+adapter is put back and scored once more, per class.
 
 Several GPUs or machines: the same script under torchrun (DistributedDataParallel, one process each):
     torchrun --nproc_per_node=4 train.py ...
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -26,17 +27,14 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data import (DataError, check_labels, count_classes, length_grouped_batches, load_splits, pad_batch, tokenize,
-                  write_atomically)
-from lora import TargetError, inject_lora, largest_rank, lora_state_dict, parameter_table
-from predict import (ADAPTER_FILE, CONFIG_FILE, cast_frozen_linears, class_report, confusion_matrix, export_peft,
-                     fail, load_base_model, load_tokenizer, model_max_length, pick_device, pick_precision,
-                     plot_confusion, predict_logits, save_tensors)
+from checkpoint import (checkpoint_tensors, export_peft, head_of, load_base_model, load_tokenizer,
+                        made_for_the_task, model_max_length, save_checkpoint)
+from data import DataError, length_grouped_batches, load_splits, name_classes, pad_batch, tokenize, write_atomically
+from lora import TargetError, count_per_rank, inject_lora, largest_rank, parameter_table, target_paths
+from predict import cast_frozen_linears, fail, pick_device, pick_precision, predict_logits, report_classes
 
 
 def train_step(model, batch, optimizer, scheduler, scaler, args, loss_share=1.0):
@@ -75,64 +73,76 @@ def lr_factor(schedule, warmup_steps, total_steps):
 
 
 def train(args):
-    rank, world = set_up(args)  # seeds torch; device and autocast dtype on args; torchrun: rank of world
+    rank, world = start_torchrun(args)  # torchrun: this process's rank of `world`; plain python: 0 of 1
+    torch.manual_seed(args.seed + rank)  # its own dropout masks (DDP gives every process rank 0's weights)
 
     # data: labelled texts, split off a validation set, tokenized once (not padded)
-    (train_texts, train_labels), (val_texts, val_labels), label_names = load_splits(
+    (train_texts, train_labels), (val_texts, val_labels), names_in_data = load_splits(
         args.data, args.val_size, args.seed, args.limit)
-    label_names = name_classes(args, label_names, train_labels + val_labels)
+    label_names = name_classes(args.label_names or names_in_data, args.num_labels, train_labels + val_labels, args.data)
     tokenizer = tokenizer_for(args)
     train_tokens, val_tokens = (tokenize(tokenizer, texts, args.max_length) for texts in (train_texts, val_texts))
-    del train_texts, val_texts
     train_labels, val_labels = torch.tensor(train_labels), torch.tensor(val_labels)
     if rank == 0:
         print(f"{len(train_tokens):,} training rows, {len(val_tokens):,} validation rows")
 
-    # model: the pretrained encoder, a new head, and LoRA on the target layers; all else frozen
-    model = load_base_model(args.model, len(label_names))
-    inject_lora(model, args.r, args.alpha, args.dropout, args.targets)
-    check_budget(model, args, rank)  # prints where the parameters are; refuses more than --max-trainable
+    # model: the pretrained encoder, a new head, LoRA on the target layers; everything else frozen
+    model, new = load_base_model(args.model, len(label_names))
+    skip = made_for_the_task(model, new)  # the head and whatever else is new: trained whole, never adapted
+    r, alpha = rank_and_alpha(model, skip, args)  # --r auto: the largest rank under --max-trainable
+    adapted = inject_lora(model, r, alpha, args.dropout, args.targets, skip, args.init)
+    head_of(model).requires_grad_(True)  # the head trains in full (to freeze it as well, delete this line)
+    check_budget(model, new, args, r, alpha, rank)  # prints where the parameters are; refuses over --max-trainable
     model = cast_frozen_linears(model.to(args.device), args.amp_dtype)
     model.train()  # dropout on, in the encoder and on the adapters' input
     step_model = wrap_for_speed_and_torchrun(model, args, world)  # what train_step calls: DDP, --compile
 
     # optimizer: AdamW on the adapters and the head, the learning-rate schedule on top
-    steps_per_epoch, total_steps, eval_every = count_steps(len(train_tokens), args, world)
+    steps_per_epoch, total_steps, eval_every = count_steps(len(train_tokens), args)
     optimizer, scheduler, scaler = make_optimizer(model, args, total_steps)
-    config = adapter_config(args, label_names)  # saved beside the adapter: how to rebuild the model
+    config = adapter_config(args, label_names, adapted, r, alpha)  # saved beside the adapter: how to rebuild
 
     # the loop: a step per batch; every eval_every steps, score, keep the best or count down patience
-    run = Run(args, rank, world, total_steps, steps_per_epoch, model, optimizer, scheduler, scaler)
-    if args.resume:
-        run.load_latest()  # the adapter, optimizer, schedule, step, patience and RNG of the saved run
-    with run:
-        for epoch in range(run.step // steps_per_epoch, args.epochs):
-            epoch_batches = length_grouped_batches(train_tokens.lengths, args.batch_size, seed=args.seed + epoch)
-            for rows, loss_share in run.not_yet_trained(epoch_batches, epoch):
-                if run.done:  # early-stopped, Ctrl-C, or the last step was taken
+    step, best_acc, best, bad_evals = 0, -1.0, None, 0  # best: the best adapter and head so far, in memory
+    if args.resume:  # the adapter, optimizer, schedule, step, best, patience and RNG of the saved run
+        step, best_acc, best, bad_evals = resume_run(args, model, optimizer, scheduler, scaler, rank, world)
+    stop = bad_evals >= args.patience
+    with Progress(args, rank, world, (steps_per_epoch, total_steps), step) as progress, ctrl_c_stops(world) as pressed:
+        for epoch in range(step // steps_per_epoch, args.epochs):
+            batches = length_grouped_batches(train_tokens.lengths, args.batch_size, seed=args.seed + epoch)
+            for rows in batches[step - epoch * steps_per_epoch:]:  # after --resume, only those not yet trained on
+                if stop or pressed.is_set() or step >= total_steps:
                     break
+                rows, loss_share = share_of_batch(rows, rank, world)  # torchrun: this process's rows
                 input_ids, attention_mask = pad_batch(train_tokens, rows, tokenizer.pad_token_id)
                 batch = on_device(input_ids, attention_mask, train_labels[rows], args)
                 loss = train_step(step_model, batch, optimizer, scheduler, scaler, args, loss_share)
-                run.after_step(loss, rows, train_tokens, batch)  # step + 1; loss and speed, logged now and then
-                if run.step % eval_every == 0 or run.step == total_steps:
-                    if rank == 0:  # (under torchrun the main process evaluates, and the others follow it)
+                step += 1
+                progress.after_step(step, loss, train_tokens.lengths[rows], input_ids.numel(), optimizer)
+                if step % eval_every == 0 or step == total_steps:
+                    if rank == 0:  # torchrun: the main process evaluates, and the others follow its verdict
                         val_loss, val_acc, _ = evaluate(model, val_tokens, val_labels, tokenizer.pad_token_id, args)
-                        if val_acc > run.best_acc:  # the best so far: save it
-                            run.keep_best(val_acc, {**config, "best_val_accuracy": val_acc, "step": run.step})
+                        if val_acc > best_acc:  # the best so far: keep it, in memory and on disk
+                            best_acc, bad_evals = val_acc, 0
+                            best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                            save_checkpoint(args.out, checkpoint_tensors(model, new),
+                                            {**config, "best_val_accuracy": val_acc, "step": step})
                         else:  # no better: one evaluation less of patience
-                            run.count_down_patience()
-                        run.after_evaluation(val_loss, val_acc)  # log it, save the state --resume needs
-                    run.agree_on_stopping()
-    if run.interrupted:
-        run.save_and_exit()
+                            bad_evals += 1
+                        progress.after_evaluation(step, val_loss, val_acc, bad_evals)
+                    stop = agree_to_stop(bad_evals >= args.patience, world)  # torchrun: every process stops
+                    save_run(args, step, best_acc, best, bad_evals, model, optimizer, scheduler, scaler, rank, world)
+    if pressed.is_set():
+        save_run(args, step, best_acc, best, bad_evals, model, optimizer, scheduler, scaler, rank, world)
+        exit_interrupted(args, step)
+    finish_torchrun(world)
     if rank != 0:
-        return model, run.best_acc
+        return model, best_acc
 
     # restore the best adapter and score it once more, per class
-    model.load_state_dict(run.best_state, strict=False)  # strict=False: the adapters and head only
+    model.load_state_dict(best, strict=False)  # strict=False: the adapters and head only
     val_loss, val_acc, predicted = evaluate(model, val_tokens, val_labels, tokenizer.pad_token_id, args)
-    report(args, run, val_loss, val_acc, predicted, val_labels, config["labels"])
+    report(args, progress, val_loss, val_acc, predicted, val_labels, label_names)
     return model, val_acc
 
 
@@ -147,8 +157,8 @@ def main(argv=None):
 
 
 # --- operations: not needed to follow the method --------------------------------------------------
-# The command line; checks made before any training; torchrun; the Run that holds the loop's state
-# (progress, best adapter, resume, Ctrl-C, metrics); the final report.
+# The command line; checks made before any training; torchrun; what a run shows; saving and
+# resuming a run; the final report.
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,10 +170,14 @@ def parse_args(argv=None):
     p.add_argument("--label-names", nargs="+", default=None, help="class names, in label order (default: from "
                                                                   "the data, else 0..K-1)")
     # LoRA
-    p.add_argument("--r", type=int, default=2, help="rank of the update B @ A")
-    p.add_argument("--alpha", type=float, default=4.0, help="the update is scaled by alpha / r")
+    p.add_argument("--r", type=rank_flag, default=2, help="rank of the update B @ A; auto: the largest that "
+                                                           "fits --max-trainable")
+    p.add_argument("--alpha", type=float, default=None, help="the update is scaled by alpha / r (default: 2r)")
     p.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapter's input")
-    p.add_argument("--targets", nargs="+", default=["query", "value"], help="Linear layers to adapt")
+    p.add_argument("--targets", nargs="+", default=["query", "value"], help="Linear layers to adapt: dotted "
+                   "suffixes of their paths (query, attention.output.dense, ...) or all-linear")
+    p.add_argument("--init", choices=["lora", "pissa"], default="lora", help="lora: A random, B zero; pissa: "
+                   "A and B from W0's top-r SVD, the base the residual (lora.py)")
     p.add_argument("--max-trainable", type=int, default=None, help="refuse a configuration with more "
                                                                    "trainable parameters (the course: 1000000)")
     # optimisation
@@ -199,15 +213,27 @@ def parse_args(argv=None):
     return check_args(p.parse_args(argv))
 
 
+def rank_flag(value):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--r takes a whole number or auto, not {value!r}") from None
+
+
 def check_args(args):
     """Flags out of range end here, with one line (argparse checks only their types)."""
-    for flag, value, low in [("--r", args.r, 1), ("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
-                             ("--eval-batch-size", args.eval_batch_size, 1), ("--max-length", args.max_length, 2),
-                             ("--patience", args.patience, 1), ("--log-every", args.log_every, 1),
-                             ("--eval-every", args.eval_every, 0), ("--max-steps", args.max_steps or 1, 1),
+    for flag, value, low in [("--r", 1 if args.r == "auto" else args.r, 1), ("--epochs", args.epochs, 1),
+                             ("--batch-size", args.batch_size, 1), ("--eval-batch-size", args.eval_batch_size, 1),
+                             ("--max-length", args.max_length, 2), ("--patience", args.patience, 1),
+                             ("--log-every", args.log_every, 1), ("--eval-every", args.eval_every, 0),
+                             ("--max-steps", args.max_steps or 1, 1),
                              ("--max-trainable", 1 if args.max_trainable is None else args.max_trainable, 1)]:
         if value < low:
             fail(f"{flag} must be at least {low}, got {value}")
+    if args.r == "auto" and args.max_trainable is None:
+        fail("--r auto needs --max-trainable N (the budget the rank is fitted to), e.g. --max-trainable 1000000")
     if not args.lr > 0:
         fail(f"--lr must be positive, got {args.lr}")
     if not 0 <= args.dropout < 1:
@@ -215,26 +241,6 @@ def check_args(args):
     if not 0 <= args.warmup_ratio < 1:
         fail(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
     return args
-
-
-def name_classes(args, names_from_data, labels):
-    """The class names, one per label 0..K-1: --label-names, else the data's own, else "0".."K-1"."""
-    names = args.label_names or names_from_data
-    num_labels = args.num_labels or (len(names) if names else count_classes(labels, args.data))
-    if names and len(names) != num_labels:
-        raise DataError(f"{len(names)} class names ({', '.join(names)}) for {num_labels} labels; give one "
-                        "--label-names name per class")
-    check_labels(labels, num_labels, args.data)
-    return list(names or map(str, range(num_labels)))
-
-
-def set_up(args):
-    """(rank, world): torchrun's, or (0, 1); the device and autocast dtype go on args; torch is seeded."""
-    rank, world = start_torchrun(args)
-    args.device = device_of(rank, world)  # carried on args, with the autocast dtype, to every helper
-    args.amp_dtype = pick_precision(args.device, args.precision)
-    torch.manual_seed(args.seed)  # the same on every process: the same initial adapter and head
-    return rank, world
 
 
 def tokenizer_for(args):
@@ -247,14 +253,32 @@ def tokenizer_for(args):
     return tokenizer
 
 
-def check_budget(model, args, rank):
+def rank_and_alpha(model, skip, args):
+    """(r, alpha): --r, or with --r auto the largest rank whose adapters and head fit --max-trainable;
+    --alpha, or 2r (the reference run's alpha / r of 2)."""
+    r = args.r
+    if r == "auto":
+        per_rank = count_per_rank(model, target_paths(model, args.targets, skip))
+        head = sum(p.numel() for p in head_of(model).parameters())
+        r = largest_rank(per_rank, head, args.max_trainable)
+        if r < 1:
+            raise DataError(f"--r auto: no rank fits --max-trainable {args.max_trainable:,}: the head alone has "
+                            f"{head:,} and each rank on {', '.join(args.targets)} adds {per_rank:,}")
+    return r, 2.0 * r if args.alpha is None else args.alpha
+
+
+def check_budget(model, new, args, r, alpha, rank):
     """Print where the parameters are; --max-trainable: refuse, before any training, a larger configuration."""
     if rank == 0:
-        print(parameter_table(model))
+        chosen = f" (--r auto: the largest under {args.max_trainable:,})" if args.r == "auto" else ""
+        saved = " (PiSSA: the saved adapter is plain LoRA of rank 2r, twice the LoRA count)" \
+            if args.init == "pissa" else ""
+        print(f"LoRA r={r}{chosen}, alpha={alpha:g}, init {args.init}{saved}\n{parameter_table(model, new)}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if args.max_trainable is not None and trainable > args.max_trainable:
-        fits = largest_rank(model, args.r, args.max_trainable)
-        raise DataError(f"r={args.r} on {', '.join(args.targets)} trains {trainable:,} parameters, above "
+        lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+        fits = largest_rank(lora // r, trainable - lora, args.max_trainable)
+        raise DataError(f"r={r} on {', '.join(args.targets)} trains {trainable:,} parameters, above "
                         f"--max-trainable {args.max_trainable:,}; " + (f"the largest r that fits is {fits}" if fits else
                         "no r fits: the head alone is too large"))
 
@@ -271,17 +295,18 @@ def make_optimizer(model, args, total_steps):
     return optimizer, scheduler, scaler
 
 
-def adapter_config(args, label_names):
-    return {"base_model": args.model, "r": args.r, "alpha": args.alpha, "dropout": args.dropout,
-            "targets": list(args.targets), "max_length": args.max_length, "labels": label_names}
+def adapter_config(args, label_names, adapted, r, alpha):
+    """How to rebuild the model: the base, the adapted paths, and the saved adapter's rank and alpha
+    (PiSSA saves plain LoRA of rank 2r with alpha 2 alpha: the same scale, see lora.py)."""
+    saved = 2 if args.init == "pissa" else 1
+    return {"base_model": args.model, "r": saved * r, "alpha": saved * alpha, "trained_r": r, "init": args.init,
+            "dropout": args.dropout, "targets": adapted, "max_length": args.max_length, "labels": label_names}
 
 
-def count_steps(rows, args, world):
+def count_steps(rows, args):
     """(steps per epoch, total steps, steps between evaluations): --epochs passes over the rows, or
     --max-steps if fewer; an evaluation every --eval-every steps, or at each epoch's end."""
     steps_per_epoch = math.ceil(rows / args.batch_size)
-    if world > 1 and 0 < rows % args.batch_size < world:
-        steps_per_epoch -= 1  # a last batch smaller than the process count is dropped
     total = steps_per_epoch * args.epochs
     return steps_per_epoch, min(total, args.max_steps or total), args.eval_every or steps_per_epoch
 
@@ -293,10 +318,11 @@ def on_device(input_ids, attention_mask, labels, args):
     return tuple(t.to(args.device, non_blocking=True) for t in (input_ids, attention_mask, labels))
 
 
-# --- torchrun: one process per device; a plain `python train.py` has rank 0 of world 1 -----------------
+# --- torchrun: one process per device; a plain `python train.py` is rank 0 of 1 and does none of it ----
 
 def start_torchrun(args):
-    """(rank, world) from torchrun's environment; joins the process group when world > 1."""
+    """(rank, world) from torchrun's environment, joining its process group; the device and autocast
+    dtype go on args."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         if args.batch_size < world:
@@ -305,12 +331,10 @@ def start_torchrun(args):
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return rank, world
-
-
-def device_of(rank, world):
-    return torch.device("cuda", torch.cuda.current_device()) if world > 1 and torch.cuda.is_available() \
+    args.device = torch.device("cuda", torch.cuda.current_device()) if world > 1 and torch.cuda.is_available() \
         else pick_device()
+    args.amp_dtype = pick_precision(args.device, args.precision)
+    return rank, world
 
 
 def wrap_for_speed_and_torchrun(model, args, world):
@@ -322,212 +346,205 @@ def wrap_for_speed_and_torchrun(model, args, world):
     return model
 
 
-# --- the loop's state: progress, best adapter, resume, Ctrl-C, metrics -----------------------------------
+def share_of_batch(rows, rank, world):
+    """This process's rows of a global batch (row i goes to process i mod world), and the share of the
+    batch's loss they carry: DDP averages the processes' gradients, which is then the whole batch's."""
+    mine = rows[rank::world]
+    if not mine:  # a last batch smaller than the process count: one row, weighted 0
+        return rows[:1], 0.0
+    return mine, len(mine) * world / len(rows)
 
-LAST_ADAPTER, LAST_STATE = "last_adapter.safetensors", "last_state.pt"  # for --resume
+
+def agree_to_stop(stop, world):
+    """The main process's verdict (it alone evaluates), sent to every process."""
+    if world > 1:
+        verdict = [stop]
+        dist.broadcast_object_list(verdict, src=0)
+        stop = verdict[0]
+    return stop
+
+
+def rng_states(world):
+    """Every process's RNG state (its dropout stream), gathered: each resumes its own."""
+    mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    if world == 1:
+        return [mine]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+def finish_torchrun(world):
+    if world > 1:
+        dist.destroy_process_group()
+
+
+# --- what a run shows: the progress bar, metrics.jsonl, speed; Ctrl-C; a loss that stops being a number ---
+
 METRICS_FILE = "metrics.jsonl"
-RESUMABLE_CHANGES = {"resume", "epochs", "max_steps", "patience", "log_every", "compile", "export_peft"}
 
 
 class Diverged(RuntimeError):
     """The loss stopped being a finite number."""
 
 
-class Run:
-    """What the loop keeps between steps: the step, the best accuracy and adapter, patience, the log.
+class Progress:
+    """The progress bar and metrics.jsonl (main process only), and what was computed, for the speed report.
 
-    `with run:` catches Ctrl-C between steps (a second one stops at once) and closes the log.
+    The loss stays on the device, summed, and is read (a sync) only every --log-every steps.
     """
 
-    def __init__(self, args, rank, world, total_steps, steps_per_epoch, model, optimizer, scheduler, scaler):
-        self.args, self.rank, self.world, self.total_steps = args, rank, world, total_steps
-        self.steps_per_epoch, self.model = steps_per_epoch, model
-        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
-        self.step, self.best_acc, self.bad_evals, self.stopped, self.best_state = 0, -1.0, 0, False, None
-        self.running_loss = torch.zeros((), device=args.device)
-        self.steps_since_log = self.seen_rows = self.seen_tokens = self.computed_tokens = 0
-        self.pressed = threading.Event()
+    def __init__(self, args, rank, world, steps, step):
+        self.args, self.rank, self.world, (self.steps_per_epoch, self.total_steps) = args, rank, world, steps
+        self.first_step, self.loss_sum, self.steps_since_log = step, torch.zeros((), device=args.device), 0
+        self.rows = self.tokens = self.computed = 0  # this process's, since the start (or the resume)
         if rank == 0:
-            print(f"{total_steps:,} steps on {args.device} ({args.amp_dtype or 'fp32'})"
+            print(f"{self.total_steps:,} steps on {args.device} ({args.amp_dtype or 'fp32'})"
                   + (f" x {world} processes" if world > 1 else ""))
 
     def __enter__(self):
-        self.previous_handler = signal.getsignal(signal.SIGINT)
-        if self.world == 1:  # under torchrun, Ctrl-C is torchrun's: every process stops at once
-            def handler(signum, frame):
-                self.pressed.set()
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGINT, handler)
+        self.metrics = None
         if self.rank == 0:
             os.makedirs(self.args.out, exist_ok=True)
             self.metrics = open(os.path.join(self.args.out, METRICS_FILE), "a" if self.args.resume else "w")
-        self.bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
+        self.bar = tqdm(total=self.total_steps, initial=self.first_step, desc="train", dynamic_ncols=True,
                         disable=self.rank != 0)
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         self.elapsed = time.perf_counter() - self.start
-        signal.signal(signal.SIGINT, self.previous_handler)
         self.bar.close()
-        if self.rank == 0:
+        if self.metrics:
             self.metrics.close()
-        if self.world > 1 and exc[0] is None:
-            dist.destroy_process_group()
 
-    @property
-    def interrupted(self):
-        return self.pressed.is_set()
-
-    @property
-    def done(self):
-        return self.stopped or self.interrupted or self.step >= self.total_steps
-
-    def not_yet_trained(self, global_batches, epoch):
-        """(this process's rows, its share of the batch) of each batch not yet trained on (--resume skips)."""
-        global_batches = [b for b in global_batches if len(b) >= self.world]  # every process needs a row
-        for rows in global_batches[max(0, self.step - epoch * self.steps_per_epoch):]:
-            mine = rows[self.rank::self.world]  # row i of the batch goes to process i mod world
-            # DDP averages over processes: weigh each mean loss by its share, for the whole batch's gradient
-            yield mine, len(mine) * self.world / len(rows)
-
-    def after_step(self, loss, rows, tokens, batch):
-        """Count the step; keep the loss on the device and read it only every --log-every steps."""
-        self.step += 1
+    def after_step(self, step, loss, lengths, computed, optimizer):
         self.bar.update()
-        self.running_loss += loss
+        self.loss_sum += loss
         self.steps_since_log += 1
-        self.seen_rows += len(rows)
-        self.seen_tokens += int(tokens.lengths[rows].sum())
-        self.computed_tokens += batch[0].numel()
-        if self.step % self.args.log_every == 0:
-            train_loss = self.running_loss.item() / self.steps_since_log
-            self.check_finite(train_loss, "training loss")
+        self.rows, self.tokens, self.computed = self.rows + len(lengths), self.tokens + int(lengths.sum()), \
+            self.computed + computed
+        if step % self.args.log_every == 0:
+            train_loss = self.loss_sum.item() / self.steps_since_log
+            self.check_finite(train_loss, "training loss", step)
             self.bar.set_postfix(loss=f"{train_loss:.4f}")
-            self.log(train_loss=train_loss, lr=self.optimizer.param_groups[0]["lr"])
-            self.running_loss.zero_()
+            self.log(step, train_loss=train_loss, lr=optimizer.param_groups[0]["lr"])
+            self.loss_sum.zero_()
             self.steps_since_log = 0
 
-    def keep_best(self, val_acc, config):
-        """A better validation accuracy: keep this adapter, in memory and on disk, with its config."""
-        self.best_acc, self.bad_evals, self.improved = val_acc, 0, True
-        self.best_state = {n: t.detach().clone() for n, t in lora_state_dict(self.model).items()}
-        save_tensors(os.path.join(self.args.out, ADAPTER_FILE), self.best_state)
-        write_atomically(os.path.join(self.args.out, CONFIG_FILE), lambda f: json.dump(config, f, indent=2))
-
-    def count_down_patience(self):
-        self.bad_evals, self.improved = self.bad_evals + 1, False
-        self.stopped = self.bad_evals >= self.args.patience
-
-    def after_evaluation(self, val_loss, val_acc):
-        """Say how it went, stop on a non-finite loss, log it, and save the state --resume needs."""
-        self.check_finite(val_loss, "validation loss")
-        self.log(val_loss=val_loss, val_accuracy=val_acc)
-        tqdm.write(f"step {self.step}: val loss {val_loss:.4f}, val accuracy {val_acc:.4f}"
-                   + (" (best so far, saved)" if self.improved else ""))
-        if self.stopped:
+    def after_evaluation(self, step, val_loss, val_acc, bad_evals):
+        self.check_finite(val_loss, "validation loss", step)
+        self.log(step, val_loss=val_loss, val_accuracy=val_acc)
+        tqdm.write(f"step {step}: val loss {val_loss:.4f}, val accuracy {val_acc:.4f}"
+                   + (" (best so far, saved)" if bad_evals == 0 else ""))
+        if bad_evals >= self.args.patience:
             tqdm.write(f"early stop: no better validation accuracy in {self.args.patience} evaluations")
-        self.save_latest()
 
-    def agree_on_stopping(self):
-        if self.world > 1:
-            holder = [(self.best_acc, self.bad_evals, self.stopped)]
-            dist.broadcast_object_list(holder, src=0)
-            self.best_acc, self.bad_evals, self.stopped = holder[0]
-
-    def check_finite(self, value, what):
+    def check_finite(self, value, what, step):
         if not math.isfinite(value):
-            raise Diverged(f"the {what} became {value} by step {self.step}; lower --lr (now {self.args.lr:g}) or "
+            raise Diverged(f"the {what} became {value} by step {step}; lower --lr (now {self.args.lr:g}) or "
                            f"use --precision fp32. The best adapter so far is kept in {self.args.out}")
 
-    def log(self, **row):
+    def log(self, step, **row):
         """One JSON line of metrics.jsonl (a log or an evaluation step)."""
-        if self.rank == 0:
-            self.metrics.write(json.dumps({"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 3),
-                                           **row, "elapsed_s": round(time.perf_counter() - self.start, 2)}) + "\n")
+        if self.metrics:
+            self.metrics.write(json.dumps({"step": step, "epoch": round(step / self.steps_per_epoch, 3), **row,
+                                           "elapsed_s": round(time.perf_counter() - self.start, 2)}) + "\n")
             self.metrics.flush()
 
-    def save_latest(self):
-        """Everything --resume needs: latest tensors, optimizer, schedule and scaler state, progress, RNG."""
-        args = self.args
-        save_tensors(os.path.join(args.out, LAST_ADAPTER), lora_state_dict(self.model), {"step": str(self.step)})
-        state = {"step": self.step, "best_acc": self.best_acc, "bad_evals": self.bad_evals, "stopped": self.stopped,
-                 "args": {k: v for k, v in vars(args).items() if k not in ("device", "amp_dtype")},
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
-                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        write_atomically(os.path.join(args.out, LAST_STATE), lambda f: torch.save(state, f), mode="wb")
 
-    def load_latest(self):
-        """Load what save_latest wrote, after checking it is whole and the flags are the same."""
-        args = self.args
-        state, tensors = read_latest(args.out)
-        changed = [f"--{k.replace('_', '-')} was {v!r}, now {getattr(args, k, None)!r}"
-                   for k, v in state["args"].items() if k not in RESUMABLE_CHANGES and getattr(args, k, None) != v]
-        if changed:
-            raise DataError(f"--resume needs the flags of the run it continues: {'; '.join(changed)}")
-        self.model.load_state_dict(tensors, strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if state["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-        self.step, self.best_acc, self.bad_evals = state["step"], state["best_acc"], state["bad_evals"]
-        self.stopped = self.bad_evals >= args.patience  # --patience may have been raised to go on
-        if self.best_acc >= 0:
-            self.best_state = load_file(os.path.join(args.out, ADAPTER_FILE), device=str(args.device))
-        if self.rank == 0:
-            print(f"resumed from {args.out} at step {self.step} (best val accuracy so far {max(self.best_acc, 0):.4f})")
-
-    def save_and_exit(self):
-        """After Ctrl-C: save the latest state and print the command that continues the run."""
-        self.save_latest()
-        argv = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
-        print(f"interrupted at step {self.step}; the latest state is saved in {self.args.out}. Resume with:\n"
-              f"  python train.py {shlex.join(argv)}")
-        sys.exit(130)
-
-
-def read_latest(out):
-    """(state, tensors) saved for --resume in `out`, checked to be readable and of the same step."""
-    adapter_path, state_path = os.path.join(out, LAST_ADAPTER), os.path.join(out, LAST_STATE)
-    if not (os.path.isfile(adapter_path) and os.path.isfile(state_path)):
-        raise DataError(f"{out}: no saved training state to resume; run without --resume to start afresh")
+@contextlib.contextmanager
+def ctrl_c_stops(world):
+    """An Event that Ctrl-C sets: the loop stops between steps and saves the run (a second Ctrl-C stops at
+    once). Under torchrun, Ctrl-C is torchrun's: every process ends at once."""
+    pressed, previous = threading.Event(), signal.getsignal(signal.SIGINT)
+    if world == 1:
+        def handler(signum, frame):
+            pressed.set()
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, handler)
     try:
-        state = torch.load(state_path, weights_only=True)  # plain data and tensors, never code
-        with safe_open(adapter_path, "pt") as f:
-            saved_step = int(f.metadata()["step"])
-        tensors = load_file(adapter_path)
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# --- saving and resuming a run: one file, last_state.pt, written at every evaluation and on Ctrl-C ------
+
+LAST_STATE = "last_state.pt"
+RESUMABLE_CHANGES = {"resume", "epochs", "max_steps", "patience", "log_every", "compile", "export_peft"}
+
+
+def save_run(args, step, best_acc, best, bad_evals, model, optimizer, scheduler, scaler, rank, world):
+    """Everything --resume needs: the trained tensors (as they train: rank r), the best ones, the optimizer,
+    schedule and scaler, progress, and every process's RNG state. Written by the main process."""
+    rngs = rng_states(world)  # torchrun: every process takes part
+    if rank != 0:
+        return
+    state = {"step": step, "best_acc": best_acc, "best": best, "bad_evals": bad_evals,
+             "trained": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+             "args": {k: v for k, v in vars(args).items() if k not in ("device", "amp_dtype")},
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+             "rng": rngs}
+    write_atomically(os.path.join(args.out, LAST_STATE), lambda f: torch.save(state, f), mode="wb")
+
+
+def resume_run(args, model, optimizer, scheduler, scaler, rank, world):
+    """Load what save_run wrote, after checking the flags are the same; returns (step, best_acc, best, bad_evals)."""
+    path = os.path.join(args.out, LAST_STATE)
+    if not os.path.isfile(path):
+        raise DataError(f"{args.out}: no saved training state to resume; run without --resume to start afresh")
+    try:
+        state = torch.load(path, weights_only=True, map_location=args.device)  # plain data and tensors, never code
     except Exception as e:
-        raise DataError(f"{out}: the saved training state is unreadable ({type(e).__name__}); "
+        raise DataError(f"{args.out}: the saved training state is unreadable ({type(e).__name__}); "
                         "run without --resume to start afresh") from None
-    if saved_step != state["step"]:
-        raise DataError(f"{out}: the saved tensors (step {saved_step}) and state (step {state['step']}) "
-                        "do not match; run without --resume to start afresh")
-    return state, tensors
+    changed = [f"--{k.replace('_', '-')} was {v!r}, now {getattr(args, k, None)!r}"
+               for k, v in state["args"].items() if k not in RESUMABLE_CHANGES and getattr(args, k, None) != v]
+    if len(state["rng"]) != world:
+        changed.append(f"{len(state['rng'])} processes, now {world}")
+    if changed:
+        raise DataError(f"--resume needs the flags of the run it continues: {'; '.join(changed)}")
+    model.load_state_dict(state["trained"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"][rank]["cpu"].cpu())  # this process's own stream
+    if state["rng"][rank]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng"][rank]["cuda"].cpu())
+    if rank == 0:
+        print(f"resumed from {args.out} at step {state['step']} (best val accuracy so far "
+              f"{max(state['best_acc'], 0):.4f})")
+    return state["step"], state["best_acc"], state["best"], state["bad_evals"]
+
+
+def exit_interrupted(args, step):
+    """After Ctrl-C (the run is saved): print the command that continues it."""
+    argv = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
+    print(f"interrupted at step {step}; the latest state is saved in {args.out}. Resume with:\n"
+          f"  python train.py {shlex.join(argv)}")
+    sys.exit(130)
 
 
 # --- the final report ----------------------------------------------------------------------------------
 
-def report(args, run, val_loss, val_acc, predicted, labels, names):
+def report(args, progress, val_loss, val_acc, predicted, labels, names):
     """The restored adapter's accuracy with its interval, per class, the files written, and the speed."""
     low, high = bootstrap_interval(predicted == labels, args.seed)
     print(f"restored the best adapter: val loss {val_loss:.4f}, val accuracy {val_acc:.4f} "
           f"(95% bootstrap interval {low:.4f}-{high:.4f}, {len(labels)} rows) -> {args.out}")
-    confusion = confusion_matrix(predicted, labels, len(names))
-    print(class_report(confusion, names))
+    pictures = [report_classes(predicted, labels, names, args.out, print_accuracy=False), plot_curves(args.out)]
     if args.export_peft:
         export_peft(args.out, args.export_peft)
         print(f"PEFT adapter: {args.export_peft}")
-    pictures = [p for p in (plot_curves(args.out), plot_confusion(confusion, names,
-                                                                  os.path.join(args.out, "confusion.png"))) if p]
+    pictures = [p for p in pictures if p]
     print(f"metrics: {os.path.join(args.out, METRICS_FILE)}" + (f", pictures: {', '.join(pictures)}" if pictures else
                                                                  " (pip install matplotlib for curves.png)"))
-    if run.seen_rows:
-        print(f"{run.elapsed:.1f} s training, {run.world * run.seen_rows / run.elapsed:.1f} samples/s, "
-              f"{run.world * run.seen_tokens / run.elapsed:,.0f} tokens/s, "
-              f"{1 - run.seen_tokens / run.computed_tokens:.1%} of positions were padding, peak "
+    if progress.rows:
+        world = progress.world  # every process trains on as many rows as this one
+        print(f"{progress.elapsed:.1f} s training, {world * progress.rows / progress.elapsed:.1f} samples/s, "
+              f"{world * progress.tokens / progress.elapsed:,.0f} tokens/s, "
+              f"{1 - progress.tokens / progress.computed:.1%} of positions were padding, peak "
               f"{peak_memory(args.device)}")
 
 

@@ -21,6 +21,9 @@ tables = {
     "news_with_floats": pd.DataFrame(news),
     "category_label": pd.DataFrame({"text": TEXTS, "label": pd.Categorical(LABELS, categories=[3, 2, 1])}),
     "nullable_Int64_label": pd.DataFrame({"text": TEXTS, "label": pd.array(LABELS, dtype="Int64")}),
+    # one 2-D object block flagged Fortran-ordered, whose items numpy still lists row by row
+    "from_a_2d_object_array": pd.DataFrame(np.array([[t, y, "x"] for t, y in zip(TEXTS, LABELS)], dtype=object),
+                                           columns=["text", "label", "other"]),
 }
 version = pd.__version__[:3]
 if version == "1.5":
