@@ -22,6 +22,11 @@ import torch
 from torch import nn
 
 
+class TargetError(ValueError):
+    """A --targets name that matches no adaptable nn.Linear (the message lists those that exist), or a rank
+    one of them cannot take."""
+
+
 class LoRALinear(nn.Module):
     """`base(x) + (alpha / r) * lora_B(lora_A(dropout(x)))`, with `base` frozen."""
 
@@ -29,6 +34,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         if r < 1:
             raise ValueError(f"LoRA rank r must be at least 1, got {r}")
+        if init == "pissa" and r > min(base.in_features, base.out_features):
+            raise TargetError(f"PiSSA rank r={r} is above the {base.out_features} x {base.in_features} weight's "
+                             f"rank; use --r {min(base.in_features, base.out_features)} or less")
         self.base = base
         self.base.requires_grad_(False)
         self.r, self.alpha, self.scale, self.init = r, alpha, alpha / r, init
@@ -103,10 +111,6 @@ def layer_relative(path):
     parts = path.split(".")
     numbers = [i for i, p in enumerate(parts) if p.isdigit()]
     return ".".join(parts[numbers[-1] + 1:]) if numbers else path
-
-
-class TargetError(ValueError):
-    """A --targets name that matches no adaptable nn.Linear; the message lists the ones that exist."""
 
 
 def inject_lora(model, r, alpha, dropout=0.0, targets=("query", "value"), skip=(), init="lora"):

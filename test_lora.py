@@ -103,6 +103,19 @@ def read_submission(path):
         return list(csv.reader(f))
 
 
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """Runs compared bit for bit train on the CPU, also on a machine with a GPU (whose kernels may sum in any
+    order); processes started here see no GPU either."""
+    monkeypatch.setattr(train, "pick_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(predict, "pick_device", lambda: torch.device("cpu"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+def device_of(model):
+    return next(model.parameters()).device
+
+
 def adapters_of(model):
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
@@ -185,6 +198,40 @@ def test_gradients_reach_a_and_b():
     nn.functional.cross_entropy(model(input_ids=torch.randint(5, 40, (4, 10))).logits,
                                 torch.tensor([0, 1, 2, 3])).backward()
     assert layer.lora_A.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["roberta", "bert"])
+def test_pissa_starts_on_the_top_singular_directions_and_leaves_the_model_unchanged(kind):
+    model = tiny_model(kind)
+    ids = torch.randint(5, 40, (3, 12))
+    before, weights = model(input_ids=ids).logits, {n: m.weight.clone() for n, m in model.named_modules()
+                                                     if isinstance(m, nn.Linear)}
+    inject_lora(model, r=4, alpha=8, targets=["all-linear"], skip={"classifier"}, init="pissa")
+    torch.testing.assert_close(model.eval()(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+    for path, layer in ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)):
+        U, S, Vh = torch.linalg.svd(weights[path])
+        top = U[:, :4] @ torch.diag(S[:4]) @ Vh[:4]  # Eckart-Young: the best rank-4 approximation of W0
+        torch.testing.assert_close(layer.delta_weight(), top, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.base.weight + layer.delta_weight(), weights[path], rtol=1e-5, atol=1e-6)
+        A, B = layer.saved_A_B()  # saved: s (B A - B0 A0), plain LoRA of rank 2r, zero before training
+        assert A.shape == (8, layer.base.in_features) and B.shape == (layer.base.out_features, 8)
+        torch.testing.assert_close(B @ A, torch.zeros_like(B @ A), rtol=0, atol=1e-5)
+
+
+def test_pissa_takes_the_svd_in_fp32_and_merges_like_lora(monkeypatch):
+    seen, svd = [], torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda w, **k: seen.append(w.dtype) or svd(w, **k))
+    layer = LoRALinear(nn.Linear(16, 12).to(torch.bfloat16), r=3, alpha=6, init="pissa")
+    assert seen == [torch.float32] and layer.lora_A.weight.dtype == torch.bfloat16
+    layer = LoRALinear(nn.Linear(16, 12), r=3, alpha=6, init="pissa")
+    nn.init.normal_(layer.lora_B.weight)  # as if trained
+    x = torch.randn(5, 16)
+    unmerged = layer(x)
+    A, B = layer.saved_A_B()
+    pretrained = layer.base.weight + layer.scale * layer.B0 @ layer.A0  # W0, as the base model holds it
+    torch.testing.assert_close(unmerged, x @ (pretrained + (6 / 3) * B @ A).T + layer.base.bias, rtol=1e-5, atol=1e-5)
+    layer.merge()
+    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
 
 
 ROBERTA_LAYER = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
@@ -439,7 +486,7 @@ def tiny_run_argv(model_dir, train_csv, out, *extra):
             "--max-length", "64", "--precision", "fp32", "--seed", "5", *extra]
 
 
-def test_a_run_with_a_schedule_logs_its_rate_and_resumes_exactly(model_dirs, tmp_path, capsys):
+def test_a_run_with_a_schedule_logs_its_rate_and_resumes_exactly(model_dirs, tmp_path, capsys, on_cpu):
     import signal
     train_csv = write_csv(tmp_path / "t.csv", synthetic_rows(440, seed=4))
     argv = lambda out: tiny_run_argv(model_dirs["roberta"], train_csv, out, "--schedule", "linear",  # noqa: E731
@@ -588,7 +635,7 @@ def test_load_model_predicts_like_the_trained_model(trained, model_dirs):
     ids = data.tokenize(tokenizer, texts, config["max_length"])
     cpu = torch.device("cpu")
     merged = predict.predict_logits(model, ids, tokenizer.pad_token_id, 16, cpu)
-    unmerged = predict.predict_logits(trained["model"], ids, tokenizer.pad_token_id, 16, cpu)
+    unmerged = predict.predict_logits(trained["model"], ids, tokenizer.pad_token_id, 16, device_of(trained["model"]))
     torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
     one_by_one = torch.cat([predict.predict_logits(model, tokens_of([ids[i].tolist()]), tokenizer.pad_token_id, 1, cpu)
                             for i in range(len(ids))])
@@ -733,7 +780,7 @@ def test_a_run_with_the_head_frozen_saves_its_random_head_and_predicts_what_it_t
                                                        "classifier.out_proj.weight", "classifier.out_proj.bias"}
     reloaded, tokenizer, _ = checkpoint.load_model(out)
     tokens = data.tokenize(tokenizer, [r["text"] for r in synthetic_rows(40, seed=5)], 64, cache=False)
-    expected, got = (predict.predict_logits(m, tokens, tokenizer.pad_token_id, 16, torch.device("cpu"))
+    expected, got = (predict.predict_logits(m, tokens, tokenizer.pad_token_id, 16, device_of(m))
                      for m in (model, reloaded))
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
@@ -752,6 +799,69 @@ def test_the_base_is_trained_in_fp32_whatever_dtype_its_folder_holds(tmp_path):
     state = torch.load(os.path.join(out, "last_state.pt"), weights_only=True)
     assert {t.dtype for t in state["trained"].values()} == {torch.float32}
     assert {s["exp_avg"].dtype for s in state["optimizer"]["state"].values()} == {torch.float32}
+
+
+@pytest.fixture(scope="session")
+def trained_pissa(model_dirs, tmp_path_factory):
+    """A short run with --init pissa on all linear layers, exported for PEFT too."""
+    folder = tmp_path_factory.mktemp("pissa")
+    out = str(folder / "ckpt")
+    with contextlib.redirect_stdout(io.StringIO()):
+        model, _ = train.train(train.parse_args(tiny_run_argv(model_dirs["roberta"], write_csv(
+            folder / "t.csv", synthetic_rows(300, seed=6)), out, "--init", "pissa", "--targets", "all-linear",
+            "--r", "2", "--lr", "5e-3", "--epochs", "1", "--export-peft", str(folder / "peft"))))
+    return {"out": out, "model": model, "peft": str(folder / "peft")}
+
+
+def test_a_pissa_adapter_is_saved_as_plain_lora_and_loads_as_trained(trained_pissa):
+    config = json.load(open(os.path.join(trained_pissa["out"], "config.json")))
+    assert (config["init"], config["trained_r"], config["r"], config["alpha"]) == ("pissa", 2, 4, 8.0)
+    saved = load_file(os.path.join(trained_pissa["out"], "adapter.safetensors"))
+    assert saved["roberta.encoder.layer.0.intermediate.dense.lora_A.weight"].shape == (4, 32)
+    reloaded, tokenizer, _ = checkpoint.load_model(trained_pissa["out"])  # pristine W0 + plain LoRA of rank 4
+    tokens = data.tokenize(tokenizer, [r["text"] for r in synthetic_rows(40, seed=5)], 64, cache=False)
+    expected, got = (predict.predict_logits(m, tokens, tokenizer.pad_token_id, 16, device_of(m))
+                     for m in (trained_pissa["model"], reloaded))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    before, _ = checkpoint.load_base_model(json.load(open(os.path.join(trained_pissa["out"], "config.json")))[
+        "base_model"], 4)
+    assert not torch.allclose(predict.predict_logits(before, tokens, 1, 16, torch.device("cpu")), got, atol=1e-3)
+
+
+def test_a_pissa_adapter_gives_the_same_logits_in_peft(trained_pissa, model_dirs):
+    peft = pytest.importorskip("peft")
+    base = RobertaForSequenceClassification.from_pretrained(model_dirs["roberta"])
+    theirs = peft.PeftModel.from_pretrained(base, trained_pissa["peft"]).eval()
+    ours, _, _ = checkpoint.load_model(trained_pissa["out"])
+    ids = torch.randint(5, 60, (6, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_pissa_run_resumes_exactly(model_dirs, tmp_path, capsys, monkeypatch, on_cpu):
+    import signal
+    train_csv = write_csv(tmp_path / "t.csv", synthetic_rows(300, seed=6))
+    argv = lambda out: tiny_run_argv(model_dirs["roberta"], train_csv, out, "--init", "pissa", "--r", "2",  # noqa
+                                     "--targets", "query", "value", "--lr", "5e-3", "--epochs", "2")
+    train.train(train.parse_args(argv(str(tmp_path / "whole"))))
+    real_step, calls = train.train_step, []
+
+    def ctrl_c_at_step_9(*a, **k):
+        calls.append(1)
+        if len(calls) == 9:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*a, **k)
+    monkeypatch.setattr(train, "train_step", ctrl_c_at_step_9)
+    with pytest.raises(SystemExit):
+        train.train(train.parse_args(argv(str(tmp_path / "part"))))
+    monkeypatch.setattr(train, "train_step", real_step)
+    train.train(train.parse_args(argv(str(tmp_path / "part")) + ["--resume"]))
+    for name in ("adapter.safetensors",):
+        a, b = (load_file(tmp_path / d / name) for d in ("whole", "part"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (torch.load(tmp_path / d / "last_state.pt", weights_only=True) for d in ("whole", "part"))
+    assert all(torch.equal(a["trained"][k], b["trained"][k]) for k in a["trained"])
+    assert a["trained"]["roberta.encoder.layer.0.attention.self.query.lora_A.weight"].shape == (2, 32)  # rank r
 
 
 def test_an_exported_adapter_gives_the_same_logits_in_peft(trained, model_dirs):
@@ -794,7 +904,7 @@ def test_a_peft_adapter_predicts_here_as_it_does_in_peft(model_dirs, tmp_path):
 
 # --- operations: nothing lost, nothing let in, torchrun ------------------------------------------------
 
-def test_ctrl_c_then_resume_ends_exactly_like_an_uninterrupted_run(model_dirs, tmp_path, capsys):
+def test_ctrl_c_then_resume_ends_exactly_like_an_uninterrupted_run(model_dirs, tmp_path, capsys, on_cpu):
     import signal
     import time
     train_csv = write_csv(tmp_path / "t.csv", synthetic_rows(440, seed=4))
@@ -980,7 +1090,8 @@ def no_dropout_model(model_dirs, tmp_path_factory):
 
 
 def torchrun(argv, nproc=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    """train.py under torchrun, on the CPU with gloo (a GPU machine may have one GPU, or none)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                            "--standalone", os.path.join(HERE, "train.py"), *argv],
                           capture_output=True, text=True, env=env, timeout=300)
@@ -993,7 +1104,7 @@ def test_one_step_on_two_processes_equals_one_step_in_one(no_dropout_model, tmp_
                         "--batch-size", "16", "--val-size", "8", "--epochs", "1", "--lr", "5e-2", "--dropout", "0",
                         "--max-length", "64", "--precision", "fp32"]
     single, double = str(tmp_path / "single"), str(tmp_path / "double")
-    train.main(argv(single))
+    assert torchrun(argv(single), nproc=1).returncode == 0  # one process: no process group at all
     result = torchrun(argv(double))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("trainable in total") == 1  # only the main process prints
