@@ -10,14 +10,15 @@ What "not the base's" means, tensor by tensor (`checkpoint_tensors`):
 - every tensor transformers reports as newly initialized when it loads the base for this task
   (the classification head, usually), whether or not it was trained: frozen, it is still random;
 - every other tensor that trains (a base that already has a matching head reports nothing new).
-`load_model` rebuilds the base and refuses, in one line, a checkpoint that lacks any of them.
+`load_model` rebuilds the base and refuses, in one line, a checkpoint that lacks an adapter or a new
+tensor, or holds one that does not fit the model (which tensors trained is the run's own business:
+whatever the checkpoint holds is loaded).
 A checkpoint is a folder: `adapter.safetensors` (those tensors) and `config.json` (how to rebuild).
 PEFT's layout is read and written too (`export_peft`, `read_peft_adapter`).
 """
 import json
 import os
 
-import torch
 import transformers
 from safetensors.torch import load_file, save as safetensors_bytes
 from torch import nn
@@ -66,9 +67,9 @@ def checkpoint_tensors(model, new):
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = module.saved_A_B()
-    for name, p in model.named_parameters():
-        if name in new or (p.requires_grad and ".lora_" not in name):
-            tensors[name] = p
+    state = model.state_dict()  # new tensors may be buffers too
+    tensors.update({name: state[name] for name in new if name in state})
+    tensors.update({name: p for name, p in model.named_parameters() if p.requires_grad and ".lora_" not in name})
     return {name: t.detach() for name, t in tensors.items()}
 
 
@@ -95,7 +96,7 @@ def load_model(checkpoint, device="cpu", merge=True):
     except ValueError as e:  # targets this base does not have
         raise DataError(f"{checkpoint}: does not fit {base_model} ({e}); pick the checkpoint that goes with it") from None
     expected = {n: t.shape for n, t in model.state_dict().items()}
-    needed = {n for n in expected if ".lora_" in n} | set(new)
+    needed = {n for n in expected if ".lora_" in n or n in new}
     lacking, foreign = sorted(needed - set(tensors)), sorted(n for n, t in tensors.items() if expected.get(n) != t.shape)
     if lacking or foreign:
         raise DataError(f"{checkpoint}: its tensors do not fit {base_model} with r={r}, {len(labels)} labels: "

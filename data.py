@@ -115,11 +115,14 @@ class DataError(ValueError):
     """Bad input (data, flags or a checkpoint); the message says what is wrong and how to fix it."""
 
 
+TEXT, LABEL = "text", "label"  # the columns read from every input: rename here if your data names them otherwise
+
+
 def read_table(source):
     """Rows from a hub dataset name, a .csv/.jsonl/.parquet/.pkl file, or a save_to_disk folder.
 
-    Returns a `datasets.Dataset` (the train split, for hub names), a pandas DataFrame for local
-    files, or whatever a .pkl holds.
+    Returns a `datasets.Dataset` (the train split, for hub names and folders), a pandas DataFrame
+    (.csv, .parquet) or a dict of columns (.jsonl, .pkl).
     """
     ext = input_kind(source)
     if ext and not os.path.isdir(source):
@@ -156,12 +159,12 @@ def input_kind(source):
 def read_pickled_table(path):
     """{'text': [...], 'label': [...] or None} of a pickle, read as data in a child process (pickles.py)."""
     try:
-        texts, labels, notes = pickles.read_pickle(path)
+        texts, labels, notes = pickles.read_pickle(path, columns=(TEXT, LABEL))
     except pickles.NotReadable as e:
         raise DataError(str(e)) from None
     for note in notes:
         warn(f"{path}: {note}")
-    return {"text": texts, **({"label": labels} if labels is not None else {})}
+    return {TEXT: texts, **({LABEL: labels} if labels is not None else {})}
 
 
 def read_jsonl(path, chunksize=None):
@@ -195,7 +198,7 @@ def jsonl_pieces(path, rows):
 READERS = {
     # a CSV's empty field is an empty text, and "NA" is a word, not a missing value; bytes that
     # are not UTF-8 become U+FFFD (options: chunksize=N reads N rows at a time, as predict.py does)
-    ".csv": lambda path, **options: pd.read_csv(path, dtype={"text": str}, na_filter=False,
+    ".csv": lambda path, **options: pd.read_csv(path, dtype={TEXT: str}, na_filter=False,
                                                 encoding_errors="replace", **options),
     ".jsonl": read_jsonl,
     ".parquet": pd.read_parquet,
@@ -213,12 +216,12 @@ def columns_of(table, source, first_row=0, missing_ok=False):
     A missing text (None, NaN) is refused, naming its row; with `missing_ok` it is left None.
     """
     names = list(table) if isinstance(table, dict) else list(getattr(table, "column_names", None) or table.columns)
-    if "text" not in names:
+    if TEXT not in names:
         listed = ", ".join(printable(n) for n in names[:20])
-        raise DataError(f"{source}: no `text` column (columns: {listed or 'none'}); "
-                        "rename the column that holds the texts to `text`")
-    texts = list(table["text"])
-    labels = list(table["label"]) if "label" in names else None
+        raise DataError(f"{source}: no `{TEXT}` column (columns: {listed or 'none'}); "
+                        f"rename the column that holds the texts to `{TEXT}` (or set data.TEXT)")
+    texts = list(table[TEXT])
+    labels = list(table[LABEL]) if LABEL in names else None
     if not texts and not first_row:
         raise DataError(f"{source}: no rows; give a file with at least one text")
     if labels is not None and len(labels) != len(texts):
@@ -257,21 +260,22 @@ def warn_replaced(source, replaced):
 
 def class_names(table):
     """Label names when the data carries them (a ClassLabel feature, as on the hub), else None."""
-    feature = (getattr(table, "features", None) or {}).get("label")
+    feature = (getattr(table, "features", None) or {}).get(LABEL)
     return list(feature.names) if hasattr(feature, "names") else None
 
 
-def load_splits(source, val_size, seed, limit=None):
-    """Labelled rows from `source`, split into (train, val) with the seed.
+def load_splits(source, val_size, seed, limit=None, names=None, num_labels=None):
+    """Labelled rows from `source`, split into (train, val) with the seed, and the class names.
 
-    Returns ((train_texts, train_labels), (val_texts, val_labels), label_names or None).
+    Returns ((train_texts, train_labels), (val_texts, val_labels), names: one per label 0..K-1, given,
+    else the data's own, else "0".."K-1"). Every label is checked first, in the file's row order.
     With `limit`, a seeded shuffle keeps only the first `limit` rows before the split.
     """
     table = read_table(source)
-    names = class_names(table)
     texts, labels = columns_of(table, source)
     if labels is None:
-        raise DataError(f"{source}: no `label` column; training needs a label (0..K-1) for every text")
+        raise DataError(f"{source}: no `{LABEL}` column; training needs a label (0..K-1) for every text")
+    names = name_classes(names or class_names(table), num_labels, labels, source)
     texts, _, replaced = clean_texts(texts)
     warn_replaced(source, replaced)
     # the seeded permutations of datasets' shuffle and train_test_split: the same rows as the
@@ -280,8 +284,8 @@ def load_splits(source, val_size, seed, limit=None):
     if limit is not None:
         rows = np.random.default_rng(seed).permutation(len(rows))[:limit]
     if not 0 < val_size < len(rows):
-        raise DataError(f"--val-size {val_size} must be above 0 and below the {len(rows)} rows used; "
-                        "lower it or give more data")
+        raise DataError(f"--val-size {val_size} must be above 0 and below the {len(rows)} rows used"
+                        + (f" (--limit {limit})" if limit is not None else "") + "; lower it or use more rows")
     rows = rows[np.random.default_rng(seed).permutation(len(rows))]
     pick = lambda part: ([texts[i] for i in part], [labels[i] for i in part])  # noqa: E731
     return pick(rows[val_size:].tolist()), pick(rows[:val_size].tolist()), names
@@ -306,7 +310,7 @@ def name_classes(names, num_labels, labels, source):
     num_labels = num_labels or (len(names) if names else count_classes(labels, source))
     if names and len(names) != num_labels:
         raise DataError(f"{len(names)} class names ({', '.join(names)}) for {num_labels} labels; give one "
-                        "--label-names name per class")
+                        "--label-names name per class (and --num-labels, if given, to match)")
     check_labels(labels, num_labels, source)
     return list(names or map(str, range(num_labels)))
 

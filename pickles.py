@@ -46,8 +46,8 @@ class NotReadable(ValueError):
     """The file is not a table we read; the message is one line: what is wrong, and what to do."""
 
 
-def read_pickle(path, limits=LIMITS):
-    """(texts, labels or None, warnings) of a pickled table, read in a contained child process."""
+def read_pickle(path, limits=LIMITS, columns=("text", "label")):
+    """(texts, labels or None, warnings) of a pickled table's `columns`, read in a contained child process."""
     try:
         with open_regular(path) as f:
             size, head = os.fstat(f.fileno()).st_size, f.read(8)
@@ -55,7 +55,8 @@ def read_pickle(path, limits=LIMITS):
         raise NotReadable(f"{path}: {e}; {e.fix}") from None
     most = decompressed_cap(size) if compression_of(head) else size
     wall_s = 2 * cpu_seconds(most, limits) + limits["wall_margin_s"]
-    command = [sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps(limits), os.path.abspath(path)]
+    command = [sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps({**limits, "columns": list(columns)}),
+               os.path.abspath(path)]
     try:
         child = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=wall_s)
     except subprocess.TimeoutExpired:
@@ -106,7 +107,7 @@ def child_main(limits_json, path):
         limit_resources(len(raw), limits)
         raw, compressed = decompress(raw)
         limit_resources(len(raw), limits)  # now scaled to the bytes really read
-        texts, labels, warnings = read_here(raw, compressed)
+        texts, labels, warnings = read_here(raw, compressed, tuple(limits["columns"]))
         reply = {"texts": texts, "labels": labels, "warnings": warnings}
         if sum(len(t) for t in texts if type(t) is str) > REPLY_PER_BYTE * len(raw) + 2**20:
             raise Refused("it decodes to more text than its size can honestly hold")
@@ -139,7 +140,7 @@ def limit_resources(size, limits):
             pass
 
 
-def read_here(raw, compressed=None):
+def read_here(raw, compressed=None, columns=("text", "label")):
     """(texts, labels or None, warnings) of a pickle's bytes, in this process (the child's work)."""
     refuse_other_formats(raw)
     scan(raw)
@@ -148,10 +149,11 @@ def read_here(raw, compressed=None):
     unpickler.refuse_foreign_names()
     check_nesting(tree)
     warnings = [f"it is {compressed}-compressed: read decompressed"] if compressed else []
-    columns = table_columns(tree, Budget(len(raw)), warnings)
-    texts, labels = columns["text"], columns.get("label")
+    text, label = columns
+    read = table_columns(tree, Budget(len(raw), columns), warnings)
+    texts, labels = read[text], read.get(label)
     if labels is not None and len(labels) != len(texts):
-        raise Refused(f"its `text` column has {len(texts)} rows but `label` has {len(labels)}")
+        raise Refused(f"its `{text}` column has {len(texts)} rows but `{label}` has {len(labels)}")
     if labels is not None:  # 2.0 is label 2 (pandas stores an int column with a gap as floats); NaN is none
         labels = [int(y) if type(y) is float and y.is_integer() else None if y != y else y for y in labels]
     texts = [None if type(t) is float and t != t else t for t in texts]  # NaN: a missing text
@@ -448,8 +450,9 @@ class Budget:
     too, so one shared by reference cannot be read more often than the file has bytes for.
     """
 
-    def __init__(self, size):
+    def __init__(self, size, wanted=("text", "label")):
         self.rows, self.text = size, REPLY_PER_BYTE * size + 2**20
+        self.wanted = wanted  # the two columns read (texts, labels); every other is skipped unread
 
     def take(self, rows=0, text=0):
         if type(rows) is not int or type(text) is not int or rows < 0 or text < 0:
@@ -484,9 +487,9 @@ def table_columns(tree, budget, warnings):
     name, args, state = call_of(tree)
     if type(tree) in (list, tuple) and tree and all(type(row) is dict for row in tree):  # rows
         budget.take(len(tree))
-        columns = {k: [cell(row.get(k), budget) for row in tree] if k in WANTED else None for k in tree[0]}
+        columns = {k: [cell(row.get(k), budget) for row in tree] if k in budget.wanted else None for k in tree[0]}
     elif type(tree) is dict:  # a dict of columns
-        columns = {k: values_of(v, budget) if k in WANTED else None for k, v in tree.items()}
+        columns = {k: values_of(v, budget) if k in budget.wanted else None for k, v in tree.items()}
     elif name == "DatasetDict":  # a dict subclass: its items come by SETITEMS, or (protocols 0-1) as an argument
         return one_split(state if type(state) is dict else args[-1] if args else None, budget, warnings)
     elif name == "Dataset":
@@ -494,18 +497,16 @@ def table_columns(tree, budget, warnings):
     elif name == "DataFrame":
         columns = frame_columns(state, budget)
     elif name == "Series" or type(tree) in (list, tuple) or name in ("_reconstruct", "_frombuffer"):
-        columns = {"text": series_values(tree, state, budget) if name == "Series" else values_of(tree, budget)}
+        columns = {budget.wanted[0]: series_values(tree, state, budget) if name == "Series" else values_of(tree, budget)}
     else:
         raise Refused(f"it holds {short(tree.name if isinstance(tree, Called) else type(tree).__name__)}, not a "
                       "Dataset, DataFrame, Series, list of rows or texts, or dict of columns")
-    if "text" not in columns:
+    text = budget.wanted[0]
+    if text not in columns:
         names = ", ".join(printable(n) for n in list(columns)[:20])
-        raise Refused(f"it has no `text` column (columns: {names or 'none'})",
-                      fix="rename the column that holds the texts to `text`")
-    return {k: v for k, v in columns.items() if k in WANTED}
-
-
-WANTED = ("text", "label")  # the only columns read; every other is skipped unread
+        raise Refused(f"it has no `{text}` column (columns: {names or 'none'})",
+                      fix=f"rename the column that holds the texts to `{text}`")
+    return {k: v for k, v in columns.items() if k in budget.wanted}
 
 
 def one_split(splits, budget, warnings):
@@ -783,7 +784,7 @@ def arrow_table(obj, budget):
     names = [call_of(f)[1][0] if call_of(f)[1] else None for f in fields]
     if len(names) != len(args[0]) or not all(type(n) is str for n in names):
         raise Refused("a Dataset's column names do not match its columns")
-    return {n: arrow_values(c, budget) if n in (*WANTED, "indices") else None for n, c in zip(names, args[0])}
+    return {n: arrow_values(c, budget) if n in (*budget.wanted, "indices") else None for n, c in zip(names, args[0])}
 
 
 def dataset_columns(state, budget):
@@ -818,9 +819,9 @@ def frame_columns(state, budget):
         raise Refused("a DataFrame whose column names are not plain names (a MultiIndex?)",
                       fix="flatten the columns (df.columns = ['text', 'label', ...]), then pickle it again")
     names = values_of(column_index, budget)
-    wanted = {n: names.index(n) for n in WANTED if n in names}
+    wanted = {n: names.index(n) for n in budget.wanted if n in names}
     if any(names.count(n) > 1 for n in wanted):
-        raise Refused("it has two columns of the same name, `text` or `label`")
+        raise Refused(f"it has two columns named `{'` or `'.join(budget.wanted)}`")
     columns = {n: None for n in names}
     for block in blocks if type(blocks) is tuple else ():
         positions, values = block_parts(block, len(names))

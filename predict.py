@@ -3,13 +3,15 @@
     python predict.py test.pkl [--checkpoint checkpoint] [--out submission.csv] [--batch-size 64]
 
 Writes `ID,Label` rows, IDs 0..N-1 in input order. If the input has a `label` column too, prints
-the accuracy and, per class, precision, recall, F1 and the confusion matrix. The input is read,
-tokenized and predicted a chunk at a time, so memory does not grow with its length.
+the accuracy and, per class, precision, recall, F1 and the confusion matrix. CSV, JSON lines and
+parquet inputs are read, tokenized and predicted a chunk at a time, so memory grows with their
+length only by the answers kept for the report (a pickle or a dataset is read whole first).
 `checkpoint.load_model(folder)` is the one way to get a trained model back.
 """
 import argparse
 import csv
 import itertools
+import numbers
 import os
 import sys
 
@@ -70,7 +72,8 @@ def main(argv=None):
     print(f"wrote {len(predicted)} predictions to {args.out}")
     if all(chunk is not None for chunk in labels):
         labels = [y for chunk in labels for y in chunk]
-        if all(isinstance(y, int) and not isinstance(y, bool) and 0 <= y < len(config["labels"]) for y in labels):
+        if all(isinstance(y, numbers.Integral) and not isinstance(y, bool) and 0 <= y < len(config["labels"])
+               for y in labels):
             report_classes(predicted, torch.tensor(labels), config["labels"], os.path.dirname(os.path.abspath(args.out)))
         else:
             warn(f"{args.input}: its labels are not all integers 0..{len(config['labels']) - 1}, so no accuracy "
@@ -110,28 +113,9 @@ def class_report(confusion, names):
     return "\n".join(lines)
 
 
-def plot_confusion(confusion, names, path):
-    """confusion.png: the matrix as a picture, each cell's count written in (needs matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no window
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 1.2 * len(names) + 1.5))
-    ax.imshow(confusion.numpy(), cmap="Blues")
-    ax.set(xticks=range(len(names)), yticks=range(len(names)), xticklabels=names, yticklabels=names,
-           xlabel="predicted", ylabel="true")
-    for (i, j), count in zip(itertools.product(range(len(names)), repeat=2), confusion.flatten().tolist()):
-        ax.text(j, i, count, ha="center", va="center")
-    fig.tight_layout()
-    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
-    plt.close(fig)
-    return path
-
-
 # --- operations: not needed to follow the method --------------------------------------------------
-# The command line, the device and precision (train.py uses them too), and the one-line error exit.
+# The command line, the device and precision (train.py uses them too), the confusion picture, and the
+# one-line error exit.
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,14 +161,34 @@ def cast_frozen_linears(model, dtype):
     """Keep frozen nn.Linear layers in the autocast dtype, so autocast need not cast them each call.
 
     Autocast runs every Linear in `dtype` anyway: casting the frozen weights once gives the same
-    numbers without copying them at every step. (This is why LoRALinear.merge casts its update to
-    the base weight's dtype.)
+    numbers without copying them at every step. (Adapters merged after this cast are rounded to the
+    base's dtype once: LoRALinear.merge.)
     """
     if dtype is not None:
         for module in model.modules():
             if isinstance(module, nn.Linear) and not module.weight.requires_grad:
                 module.to(dtype)
     return model
+
+
+def plot_confusion(confusion, names, path):
+    """confusion.png: the matrix as a picture, each cell's count written in (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 1.2 * len(names) + 1.5))
+    ax.imshow(confusion.numpy(), cmap="Blues")
+    ax.set(xticks=range(len(names)), yticks=range(len(names)), xticklabels=names, yticklabels=names,
+           xlabel="predicted", ylabel="true")
+    for (i, j), count in zip(itertools.product(range(len(names)), repeat=2), confusion.flatten().tolist()):
+        ax.text(j, i, count, ha="center", va="center")
+    fig.tight_layout()
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
+    plt.close(fig)
+    return path
 
 
 def fail(message, code=2):

@@ -270,7 +270,8 @@ def test_an_unknown_target_lists_the_suffixes_that_exist(model_dirs):
 
 def test_roberta_base_has_667396_trainable_parameters_and_fits_r_11_under_1m():
     with torch.device("meta"):  # the real architecture, no weights, no download
-        model = RobertaForSequenceClassification(RobertaConfig(num_labels=4))
+        model = RobertaForSequenceClassification(RobertaConfig(vocab_size=50265, max_position_embeddings=514,
+                                                               type_vocab_size=1, num_labels=4))  # roberta-base's
     new = {n for n, _ in model.named_parameters() if n.startswith("classifier.")}
     paths = target_paths(model, ["query", "value"], skip={"classifier", "classifier.dense", "classifier.out_proj"})
     assert count_per_rank(model, paths) == 24 * (768 + 768) == 36_864
@@ -282,9 +283,9 @@ def test_roberta_base_has_667396_trainable_parameters_and_fits_r_11_under_1m():
     assert lora == 24 * 2 * 2 * 768 == 73_728
     assert trainable == 73_728 + 593_668 == 667_396
     rows = {line[:25].strip(): line[25:].split()[0] for line in parameter_table(model, new).splitlines()[1:]}
-    assert rows == {"frozen (pretrained)": "124,054,272", "LoRA (A and B)": "73,728",
+    assert rows == {"frozen (pretrained)": "124,055,040", "LoRA (A and B)": "73,728",
                     "new for the task (head)": "593,668", "trainable in total": "667,396",
-                    "all parameters": "124,721,668"}
+                    "all parameters": "124,722,436"}
 
 
 # --- data.py: what a batch is ----------------------------------------------------------------------
@@ -357,6 +358,17 @@ def test_texts_are_cut_at_64_characters_a_token_before_the_tokenizer(model_dirs)
         assert result.returncode == 0, result.stderr[-2000:]
         growth_kib[words] = int(result.stdout)
     assert growth_kib[333_333] < growth_kib[3_333] + 20 * 1024, growth_kib  # KiB of peak memory
+
+
+def test_renaming_the_columns_is_one_line(tmp_path, monkeypatch):
+    import pandas as pd
+    monkeypatch.setattr(data, "TEXT", "sentence")
+    monkeypatch.setattr(data, "LABEL", "category")
+    frame = pd.DataFrame({"sentence": ["a b", "c"], "category": [1, 0], "text": ["not", "these"]})
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    frame.to_pickle(tmp_path / "d.pkl")
+    for path in (tmp_path / "d.csv", tmp_path / "d.pkl"):
+        assert data.read_texts(str(path)) == (["a b", "c"], [1, 0]), path
 
 
 def test_splits_are_seeded_disjoint_and_the_rows_datasets_would_pick(tmp_path):
@@ -1097,6 +1109,17 @@ def torchrun(argv, nproc=2):
                           capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_a_global_batch_is_split_so_that_ddps_average_is_the_whole_batchs_gradient(world):
+    losses = torch.rand(37, dtype=torch.float64)  # one loss a row; DDP averages the processes' gradients
+    for size in (1, 2, 5, 16, 37):
+        rows = list(range(size))
+        shares = [train.share_of_batch(rows, rank, world) for rank in range(world)]
+        assert sorted(r for mine, share in shares if share for r in mine) == rows  # each row once
+        averaged = sum(share * losses[mine].mean() for mine, share in shares) / world
+        assert abs(averaged - losses[rows].mean()) < 1e-12, (world, size)
+
+
 def test_one_step_on_two_processes_equals_one_step_in_one(no_dropout_model, tmp_path, capsys):
     rows = synthetic_rows(15 + 8, seed=6)  # 15 training rows: one global batch (odd: one process gets 8, one 7)
     train_csv = write_csv(tmp_path / "t.csv", rows)
@@ -1110,8 +1133,9 @@ def test_one_step_on_two_processes_equals_one_step_in_one(no_dropout_model, tmp_
     assert result.stdout.count("trainable in total") == 1  # only the main process prints
     a, b = (torch.load(os.path.join(d, "last_state.pt"), weights_only=True)["trained"] for d in (single, double))
     assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    for key in a:  # AdamW's first step is lr * g / (|g| + eps): a gradient within rounding of 0 may go either way
+        close = torch.isclose(b[key], a[key], rtol=1e-5, atol=1e-6)
+        assert close.float().mean() > 0.99 and (b[key] - a[key]).abs().max() <= 2 * 5e-2 + 1e-6, key
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)  # the step did change the adapter (B was 0)
 
 

@@ -1,6 +1,7 @@
 """How we learn: LoRA fine-tuning of a sequence classifier with a plain PyTorch loop.
 
-    python train.py --r 2 --alpha 4 --lr 5e-6          # roberta-base on ag_news
+    python train.py --r 2 --alpha 4 --lr 5e-6          # the reference run: roberta-base on ag_news
+                                                        # (a small rate: the default is 1e-3, see the README)
     python train.py --model DIR --data train.csv ...    # a local model folder and data file
 
 The method, as `train()` reads: tokenize the texts once; load the pretrained encoder with a new
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from checkpoint import (checkpoint_tensors, export_peft, head_of, load_base_model, load_tokenizer,
                         made_for_the_task, model_max_length, save_checkpoint)
-from data import DataError, length_grouped_batches, load_splits, name_classes, pad_batch, tokenize, write_atomically
+from data import DataError, length_grouped_batches, load_splits, pad_batch, tokenize, write_atomically
 from lora import TargetError, count_per_rank, inject_lora, largest_rank, parameter_table, target_paths
 from predict import cast_frozen_linears, fail, pick_device, pick_precision, predict_logits, report_classes
 
@@ -72,41 +73,93 @@ def lr_factor(schedule, warmup_steps, total_steps):
     return factor
 
 
+def make_optimizer(model, args, total_steps):
+    """AdamW on the trainable tensors (weight decay on matrices only), its schedule, and the fp16 scaler."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": args.weight_decay},
+                                   {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.999), fused=args.device.type == "cuda")
+    warmup_steps = round(args.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args.schedule, warmup_steps, total_steps))
+    scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp_dtype == torch.float16)
+    return optimizer, scheduler, scaler
+
+
+def count_steps(rows, args):
+    """(steps per epoch, total steps, steps between evaluations): --epochs passes over the rows, or
+    --max-steps if fewer; an evaluation every --eval-every steps, or at each epoch's end."""
+    steps_per_epoch = math.ceil(rows / args.batch_size)
+    total = steps_per_epoch * args.epochs
+    return steps_per_epoch, min(total, args.max_steps or total), args.eval_every or steps_per_epoch
+
+
+def tokenized_splits(args, rank):
+    """(tokenizer, class names, (train tokens, labels), (validation tokens, labels)): the labelled texts of
+    --data, split off a validation set with --seed, each text tokenized once and not padded."""
+    (train_texts, train_labels), (val_texts, val_labels), label_names = load_splits(
+        args.data, args.val_size, args.seed, args.limit, args.label_names, args.num_labels)
+    tokenizer = tokenizer_for(args)
+    if rank == 0:
+        print(f"{len(train_texts):,} training rows, {len(val_texts):,} validation rows")
+    return tokenizer, label_names, *((tokenize(tokenizer, texts, args.max_length), torch.tensor(labels))
+                                     for texts, labels in ((train_texts, train_labels), (val_texts, val_labels)))
+
+
+def rank_and_alpha(model, skip, args):
+    """(r, alpha): --r, or with --r auto the largest rank whose adapters and head fit --max-trainable;
+    --alpha, or 2r (the reference run's alpha / r of 2)."""
+    r = args.r
+    if r == "auto":
+        per_rank = count_per_rank(model, target_paths(model, args.targets, skip))
+        head = sum(p.numel() for p in head_of(model).parameters())
+        r = largest_rank(per_rank, head, args.max_trainable)
+        if r < 1:
+            raise DataError(f"--r auto: no rank fits --max-trainable {args.max_trainable:,}: the head alone has "
+                            f"{head:,} and each rank on {', '.join(args.targets)} adds {per_rank:,}")
+    return r, 2.0 * r if args.alpha is None else args.alpha
+
+
+def keep_best(args, model, new, config):
+    """The trained tensors as they are now (in memory, to restore at the end), and the checkpoint on disk."""
+    save_checkpoint(args.out, checkpoint_tensors(model, new), config)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def restore(model, best, step):
+    """The model with the best adapter and head put back (strict=False: those are all it holds)."""
+    if best is None:  # resumed with no step left to take, before any evaluation
+        raise DataError(f"no evaluation has run yet (step {step}); resume with a larger --max-steps or --epochs")
+    model.load_state_dict(best, strict=False)
+    return model
+
+
 def train(args):
-    rank, world = start_torchrun(args)  # torchrun: this process's rank of `world`; plain python: 0 of 1
+    rank, world, args.device = start_torchrun(args)  # torchrun: this process's rank of `world`; else 0 of 1
+    args.amp_dtype = pick_precision(args.device, args.precision)  # what autocast computes in: bf16, fp16, None
     torch.manual_seed(args.seed + rank)  # its own dropout masks (DDP gives every process rank 0's weights)
 
     # data: labelled texts, split off a validation set, tokenized once (not padded)
-    (train_texts, train_labels), (val_texts, val_labels), names_in_data = load_splits(
-        args.data, args.val_size, args.seed, args.limit)
-    label_names = name_classes(args.label_names or names_in_data, args.num_labels, train_labels + val_labels, args.data)
-    tokenizer = tokenizer_for(args)
-    train_tokens, val_tokens = (tokenize(tokenizer, texts, args.max_length) for texts in (train_texts, val_texts))
-    train_labels, val_labels = torch.tensor(train_labels), torch.tensor(val_labels)
-    if rank == 0:
-        print(f"{len(train_tokens):,} training rows, {len(val_tokens):,} validation rows")
+    tokenizer, label_names, (train_tokens, train_labels), (val_tokens, val_labels) = tokenized_splits(args, rank)
 
     # model: the pretrained encoder, a new head, LoRA on the target layers; everything else frozen
-    model, new = load_base_model(args.model, len(label_names))
+    model, new = load_base_model(args.model, len(label_names))  # new: the names of the tensors made for the task
     skip = made_for_the_task(model, new)  # the head and whatever else is new: trained whole, never adapted
     r, alpha = rank_and_alpha(model, skip, args)  # --r auto: the largest rank under --max-trainable
     adapted = inject_lora(model, r, alpha, args.dropout, args.targets, skip, args.init)
     head_of(model).requires_grad_(True)  # the head trains in full (to freeze it as well, delete this line)
     check_budget(model, new, args, r, alpha, rank)  # prints where the parameters are; refuses over --max-trainable
-    model = cast_frozen_linears(model.to(args.device), args.amp_dtype)
-    model.train()  # dropout on, in the encoder and on the adapters' input
-    step_model = wrap_for_speed_and_torchrun(model, args, world)  # what train_step calls: DDP, --compile
+    model = cast_frozen_linears(model.to(args.device), args.amp_dtype).train()  # dropout on
+    step_model = wrap_for_speed_and_torchrun(model, args, world)  # what steps call: DDP's wrapper, --compile's
 
     # optimizer: AdamW on the adapters and the head, the learning-rate schedule on top
     steps_per_epoch, total_steps, eval_every = count_steps(len(train_tokens), args)
     optimizer, scheduler, scaler = make_optimizer(model, args, total_steps)
     config = adapter_config(args, label_names, adapted, r, alpha)  # saved beside the adapter: how to rebuild
+    parts = (model, optimizer, scheduler, scaler)  # what a saved run holds, with the loop's state below
 
     # the loop: a step per batch; every eval_every steps, score, keep the best or count down patience
-    step, best_acc, best, bad_evals = 0, -1.0, None, 0  # best: the best adapter and head so far, in memory
-    if args.resume:  # the adapter, optimizer, schedule, step, best, patience and RNG of the saved run
-        step, best_acc, best, bad_evals = resume_run(args, model, optimizer, scheduler, scaler, rank, world)
-    stop = bad_evals >= args.patience
+    step, best_acc, best, bad_evals = resume_run(args, parts, rank, world) if args.resume else (0, -1.0, None, 0)
+    stop = bad_evals >= args.patience  # best: the best adapter and head so far; bad_evals: patience used up
     with Progress(args, rank, world, (steps_per_epoch, total_steps), step) as progress, ctrl_c_stops(world) as pressed:
         for epoch in range(step // steps_per_epoch, args.epochs):
             batches = length_grouped_batches(train_tokens.lengths, args.batch_size, seed=args.seed + epoch)
@@ -114,35 +167,29 @@ def train(args):
                 if stop or pressed.is_set() or step >= total_steps:
                     break
                 rows, loss_share = share_of_batch(rows, rank, world)  # torchrun: this process's rows
-                input_ids, attention_mask = pad_batch(train_tokens, rows, tokenizer.pad_token_id)
-                batch = on_device(input_ids, attention_mask, train_labels[rows], args)
+                batch = on_device(*pad_batch(train_tokens, rows, tokenizer.pad_token_id), train_labels[rows], args)
                 loss = train_step(step_model, batch, optimizer, scheduler, scaler, args, loss_share)
                 step += 1
-                progress.after_step(step, loss, train_tokens.lengths[rows], input_ids.numel(), optimizer)
+                progress.after_step(step, loss, train_tokens.lengths[rows], batch[0].numel(), optimizer)
                 if step % eval_every == 0 or step == total_steps:
                     if rank == 0:  # torchrun: the main process evaluates, and the others follow its verdict
                         val_loss, val_acc, _ = evaluate(model, val_tokens, val_labels, tokenizer.pad_token_id, args)
                         if val_acc > best_acc:  # the best so far: keep it, in memory and on disk
                             best_acc, bad_evals = val_acc, 0
-                            best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-                            save_checkpoint(args.out, checkpoint_tensors(model, new),
-                                            {**config, "best_val_accuracy": val_acc, "step": step})
+                            best = keep_best(args, model, new, {**config, "best_val_accuracy": val_acc, "step": step})
                         else:  # no better: one evaluation less of patience
                             bad_evals += 1
                         progress.after_evaluation(step, val_loss, val_acc, bad_evals)
                     stop = agree_to_stop(bad_evals >= args.patience, world)  # torchrun: every process stops
-                    save_run(args, step, best_acc, best, bad_evals, model, optimizer, scheduler, scaler, rank, world)
+                    save_run(args, parts, (step, best_acc, best, bad_evals), rank, world)
     if pressed.is_set():
-        save_run(args, step, best_acc, best, bad_evals, model, optimizer, scheduler, scaler, rank, world)
-        exit_interrupted(args, step)
+        exit_interrupted(args, parts, (step, best_acc, best, bad_evals), rank, world)
     finish_torchrun(world)
-    if rank != 0:
+    if rank != 0:  # torchrun: the main process alone restores and reports
         return model, best_acc
 
-    # restore the best adapter and score it once more, per class
-    model.load_state_dict(best, strict=False)  # strict=False: the adapters and head only
-    val_loss, val_acc, predicted = evaluate(model, val_tokens, val_labels, tokenizer.pad_token_id, args)
-    report(args, progress, val_loss, val_acc, predicted, val_labels, label_names)
+    # restore the best adapter, score it once more, per class
+    val_acc = report(args, progress, restore(model, best, step), val_tokens, val_labels, tokenizer, label_names)
     return model, val_acc
 
 
@@ -228,7 +275,7 @@ def check_args(args):
                              ("--batch-size", args.batch_size, 1), ("--eval-batch-size", args.eval_batch_size, 1),
                              ("--max-length", args.max_length, 2), ("--patience", args.patience, 1),
                              ("--log-every", args.log_every, 1), ("--eval-every", args.eval_every, 0),
-                             ("--max-steps", args.max_steps or 1, 1),
+                             ("--max-steps", 1 if args.max_steps is None else args.max_steps, 1),
                              ("--max-trainable", 1 if args.max_trainable is None else args.max_trainable, 1)]:
         if value < low:
             fail(f"{flag} must be at least {low}, got {value}")
@@ -253,20 +300,6 @@ def tokenizer_for(args):
     return tokenizer
 
 
-def rank_and_alpha(model, skip, args):
-    """(r, alpha): --r, or with --r auto the largest rank whose adapters and head fit --max-trainable;
-    --alpha, or 2r (the reference run's alpha / r of 2)."""
-    r = args.r
-    if r == "auto":
-        per_rank = count_per_rank(model, target_paths(model, args.targets, skip))
-        head = sum(p.numel() for p in head_of(model).parameters())
-        r = largest_rank(per_rank, head, args.max_trainable)
-        if r < 1:
-            raise DataError(f"--r auto: no rank fits --max-trainable {args.max_trainable:,}: the head alone has "
-                            f"{head:,} and each rank on {', '.join(args.targets)} adds {per_rank:,}")
-    return r, 2.0 * r if args.alpha is None else args.alpha
-
-
 def check_budget(model, new, args, r, alpha, rank):
     """Print where the parameters are; --max-trainable: refuse, before any training, a larger configuration."""
     if rank == 0:
@@ -283,32 +316,12 @@ def check_budget(model, new, args, r, alpha, rank):
                         "no r fits: the head alone is too large"))
 
 
-def make_optimizer(model, args, total_steps):
-    """AdamW on the trainable tensors (weight decay on matrices only), its schedule, and the fp16 scaler."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": args.weight_decay},
-                                   {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.999), fused=args.device.type == "cuda")
-    warmup_steps = round(args.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args.schedule, warmup_steps, total_steps))
-    scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp_dtype == torch.float16)
-    return optimizer, scheduler, scaler
-
-
 def adapter_config(args, label_names, adapted, r, alpha):
     """How to rebuild the model: the base, the adapted paths, and the saved adapter's rank and alpha
     (PiSSA saves plain LoRA of rank 2r with alpha 2 alpha: the same scale, see lora.py)."""
     saved = 2 if args.init == "pissa" else 1
     return {"base_model": args.model, "r": saved * r, "alpha": saved * alpha, "trained_r": r, "init": args.init,
             "dropout": args.dropout, "targets": adapted, "max_length": args.max_length, "labels": label_names}
-
-
-def count_steps(rows, args):
-    """(steps per epoch, total steps, steps between evaluations): --epochs passes over the rows, or
-    --max-steps if fewer; an evaluation every --eval-every steps, or at each epoch's end."""
-    steps_per_epoch = math.ceil(rows / args.batch_size)
-    total = steps_per_epoch * args.epochs
-    return steps_per_epoch, min(total, args.max_steps or total), args.eval_every or steps_per_epoch
 
 
 def on_device(input_ids, attention_mask, labels, args):
@@ -321,8 +334,8 @@ def on_device(input_ids, attention_mask, labels, args):
 # --- torchrun: one process per device; a plain `python train.py` is rank 0 of 1 and does none of it ----
 
 def start_torchrun(args):
-    """(rank, world) from torchrun's environment, joining its process group; the device and autocast
-    dtype go on args."""
+    """(rank, world, device) from torchrun's environment, joining its process group; (0, 1, the best
+    device there is) for a plain `python train.py`."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         if args.batch_size < world:
@@ -331,10 +344,9 @@ def start_torchrun(args):
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    args.device = torch.device("cuda", torch.cuda.current_device()) if world > 1 and torch.cuda.is_available() \
+    device = torch.device("cuda", torch.cuda.current_device()) if world > 1 and torch.cuda.is_available() \
         else pick_device()
-    args.amp_dtype = pick_precision(args.device, args.precision)
-    return rank, world
+    return rank, world, device
 
 
 def wrap_for_speed_and_torchrun(model, args, world):
@@ -475,9 +487,11 @@ LAST_STATE = "last_state.pt"
 RESUMABLE_CHANGES = {"resume", "epochs", "max_steps", "patience", "log_every", "compile", "export_peft"}
 
 
-def save_run(args, step, best_acc, best, bad_evals, model, optimizer, scheduler, scaler, rank, world):
-    """Everything --resume needs: the trained tensors (as they train: rank r), the best ones, the optimizer,
-    schedule and scaler, progress, and every process's RNG state. Written by the main process."""
+def save_run(args, parts, loop_state, rank, world):
+    """Everything --resume needs: the trained tensors (as they train: rank r), the loop's state (step, best
+    accuracy, best tensors, patience used), the optimizer, schedule and scaler, and every process's RNG
+    state. Written by the main process."""
+    (model, optimizer, scheduler, scaler), (step, best_acc, best, bad_evals) = parts, loop_state
     rngs = rng_states(world)  # torchrun: every process takes part
     if rank != 0:
         return
@@ -489,8 +503,9 @@ def save_run(args, step, best_acc, best, bad_evals, model, optimizer, scheduler,
     write_atomically(os.path.join(args.out, LAST_STATE), lambda f: torch.save(state, f), mode="wb")
 
 
-def resume_run(args, model, optimizer, scheduler, scaler, rank, world):
+def resume_run(args, parts, rank, world):
     """Load what save_run wrote, after checking the flags are the same; returns (step, best_acc, best, bad_evals)."""
+    model, optimizer, scheduler, scaler = parts
     path = os.path.join(args.out, LAST_STATE)
     if not os.path.isfile(path):
         raise DataError(f"{args.out}: no saved training state to resume; run without --resume to start afresh")
@@ -518,8 +533,10 @@ def resume_run(args, model, optimizer, scheduler, scaler, rank, world):
     return state["step"], state["best_acc"], state["best"], state["bad_evals"]
 
 
-def exit_interrupted(args, step):
-    """After Ctrl-C (the run is saved): print the command that continues it."""
+def exit_interrupted(args, parts, loop_state, rank, world):
+    """After Ctrl-C: save the run, print the command that continues it, exit."""
+    save_run(args, parts, loop_state, rank, world)
+    step = loop_state[0]
     argv = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
     print(f"interrupted at step {step}; the latest state is saved in {args.out}. Resume with:\n"
           f"  python train.py {shlex.join(argv)}")
@@ -528,8 +545,10 @@ def exit_interrupted(args, step):
 
 # --- the final report ----------------------------------------------------------------------------------
 
-def report(args, progress, val_loss, val_acc, predicted, labels, names):
-    """The restored adapter's accuracy with its interval, per class, the files written, and the speed."""
+def report(args, progress, model, tokens, labels, tokenizer, names):
+    """Score the restored adapter once more: its accuracy with an interval, per class, the files written,
+    and the speed. Returns the accuracy."""
+    val_loss, val_acc, predicted = evaluate(model, tokens, labels, tokenizer.pad_token_id, args)
     low, high = bootstrap_interval(predicted == labels, args.seed)
     print(f"restored the best adapter: val loss {val_loss:.4f}, val accuracy {val_acc:.4f} "
           f"(95% bootstrap interval {low:.4f}-{high:.4f}, {len(labels)} rows) -> {args.out}")
@@ -546,6 +565,7 @@ def report(args, progress, val_loss, val_acc, predicted, labels, names):
               f"{world * progress.tokens / progress.elapsed:,.0f} tokens/s, "
               f"{1 - progress.tokens / progress.computed:.1%} of positions were padding, peak "
               f"{peak_memory(args.device)}")
+    return val_acc
 
 
 def bootstrap_interval(correct, seed, rounds=2000):

@@ -32,8 +32,10 @@ p.add_argument("--tiny", action="store_true", help="a tiny config, for a dry run
 args = p.parse_args()
 
 device = pick_device()
-config = RobertaConfig(num_labels=4, **(dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                             intermediate_size=64) if args.tiny else {}))
+config = RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,  # roberta-base:
+                       bos_token_id=0, eos_token_id=2, num_labels=4,  # positions start after the padding id, 2..513
+                       **(dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+                          if args.tiny else {}))
 torch.manual_seed(0)
 model = RobertaForSequenceClassification(config)
 inject_lora(model, r=2, alpha=4, dropout=0.05, targets=["query", "value"], skip={"classifier.dense"})
