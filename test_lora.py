@@ -555,6 +555,21 @@ def test_r_auto_takes_the_largest_rank_under_the_budget_and_alpha_2r(model_dirs,
     assert config["r"] == rank and config["alpha"] == 2 * rank
 
 
+def test_the_best_recipe_is_one_command_that_takes_its_paths_from_the_environment(model_dirs, tmp_path):
+    out = tmp_path / "best"
+    env = {**os.environ, "MODEL": model_dirs["roberta"], "DATA": write_csv(tmp_path / "t.csv", synthetic_rows(80, 3)),
+           "OUT": str(out), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", os.path.join(HERE, "bench", "best_recipe.sh"), "--max-trainable", "3000",
+                             "--max-steps", "2", "--val-size", "16", "--max-length", "32"], env=env, capture_output=True,
+                            text=True, timeout=120)  # extra flags go on to train.py (a later flag wins)
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.load(open(out / "config.json"))
+    # tiny RoBERTa: head 1,188; each rank on the four attention projections of 2 layers costs 2 x 4 x 64 = 512
+    assert (config["init"], config["trained_r"], config["r"]) == ("pissa", 3, 6)
+    assert sorted({t.split(".layer.")[1].split(".", 1)[1] for t in config["targets"]}) == [
+        "attention.output.dense", "attention.self.key", "attention.self.query", "attention.self.value"]
+
+
 def tiny_step(amp_dtype, scaler=None, steps=1):
     """(losses, gradients of the first step, tensors before, after) of train_step on the tiny RoBERTa."""
     torch.manual_seed(0)
