@@ -387,7 +387,9 @@ def rng_states(world):
 
 
 def finish_torchrun(world):
+    """Leave the process group together: a process that leaves while another still sends can abort."""
     if world > 1:
+        dist.barrier()
         dist.destroy_process_group()
 
 
