@@ -411,13 +411,14 @@ def trained(model_dirs, tmp_path_factory):
     train_csv = write_csv(folder / "train.csv", synthetic_rows(1200, seed=1))
     out = str(folder / "ckpt")
     report = io.StringIO()
+    args = train.parse_args([
+        "--model", model_dirs["roberta"], "--data", train_csv, "--out", out, "--r", "4", "--alpha", "8",
+        "--lr", "1e-2", "--epochs", "30", "--batch-size", "32", "--val-size", "200",
+        "--eval-every", "20", "--patience", "5", "--max-length", "64", "--log-every", "10",
+        "--precision", "fp32", "--export-peft", str(folder / "peft")])
     with contextlib.redirect_stdout(report):
-        model, val_acc = train.train(train.parse_args([
-            "--model", model_dirs["roberta"], "--data", train_csv, "--out", out, "--r", "4", "--alpha", "8",
-            "--lr", "1e-2", "--epochs", "30", "--batch-size", "32", "--val-size", "200",
-            "--eval-every", "20", "--patience", "5", "--max-length", "64", "--log-every", "10",
-            "--precision", "fp32", "--export-peft", str(folder / "peft")]))
-    return {"out": out, "model": model, "val_acc": val_acc, "folder": folder, "report": report.getvalue(),
+        model, val_acc = train.train(args)
+    return {"out": out, "model": model, "val_acc": val_acc, "folder": folder, "report": report.getvalue(), "args": args,
             "peft": str(folder / "peft"), "steps_per_epoch": -(-1000 // 32)}
 
 
@@ -468,6 +469,14 @@ def test_early_stopping_stops_patience_evaluations_after_the_best_and_restores_i
         torch.testing.assert_close(current[name].cpu(), tensor, rtol=0, atol=0)
     last = torch.load(os.path.join(trained["out"], "last_state.pt"), weights_only=True)["trained"]
     assert any(not torch.equal(last[n], current[n]) for n in last)  # ... which differs from the last
+
+
+def test_the_final_report_is_the_restored_models_own_evaluation(trained):
+    args = trained["args"]  # the report reuses the best evaluation's predictions: they must be the model's
+    tokenizer, _, _, (val_tokens, val_labels) = train.tokenized_splits(args, 0)
+    val_loss, val_acc, _ = train.evaluate(trained["model"], val_tokens, val_labels, tokenizer.pad_token_id, args)
+    assert val_acc == trained["val_acc"]
+    assert f"restored the best adapter: val loss {val_loss:.4f}, val accuracy {val_acc:.4f}" in trained["report"]
 
 
 def test_a_run_stops_after_patience_evaluations_without_improvement(model_dirs, tmp_path, capsys):

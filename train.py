@@ -9,7 +9,7 @@ classification head and put LoRA adapters on its `query` and `value` layers, fre
 else but the head; then, batch after batch, one AdamW step on the cross-entropy, the learning rate
 following its schedule. Every --eval-every steps the validation split is scored: a better accuracy
 keeps the adapter and saves it, --patience evaluations without one end the run. At the end the best
-adapter is put back and scored once more, per class.
+adapter is put back, and its evaluation is reported per class.
 
 Several GPUs or machines: the same script under torchrun (DistributedDataParallel, one process each):
     torchrun --nproc_per_node=4 train.py ...
@@ -119,17 +119,20 @@ def rank_and_alpha(model, skip, args):
     return r, 2.0 * r if args.alpha is None else args.alpha
 
 
-def keep_best(args, model, new, config):
-    """The trained tensors as they are now (in memory, to restore at the end), and the checkpoint on disk."""
-    save_checkpoint(args.out, checkpoint_tensors(model, new), config)
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+def keep_best(args, model, new, config, evaluation):
+    """The best so far: the trained tensors as they are now (in memory, to restore at the end), their
+    evaluation (validation loss and predicted classes, for the final report), and the checkpoint on disk."""
+    val_loss, val_acc, predicted = evaluation
+    save_checkpoint(args.out, checkpoint_tensors(model, new), {**config, "best_val_accuracy": val_acc})
+    return {"tensors": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+            "val_loss": val_loss, "predicted": predicted}
 
 
 def restore(model, best, step):
     """The model with the best adapter and head put back (strict=False: those are all it holds)."""
     if best is None:  # resumed with no step left to take, before any evaluation
         raise DataError(f"no evaluation has run yet (step {step}); resume with a larger --max-steps or --epochs")
-    model.load_state_dict(best, strict=False)
+    model.load_state_dict(best["tensors"], strict=False)
     return model
 
 
@@ -173,10 +176,11 @@ def train(args):
                 progress.after_step(step, loss, train_tokens.lengths[rows], batch[0].numel(), optimizer)
                 if step % eval_every == 0 or step == total_steps:
                     if rank == 0:  # torchrun: the main process evaluates, and the others follow its verdict
-                        val_loss, val_acc, _ = evaluate(model, val_tokens, val_labels, tokenizer.pad_token_id, args)
+                        val_loss, val_acc, predicted = evaluate(model, val_tokens, val_labels,
+                                                                tokenizer.pad_token_id, args)
                         if val_acc > best_acc:  # the best so far: keep it, in memory and on disk
                             best_acc, bad_evals = val_acc, 0
-                            best = keep_best(args, model, new, {**config, "best_val_accuracy": val_acc, "step": step})
+                            best = keep_best(args, model, new, {**config, "step": step}, (val_loss, val_acc, predicted))
                         else:  # no better: one evaluation less of patience
                             bad_evals += 1
                         progress.after_evaluation(step, val_loss, val_acc, bad_evals)
@@ -188,9 +192,10 @@ def train(args):
     if rank != 0:  # torchrun: the main process alone restores and reports
         return model, best_acc
 
-    # restore the best adapter, score it once more, per class
-    val_acc = report(args, progress, restore(model, best, step), val_tokens, val_labels, tokenizer, label_names)
-    return model, val_acc
+    # restore the best adapter; report its evaluation, per class
+    restore(model, best, step)
+    report(args, progress, best, best_acc, val_labels, label_names)
+    return model, best_acc
 
 
 def main(argv=None):
@@ -547,10 +552,10 @@ def exit_interrupted(args, parts, loop_state, rank, world):
 
 # --- the final report ----------------------------------------------------------------------------------
 
-def report(args, progress, model, tokens, labels, tokenizer, names):
-    """Score the restored adapter once more: its accuracy with an interval, per class, the files written,
-    and the speed. Returns the accuracy."""
-    val_loss, val_acc, predicted = evaluate(model, tokens, labels, tokenizer.pad_token_id, args)
+def report(args, progress, best, val_acc, labels, names):
+    """The restored adapter's evaluation (kept when it was the best: no second pass over the validation
+    split): its accuracy with an interval, per class, the files written, and the speed."""
+    val_loss, predicted = best["val_loss"], best["predicted"]
     low, high = bootstrap_interval(predicted == labels, args.seed)
     print(f"restored the best adapter: val loss {val_loss:.4f}, val accuracy {val_acc:.4f} "
           f"(95% bootstrap interval {low:.4f}-{high:.4f}, {len(labels)} rows) -> {args.out}")
@@ -567,7 +572,6 @@ def report(args, progress, model, tokens, labels, tokenizer, names):
               f"{world * progress.tokens / progress.elapsed:,.0f} tokens/s, "
               f"{1 - progress.tokens / progress.computed:.1%} of positions were padding, peak "
               f"{peak_memory(args.device)}")
-    return val_acc
 
 
 def bootstrap_interval(correct, seed, rounds=2000):
