@@ -1,0 +1,48 @@
+"""Where a training run's time goes: train.py run as usual, with its phases timed one by one.
+
+    python bench/phases.py TRAIN.PY FLAGS...    # e.g. --model $M --data ../shared/data/agnews_dev_train.csv
+                                                #      --limit 4000 --max-length 128 --eval-every 0
+
+Prints, after the run, each wrapped function's calls and seconds, the imports, and the whole process.
+"""
+import atexit
+import functools
+import os
+import sys
+import time
+
+START = time.perf_counter()
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train  # noqa: E402
+
+IMPORTED = time.perf_counter() - START
+PHASES = ["tokenized_splits", "load_base_model", "inject_lora", "cast_frozen_linears", "make_optimizer",
+          "train_step", "pad_batch", "evaluate", "keep_best", "save_run", "report"]
+totals = {}
+
+
+def timed(name):
+    function = getattr(train, name)
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            calls, seconds = totals.get(name, (0, 0.0))
+            totals[name] = (calls + 1, seconds + time.perf_counter() - start)
+    return wrapper
+
+
+def show():
+    print(f"{'imports':20s} {'':>5s} {IMPORTED:8.2f} s", file=sys.stderr)
+    for name, (calls, seconds) in totals.items():
+        print(f"{name:20s} {calls:5d} {seconds:8.2f} s", file=sys.stderr)
+    print(f"{'whole process':20s} {'':>5s} {time.perf_counter() - START:8.2f} s", file=sys.stderr)
+
+
+for name in PHASES:
+    setattr(train, name, timed(name))
+atexit.register(show)
+train.main(sys.argv[1:])
