@@ -29,6 +29,8 @@ import torch
 import pickles
 from pickles import printable, short
 
+TEXT, LABEL = "text", "label"  # the columns read from every input: rename here if your data names them otherwise
+
 
 class Tokens:
     """Token ids of many texts in one flat array: text i is ids[starts[i]:starts[i + 1]]."""
@@ -113,9 +115,6 @@ def pad_batch(tokens, rows, pad_id):
 
 class DataError(ValueError):
     """Bad input (data, flags or a checkpoint); the message says what is wrong and how to fix it."""
-
-
-TEXT, LABEL = "text", "label"  # the columns read from every input: rename here if your data names them otherwise
 
 
 def read_table(source):

@@ -986,6 +986,11 @@ def test_resume_refuses_other_flags_and_missing_state(model_dirs, tmp_path, caps
     with pytest.raises(SystemExit) as stop:
         train.main(tiny_run_argv(model_dirs["bert"], train_csv, out, "--epochs", "1", "--lr", "5e-3", "--resume"))
     assert stop.value.code == 2 and "--lr was 0.01, now 0.005" in capsys.readouterr().err
+    state = torch.load(os.path.join(out, "last_state.pt"), weights_only=True)
+    torch.save({**state, "format": 1}, os.path.join(out, "last_state.pt"))  # as an older train.py wrote it
+    with pytest.raises(SystemExit) as stop:
+        train.main(tiny_run_argv(model_dirs["bert"], train_csv, out, "--epochs", "1", "--resume"))
+    assert stop.value.code == 2 and "written by another version of train.py" in capsys.readouterr().err
 
 
 def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_best_adapter(model_dirs, tmp_path, capsys):

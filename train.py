@@ -162,7 +162,7 @@ def train(args):
 
     # the loop: a step per batch; every eval_every steps, score, keep the best or count down patience
     step, best_acc, best, bad_evals = resume_run(args, parts, rank, world) if args.resume else (0, -1.0, None, 0)
-    stop = bad_evals >= args.patience  # best: the best adapter and head so far; bad_evals: patience used up
+    stop = bad_evals >= args.patience  # best: best adapter and head, with their evaluation; bad_evals: patience used
     with Progress(args, rank, world, (steps_per_epoch, total_steps), step) as progress, ctrl_c_stops(world) as pressed:
         for epoch in range(step // steps_per_epoch, args.epochs):
             batches = length_grouped_batches(train_tokens.lengths, args.batch_size, seed=args.seed + epoch)
@@ -491,18 +491,19 @@ def ctrl_c_stops(world):
 # --- saving and resuming a run: one file, last_state.pt, written at every evaluation and on Ctrl-C ------
 
 LAST_STATE = "last_state.pt"
+LAST_STATE_FORMAT = 2  # 2: the best tensors are kept with their evaluation
 RESUMABLE_CHANGES = {"resume", "epochs", "max_steps", "patience", "log_every", "compile", "export_peft"}
 
 
 def save_run(args, parts, loop_state, rank, world):
     """Everything --resume needs: the trained tensors (as they train: rank r), the loop's state (step, best
-    accuracy, best tensors, patience used), the optimizer, schedule and scaler, and every process's RNG
-    state. Written by the main process."""
+    accuracy, the best tensors with their evaluation, patience used), the optimizer, schedule and scaler,
+    and every process's RNG state. Written by the main process."""
     (model, optimizer, scheduler, scaler), (step, best_acc, best, bad_evals) = parts, loop_state
     rngs = rng_states(world)  # torchrun: every process takes part
     if rank != 0:
         return
-    state = {"step": step, "best_acc": best_acc, "best": best, "bad_evals": bad_evals,
+    state = {"format": LAST_STATE_FORMAT, "step": step, "best_acc": best_acc, "best": best, "bad_evals": bad_evals,
              "trained": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
              "args": {k: v for k, v in vars(args).items() if k not in ("device", "amp_dtype")},
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
@@ -511,16 +512,20 @@ def save_run(args, parts, loop_state, rank, world):
 
 
 def resume_run(args, parts, rank, world):
-    """Load what save_run wrote, after checking the flags are the same; returns (step, best_acc, best, bad_evals)."""
+    """Load what save_run wrote, after checking the flags are the same; returns (step, best_acc, best, bad_evals).
+    Loaded on the CPU: load_state_dict copies each tensor to where the model and optimizer live."""
     model, optimizer, scheduler, scaler = parts
     path = os.path.join(args.out, LAST_STATE)
     if not os.path.isfile(path):
         raise DataError(f"{args.out}: no saved training state to resume; run without --resume to start afresh")
     try:
-        state = torch.load(path, weights_only=True, map_location=args.device)  # plain data and tensors, never code
+        state = torch.load(path, weights_only=True, map_location="cpu")  # plain data and tensors, never code
     except Exception as e:
         raise DataError(f"{args.out}: the saved training state is unreadable ({type(e).__name__}); "
                         "run without --resume to start afresh") from None
+    if state.get("format") != LAST_STATE_FORMAT:
+        raise DataError(f"{args.out}: the saved training state was written by another version of train.py; "
+                        "run without --resume to start afresh")
     changed = [f"--{k.replace('_', '-')} was {v!r}, now {getattr(args, k, None)!r}"
                for k, v in state["args"].items() if k not in RESUMABLE_CHANGES and getattr(args, k, None) != v]
     if len(state["rng"]) != world:
@@ -531,9 +536,9 @@ def resume_run(args, parts, rank, world):
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"][rank]["cpu"].cpu())  # this process's own stream
+    torch.set_rng_state(state["rng"][rank]["cpu"])  # this process's own stream
     if state["rng"][rank]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["rng"][rank]["cuda"].cpu())
+        torch.cuda.set_rng_state(state["rng"][rank]["cuda"])
     if rank == 0:
         print(f"resumed from {args.out} at step {state['step']} (best val accuracy so far "
               f"{max(state['best_acc'], 0):.4f})")

@@ -1,7 +1,7 @@
 """Where a training run's time goes: train.py run as usual, with its phases timed one by one.
 
-    python bench/phases.py TRAIN.PY FLAGS...    # e.g. --model $M --data ../shared/data/agnews_dev_train.csv
-                                                #      --limit 4000 --max-length 128 --eval-every 0
+    python bench/phases.py [train.py flags]    # e.g. --model $M --data ../shared/data/agnews_dev_train.csv
+                                               #      --limit 4000 --max-length 128 --eval-every 0
 
 Prints, after the run, each wrapped function's calls and seconds, the imports, and the whole process.
 """
