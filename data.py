@@ -205,8 +205,16 @@ READERS = {
 }
 
 
+CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
+def one_line(message):
+    """The message as one line: a control character (a newline in a file's name) is shown escaped."""
+    return CONTROL.sub(lambda m: repr(m.group())[1:-1], str(message))
+
+
 def warn(message):
-    print(f"warning: {message}", file=sys.stderr)
+    print(f"warning: {one_line(message)}", file=sys.stderr)
 
 
 def columns_of(table, source, first_row=0, missing_ok=False):

@@ -23,7 +23,8 @@ each of which would stop what the others miss:
    charged to a `Budget` sized by the file, so no file yields more than its size can honestly hold.
 3. **Contained.** `read_pickle` runs all of this in a child process (`python pickles.py`, the
    standard library only), under a memory and a CPU-time limit scaled to the bytes it reads, and a
-   wall clock. The child answers in JSON, never in a pickle. If it is killed, that is one line.
+   wall clock. The child answers with a JSON line and the texts' UTF-8, never with a pickle. If it is
+   killed, that is one line.
 """
 import io
 import json
@@ -37,6 +38,7 @@ import sys
 # What the child may spend: CPU seconds and bytes of memory, each a fixed part plus a part per
 # byte read (after decompression); the wall clock allows twice the CPU time, plus a margin.
 LIMITS = {"cpu_s": 10.0, "cpu_s_per_mb": 2.0, "memory": 2**30, "memory_per_byte": 64, "wall_margin_s": 10.0}
+EXPANSION = 16  # a compressed file may expand to this many times its size (at least 4 MiB)
 REPLY_PER_BYTE = 16  # characters of text sent back per byte read: the Budget's limit, checked once more
 FIX = ("re-save it with ds.to_parquet('test.parquet') or df.to_csv('test.csv', index=False), or pickle a plain "
        "Dataset or DataFrame")
@@ -65,12 +67,24 @@ def read_pickle(path, limits=LIMITS, columns=("text", "label")):
     if child.returncode != 0:
         raise NotReadable(f"{path}: not read: {why_the_child_stopped(child.returncode)}; {FIX}")
     try:
-        reply = json.loads(child.stdout.decode("utf-8", "surrogatepass"))
+        reply, texts = read_reply(child.stdout)
     except ValueError:
         raise NotReadable(f"{path}: not read: the reader gave no answer; {FIX}") from None
     if "error" in reply:
         raise NotReadable(f"{path}: not read: {reply['error']}; {reply['fix']}")
-    return reply["texts"], reply["labels"], reply["warnings"]
+    return texts, reply["labels"], reply["warnings"]
+
+
+def read_reply(stdout):
+    """(reply, texts) from what write_reply wrote: a JSON line, then every text's UTF-8 back to back."""
+    end = stdout.index(b"\n")
+    reply, blob, texts, start = json.loads(stdout[:end]), memoryview(stdout)[end + 1:], [], 0
+    if sum(n for n in reply.get("lengths", []) if n > 0) != len(blob):
+        raise ValueError("the texts' lengths do not add up")
+    for n in reply.get("lengths", []):  # bytes of UTF-8; -1: a missing text
+        texts.append(None if n < 0 else str(blob[start:start + n], "utf-8", "surrogatepass"))
+        start += max(n, 0)
+    return reply, texts
 
 
 def why_the_child_stopped(code):
@@ -108,8 +122,9 @@ def child_main(limits_json, path):
         raw, compressed = decompress(raw)
         limit_resources(len(raw), limits)  # now scaled to the bytes really read
         texts, labels, warnings = read_here(raw, compressed, tuple(limits["columns"]))
-        reply = {"texts": texts, "labels": labels, "warnings": warnings}
-        if sum(len(t) for t in texts if type(t) is str) > REPLY_PER_BYTE * len(raw) + 2**20:
+        reply = {"labels": labels, "warnings": warnings}
+        if sum(len(t) for t in texts if type(t) is str) > REPLY_PER_BYTE * len(raw) + 2**20 or \
+                len(json.dumps(reply)) > REPLY_PER_BYTE * len(raw) + 2**20:
             raise Refused("it decodes to more text than its size can honestly hold")
     except Refused as e:
         reply = {"error": str(e), "fix": e.fix}
@@ -119,8 +134,21 @@ def child_main(limits_json, path):
         reply = {"error": "it nests values too deeply", "fix": FIX}
     except Exception as e:  # truncated, garbled or inconsistent: all refused the same way
         reply = {"error": f"not a readable table pickle ({type(e).__name__}: {short(e, 100)})", "fix": FIX}
-    # UTF-8, as long as the texts (a lone surrogate passes through as its 3 bytes)
-    sys.stdout.buffer.write(json.dumps(reply, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    write_reply(reply, texts if "error" not in reply else [])
+
+
+def write_reply(reply, texts):
+    """One JSON line (the labels, warnings or error, and each text's length in bytes: -1 for a missing one),
+    then the texts' UTF-8 back to back. A text costs its UTF-8 bytes (a lone surrogate its 3), never the six
+    bytes JSON spends on a control character."""
+    encoded = [None if t is None else t.encode("utf-8", "surrogatepass") for t in texts]
+    reply["lengths"] = [-1 if e is None else len(e) for e in encoded]
+    out = sys.stdout.buffer
+    out.write(json.dumps(reply).encode("ascii") + b"\n")
+    for e in encoded:
+        if e:
+            out.write(e)
+    out.flush()
 
 
 def limit_resources(size, limits):
@@ -157,6 +185,9 @@ def read_here(raw, compressed=None, columns=("text", "label")):
     if labels is not None:  # 2.0 is label 2 (pandas stores an int column with a gap as floats); NaN is none
         labels = [int(y) if type(y) is float and y.is_integer() else None if y != y else y for y in labels]
     texts = [None if type(t) is float and t != t else t for t in texts]  # NaN: a missing text
+    for row, text in enumerate(texts):
+        if text is not None and type(text) is not str:
+            raise Refused(f"row {row} has text {short(text)}, not a string", fix="fix or drop that row")
     return texts, labels, warnings
 
 
@@ -170,8 +201,10 @@ def compression_of(head):
 
 
 def decompressed_cap(size):
-    """The most bytes a compressed file of `size` bytes may expand to: 64 times, and at least 4 MiB."""
-    return max(4 * 2**20, 64 * size)
+    """The most bytes a compressed file of `size` bytes may expand to: 16 times, and at least 4 MiB. Texts
+    compress 2-4 times; the limits scale with the bytes decompressed, so a larger ratio would let a
+    small file buy a large allowance."""
+    return max(4 * 2**20, EXPANSION * size)
 
 
 def decompress(raw):
@@ -189,7 +222,7 @@ def decompress(raw):
     try:
         if kind == "zip":
             archive = zipfile.ZipFile(io.BytesIO(raw))
-            members = archive.namelist()
+            members = [m for m in archive.namelist() if not m.startswith("__MACOSX/")]  # macOS's resource forks
             if len(members) != 1:
                 raise Refused(f"it is a zip archive of {len(members)} files, not of one pickle",
                               fix="unzip it and pass the .pkl inside")
@@ -203,7 +236,7 @@ def decompress(raw):
         raise Refused(f"it looks {kind}-compressed but does not decompress ({short(e, 80)})",
                       fix="check the download, or re-save it uncompressed") from None
     if len(data) > cap:
-        raise Refused(f"it is {kind}-compressed and expands to over {cap:,} bytes (64 times its size, or 4 MiB)",
+        raise Refused(f"it is {kind}-compressed and expands to over {cap:,} bytes ({EXPANSION} times its size, or 4 MiB)",
                       fix="decompress it yourself and pass the .pkl")
     return data, kind
 
@@ -287,8 +320,9 @@ def scan(raw):
     - memo slots past the file's size, or memo writes that Python's pickler never makes (twice in
       a row, or of a value just read from the memo). The memo is tracked in one byte per slot,
       so the scan's memory is bounded by the file's size;
-    - more containers and records than one per 8 bytes: each costs the unpickler 50-250 bytes, so
-      a file of one-byte EMPTY_SETs would take 230 times its size (a table needs far fewer).
+    - more containers and records than one per 4 bytes: each costs the unpickler 50-250 bytes, so
+      a file of one-byte EMPTY_SETs would take 230 times its size (a table needs fewer: one of
+      2,000 one-row Arrow chunks needs one per 7 bytes).
     """
     stack, marks, built = [], [], 0
     memo = bytearray(len(raw) + 1)  # the kind of each memo slot's value (0: not set)
@@ -323,7 +357,7 @@ def scan(raw):
         else:
             pop_and_push(name, stack, marks)
             built += name in BUILDERS
-            if built > len(raw) // 8 + 1000:
+            if built > len(raw) // 4 + 1000:
                 raise Refused("it builds more values than its size can honestly hold")
         previous = name
 
@@ -487,7 +521,8 @@ def table_columns(tree, budget, warnings):
     name, args, state = call_of(tree)
     if type(tree) in (list, tuple) and tree and all(type(row) is dict for row in tree):  # rows
         budget.take(len(tree))
-        columns = {k: [cell(row.get(k), budget) for row in tree] if k in budget.wanted else None for k in tree[0]}
+        keys = dict.fromkeys(k for row in tree for k in row)  # every row's keys: the first may lack a label
+        columns = {k: [cell(row.get(k), budget) for row in tree] if k in budget.wanted else None for k in keys}
     elif type(tree) is dict:  # a dict of columns
         columns = {k: values_of(v, budget) if k in budget.wanted else None for k, v in tree.items()}
     elif name == "DatasetDict":  # a dict subclass: its items come by SETITEMS, or (protocols 0-1) as an argument

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from checkpoint import load_model, model_max_length
-from data import DataError, pad_batch, read_text_chunks, sorted_batches, tokenize, warn, write_atomically
+from data import DataError, one_line, pad_batch, read_text_chunks, sorted_batches, tokenize, warn, write_atomically
 
 
 @torch.inference_mode()
@@ -193,7 +193,7 @@ def plot_confusion(confusion, names, path):
 
 def fail(message, code=2):
     """Bad input ends here: one line that says what is wrong and how to fix it, and a non-zero exit."""
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {one_line(message)}", file=sys.stderr)
     sys.exit(code)
 
 

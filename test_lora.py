@@ -1034,6 +1034,8 @@ BAD_PREDICTIONS = {  # name: (how to make the input or the checkpoint, what the 
     "no text column": (lambda d, v: [write_csv(d / "nocol.csv", [{"body": "a"}], columns=("body",))],
                        "no `text` column (columns: body)"),
     "no rows": (lambda d, v: [write_csv(d / "empty.csv", [])], "no rows"),
+    "a newline in the file's name": (lambda d, v: [str((d / "a\nb.pkl").write_bytes(b"garbage") and d / "a\nb.pkl")],
+                                     "a\\nb.pkl: not read"),
     "a number for a text": (lambda d, v: [str((d / "n.jsonl").write_text('{"text": "w1"}\n{"text": 7}\n') and
                                               d / "n.jsonl")], "row 1 has text 7, not a string"),
     "not a checkpoint": (lambda d, v: ["--checkpoint", str(d / "nowhere")], "not a checkpoint folder"),
@@ -1273,6 +1275,14 @@ def ordinary_tables():
         "DataFrame repeated ten times (each text memoized once)": (pd.concat([long_texts.astype(object)] * 10),
                                                                   [t * 40 for t in TEXTS] * 10, LABELS * 10),
         "empty DataFrame": (pd.DataFrame({"text": [], "label": []}).astype({"text": object, "label": int}), [], []),
+        "Dataset of 2,000 one-row Arrow chunks": (Dataset(pa.Table.from_batches([pa.record_batch(
+            {"text": [f"x{i}"], "label": [i % 4]}) for i in range(2000)])), [f"x{i}" for i in range(2000)],
+            [i % 4 for i in range(2000)]),
+        "concatenate_datasets of 200 one-row Datasets": (concatenate_datasets([Dataset.from_dict(
+            {"text": [f"t{i}"], "label": [i % 4]}) for i in range(200)]), [f"t{i}" for i in range(200)],
+            [i % 4 for i in range(200)]),
+        "row dicts, the first without a label": ([{"text": TEXTS[0]}] + [{"text": t, "label": y} for t, y in zip(
+            TEXTS[1:], LABELS[1:])], TEXTS, [None] + LABELS[1:]),
         "'ustar' at byte 257 of a text": ({"text": ["x" * 230 + "custard" * 10]}, ["x" * 230 + "custard" * 10],
                                            None),
     })
@@ -1290,7 +1300,8 @@ ORDINARY_NAMES = ["Dataset.from_dict", "Dataset.from_pandas", "Dataset with a Cl
                   "list of row dicts", "tuple of row dicts", "rows with numpy labels", "dict of columns, numpy labels",
                   "dict of numpy unicode columns", "Dataset of 60 bool columns, shuffled",
                   "DataFrame repeated ten times (each text memoized once)", "empty DataFrame",
-                  "'ustar' at byte 257 of a text"]
+                  "'ustar' at byte 257 of a text", "Dataset of 2,000 one-row Arrow chunks",
+                  "concatenate_datasets of 200 one-row Datasets", "row dicts, the first without a label"]
 
 
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
@@ -1299,7 +1310,7 @@ def test_every_ordinary_pickle_loads_with_its_texts_labels_and_order(name, proto
     table, texts, labels = ordinary_tables()[name]
     read_texts, read_labels, _ = pickles.read_here(pickle.dumps(table, protocol=protocol))
     assert read_texts == texts
-    assert read_labels == labels and all(type(y) is int for y in read_labels or [])
+    assert read_labels == labels and all(type(y) is int for y in read_labels or [] if y is not None)
 
 
 # pickles made by older pandas, pyarrow and datasets than CI has: testdata/make_pickles.py made them
@@ -1419,6 +1430,16 @@ def frame(block_values, placement, column_names=("text",)):
         [Call("pandas.core.indexes.base._new_Index", Call("pandas.Index"), {"data": names}),
          Call("pandas.core.indexes.base._new_Index", Call("pandas.RangeIndex"), {"start": 0, "stop": 1, "step": 1})])
     return Call("pandas.core.frame.DataFrame", state={"_mgr": manager})
+
+
+def zipped_like_finder(raw):
+    """A zip holding test.pkl and the __MACOSX/ resource fork that macOS's Finder adds beside it."""
+    import zipfile
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("test.pkl", raw)
+        archive.writestr("__MACOSX/._test.pkl", b"\x00\x05\x16\x07")
+    return buffer.getvalue()
 
 
 def shared(value, times):
@@ -1566,6 +1587,14 @@ def hostile_pickles(marker, fifo):
             arrow_strings([0], b"", 0), 1_900_000, pickle.LIST)))), "more rows or text than its size can honestly hold"),
         ("750,000 emoji shared by 32 rows (12 bytes each as ASCII JSON)", pickled({"text": shared("\U0001F600" * 750_000,
                                                                                                     32)}), None),
+        # found by the second attacker
+        ("a 2 MB text of control characters shared by 16 rows (6 bytes each as JSON)",
+         pickled({"text": shared("\x01" * 2_000_000, 16)}), None),
+        ("a 270 kB gzip file expanding 40 times (random bytes raise its allowance)", __import__("gzip").compress(
+            b"\x80\x04B" + (2**18 + 10**7).to_bytes(4, "little") + __import__("random").Random(0).randbytes(2**18)
+            + bytes(10**7) + b"0]."), "gzip-compressed and expands to over"),
+        ("a zip from macOS Finder (its __MACOSX entry beside the pickle)", zipped_like_finder(
+            pickle.dumps({"text": ["a", "b"]})), None),
         ("a 96-byte bz2 file expanding to 64 MB", __import__("bz2").compress(b"\x80\x04(" + b"\x8f" * 64_000_000 + b"l."),
          "expands to over 4,194,304 bytes"),
         ("a list of tuples", pickle.dumps([("great movie", 1), ("awful plot", 0)]), "a text or label is tuple"),
