@@ -575,7 +575,7 @@ def cell(value, budget):
 
 
 def values_of(obj, budget):
-    """A column as a plain list, from a list, a numpy array, an Arrow array or a pandas array."""
+    """A column as a plain list, from a list, a numpy array, an Arrow array, a pandas array or Series."""
     if type(obj) in (list, tuple):
         budget.take(len(obj))
         return [cell(v, budget) for v in obj]
@@ -587,6 +587,8 @@ def values_of(obj, budget):
         return rows
     if name in ("_restore_array", "chunked_array"):
         return arrow_values(obj, budget)
+    if name == "Series":  # a dict of Series: {"text": df.text, "label": df.label}
+        return series_values(obj, state, budget)
     if name in ("ArrowStringArray", "ArrowStringArrayNumpySemantics", "ArrowExtensionArray") and type(state) is dict:
         return arrow_values(state.get("_pa_array", state.get("_data")), budget)  # pandas 1.5 called it _data
     if name in ("IntegerArray", "BooleanArray", "FloatingArray") and type(state) is dict:  # nullable: a mask
@@ -853,6 +855,9 @@ def frame_columns(state, budget):
     if index_name != "_new_Index" or not index_args or call_of(index_args[0])[0] in ("MultiIndex", None):
         raise Refused("a DataFrame whose column names are not plain names (a MultiIndex?)",
                       fix="flatten the columns (df.columns = ['text', 'label', ...]), then pickle it again")
+    if call_of(index_args[0])[0] == "RangeIndex":  # pd.DataFrame(rows) without names: columns 0, 1, ...
+        raise Refused(f"it has no `{budget.wanted[0]}` column (its columns are numbered, not named)",
+                      fix=f"name them (df.columns = ['{budget.wanted[0]}', ...]), then pickle it again")
     names = values_of(column_index, budget)
     wanted = {n: names.index(n) for n in budget.wanted if n in names}
     if any(names.count(n) > 1 for n in wanted):

@@ -1281,6 +1281,7 @@ def ordinary_tables():
         "concatenate_datasets of 200 one-row Datasets": (concatenate_datasets([Dataset.from_dict(
             {"text": [f"t{i}"], "label": [i % 4]}) for i in range(200)]), [f"t{i}" for i in range(200)],
             [i % 4 for i in range(200)]),
+        "dict of pandas Series": ({"text": frame["text"], "label": frame["label"]}, TEXTS, LABELS),
         "row dicts, the first without a label": ([{"text": TEXTS[0]}] + [{"text": t, "label": y} for t, y in zip(
             TEXTS[1:], LABELS[1:])], TEXTS, [None] + LABELS[1:]),
         "'ustar' at byte 257 of a text": ({"text": ["x" * 230 + "custard" * 10]}, ["x" * 230 + "custard" * 10],
@@ -1301,7 +1302,8 @@ ORDINARY_NAMES = ["Dataset.from_dict", "Dataset.from_pandas", "Dataset with a Cl
                   "dict of numpy unicode columns", "Dataset of 60 bool columns, shuffled",
                   "DataFrame repeated ten times (each text memoized once)", "empty DataFrame",
                   "'ustar' at byte 257 of a text", "Dataset of 2,000 one-row Arrow chunks",
-                  "concatenate_datasets of 200 one-row Datasets", "row dicts, the first without a label"]
+                  "concatenate_datasets of 200 one-row Datasets", "row dicts, the first without a label",
+                  "dict of pandas Series"]
 
 
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
@@ -1599,6 +1601,8 @@ def hostile_pickles(marker, fifo):
          "expands to over 4,194,304 bytes"),
         ("a list of tuples", pickle.dumps([("great movie", 1), ("awful plot", 0)]), "a text or label is tuple"),
         ("a list of bytes", pickle.dumps([b"great movie", b"awful plot"]), "a text or label is bytes"),
+        ("a DataFrame whose columns are numbered, not named", pickle.dumps(__import__("pandas").DataFrame(
+            [["a", 1]])), "its columns are numbered, not named"),
         ("columns under a MultiIndex", pickle.dumps(__import__("pandas").DataFrame(
             [["a", 1]], columns=__import__("pandas").MultiIndex.from_tuples([("x", "text"), ("x", "label")]))),
          "column names are not plain names (a MultiIndex?)"),
