@@ -111,7 +111,7 @@ def open_regular(path):
     return os.fdopen(fd, "rb")
 
 
-# --- the child: python pickles.py LIMITS PATH -> one JSON line -------------------------------------
+# --- the child: python pickles.py LIMITS PATH -> one JSON line, then the texts' UTF-8 -----------------
 
 def child_main(limits_json, path):
     limits = json.loads(limits_json)
