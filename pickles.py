@@ -185,9 +185,9 @@ def read_here(raw, compressed=None, columns=("text", "label")):
     if labels is not None:  # 2.0 is label 2 (pandas stores an int column with a gap as floats); NaN is none
         labels = [int(y) if type(y) is float and y.is_integer() else None if y != y else y for y in labels]
     texts = [None if type(t) is float and t != t else t for t in texts]  # NaN: a missing text
-    for row, text in enumerate(texts):
-        if text is not None and type(text) is not str:
-            raise Refused(f"row {row} has text {short(text)}, not a string", fix="fix or drop that row")
+    for row, value in enumerate(texts):  # (`text` is the column's name)
+        if value is not None and type(value) is not str:
+            raise Refused(f"row {row} has text {short(value)}, not a string", fix="fix or drop that row")
     return texts, labels, warnings
 
 

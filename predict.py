@@ -1,6 +1,7 @@
 """How we answer: rebuild the base model, load the trained adapter, fold it in, label every text.
 
     python predict.py test.pkl [--checkpoint checkpoint] [--out submission.csv] [--batch-size 64]
+                               [--precision auto]
 
 Writes `ID,Label` rows, IDs 0..N-1 in input order. If the input has a `label` column too, prints
 the accuracy and, per class, precision, recall, F1 and the confusion matrix. CSV, JSON lines and

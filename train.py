@@ -129,11 +129,10 @@ def keep_best(args, model, new, config, evaluation):
 
 
 def restore(model, best, step):
-    """The model with the best adapter and head put back (strict=False: those are all it holds)."""
+    """Put the best adapter and head back into the model (strict=False: those are all `best` holds)."""
     if best is None:  # resumed with no step left to take, before any evaluation
         raise DataError(f"no evaluation has run yet (step {step}); resume with a larger --max-steps or --epochs")
     model.load_state_dict(best["tensors"], strict=False)
-    return model
 
 
 def train(args):
