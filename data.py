@@ -2,17 +2,11 @@
 
 Every text is tokenized once, truncated and not padded. All the token ids live in one flat int32
 array, text i at ids[starts[i]:starts[i + 1]] (`Tokens`): 4 bytes a token, where Python lists of
-ints took about 240 (bench/memory.py). A batch is a list of row numbers; `pad_batch` pads those rows to the longest
-one among them (dynamic padding) and gives the attention mask that hides the padding. Training
-batches are cut from groups of rows of similar length, so that little padding is computed, and
-shuffled; evaluation and prediction batches are simply sorted by length.
-
-(Why a flat array and not `datasets.map`: both store ids compactly, but `map` caches only for
-file-backed datasets and adds a second kind of table to read; the array is the data structure
-itself, and `tokenize` caches it on disk, keyed by the texts and the tokenizer.)
+ints take about 240. A batch is a list of row numbers; `pad_batch` pads those rows to the longest
+among them (dynamic padding) and gives the attention mask that hides the padding. Training batches
+are cut from groups of rows of similar length, so that little padding is computed, then shuffled;
+evaluation and prediction batches are simply sorted by length.
 """
-import contextlib
-import hashlib
 import itertools
 import json
 import math
@@ -23,13 +17,10 @@ import re
 import sys
 
 import numpy as np
-import pandas as pd
 import torch
 
-import pickles
-from pickles import printable, short
-
-TEXT, LABEL = "text", "label"  # the columns read from every input: rename here if your data names them otherwise
+TEXT, LABEL = "text", "label"  # the columns read from every input: rename them here
+CHARS_PER_TOKEN = 64  # no token is longer: cutting a text there first changes no token kept
 
 
 class Tokens:
@@ -37,40 +28,32 @@ class Tokens:
 
     def __init__(self, ids, starts):
         self.ids, self.starts = ids, starts
-        self.lengths = np.diff(starts).astype(np.int32)
+        self.lengths = np.diff(starts)
 
     def __len__(self):
-        return len(self.starts) - 1
+        return len(self.lengths)
 
     def __getitem__(self, i):
         return self.ids[self.starts[i]:self.starts[i + 1]]
 
 
-def tokenize(tokenizer, texts, max_length, cache=True):
-    """Tokens of every text, truncated to max_length, not padded (with `cache`, kept on disk for next time).
+def tokenize(tokenizer, texts, max_length, chunk=8192):
+    """Tokens of every text, truncated to max_length, not padded.
 
-    The fast tokenizer encodes a chunk of texts at a time, in parallel; each chunk is flattened to
-    int32 at once, so only one chunk is ever held as Python lists.
+    The fast tokenizer encodes a chunk of texts at a time; each chunk becomes int32 at once, so only
+    one chunk is ever held as Python lists. A text is first cut at CHARS_PER_TOKEN characters a
+    token: the tokenizer reads a whole text before it truncates, and a 1 MB text would cost that.
     """
-    cached = token_cache_path(tokenizer, texts, max_length) if cache else None
-    if cached and all(os.path.isfile(cached + end) for end in (".ids.int32", ".starts.npy")):
-        return read_token_cache(cached)  # tokenized by an earlier run
-    try:
-        return store_tokens(encode_chunks(tokenizer, texts, max_length), cached)
-    except OSError:  # the cache could not be written (a full disk): keep the tokens in memory instead
-        return store_tokens(encode_chunks(tokenizer, texts, max_length), None)
-
-
-CHARS_PER_TOKEN = 64  # a token covers fewer characters than this, so cutting there changes no token kept
-
-
-def encode_chunks(tokenizer, texts, max_length, chunk=8192):
-    """Token ids of texts, a chunk at a time. Each text is cut at 64 characters a token first: the
-    tokenizer encodes the whole text before it truncates, so a 1 MB text would cost what it is long."""
     cut = max_length * CHARS_PER_TOKEN
+    lengths, ids = [np.zeros(0, np.int64)], [np.zeros(0, np.int32)]
     for start in range(0, len(texts), chunk):
-        yield tokenizer([t[:cut] for t in texts[start:start + chunk]], truncation=True,
-                        max_length=max_length)["input_ids"]
+        pieces = [text[:cut] for text in texts[start:start + chunk]]
+        encoded = tokenizer(pieces, truncation=True, max_length=max_length)["input_ids"]
+        lengths.append(np.fromiter(map(len, encoded), np.int64, len(encoded)))
+        flat = itertools.chain.from_iterable(encoded)
+        ids.append(np.fromiter(flat, np.int32, int(lengths[-1].sum())))
+    starts = np.concatenate([[0], np.cumsum(np.concatenate(lengths))])
+    return Tokens(np.concatenate(ids), starts)
 
 
 def length_grouped_batches(lengths, batch_size, seed, group_batches=64):
@@ -80,7 +63,6 @@ def length_grouped_batches(lengths, batch_size, seed, group_batches=64):
     and cut it into batches, then shuffle the batches: the order stays random, the padding small.
     """
     rng = random.Random(seed)
-    lengths = list(map(int, lengths))
     rows = list(range(len(lengths)))
     rng.shuffle(rows)
     group = batch_size * group_batches
@@ -93,46 +75,81 @@ def length_grouped_batches(lengths, batch_size, seed, group_batches=64):
 
 
 def sorted_batches(lengths, batch_size):
-    """Batches of row numbers sorted longest first: least padding, and any memory error comes first."""
+    """Batches of row numbers sorted longest first: least padding, and any memory error first."""
     rows = np.argsort(-np.asarray(lengths), kind="stable").tolist()
     return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
-def pad_batch(tokens, rows, pad_id):
-    """(input_ids, attention_mask) of tokens[rows], both (len(rows), longest) int64, padded on the right."""
-    sequences = [tokens[i] for i in rows]
-    longest = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, :len(seq)] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
-        attention_mask[row, :len(seq)] = 1
-    return input_ids, attention_mask
+def pad_batch(tokens, rows, pad_id, multiple=1, max_length=None):
+    """(input_ids, attention_mask) of tokens[rows]: int64, padded on the right to the longest row,
+    rounded up to a multiple of `multiple` (fewer shapes for a GPU) but never past max_length."""
+    lengths = tokens.lengths[rows]
+    width = -(-int(lengths.max()) // multiple) * multiple
+    width = max(int(lengths.max()), min(width, max_length or width))
+    positions = np.arange(width)
+    mask = positions < lengths[:, None]
+    index = np.minimum(tokens.starts[rows][:, None] + positions, max(len(tokens.ids) - 1, 0))
+    input_ids = np.where(mask, tokens.ids[index], pad_id)
+    return torch.from_numpy(input_ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
 
 
 # --- operations: not needed to follow the method --------------------------------------------------
-# Reading tables (hub names, files, folders), checking them, caching tokens, writing files safely.
+# Reading tables (hub names, files, folders) and checking their labels; messages and safe writes.
 
 class DataError(ValueError):
     """Bad input (data, flags or a checkpoint); the message says what is wrong and how to fix it."""
 
 
-def read_table(source):
-    """Rows from a hub dataset name, a .csv/.jsonl/.parquet/.pkl file, or a save_to_disk folder.
+def load_splits(source, val_size, seed, limit=None, names=None, num_labels=None):
+    """((train texts, labels), (validation texts, labels), class names) of the labelled rows of
+    `source`: --limit rows kept by a seeded shuffle, then --val-size split off with the seed.
 
-    Returns a `datasets.Dataset` (the train split, for hub names and folders), a pandas DataFrame
-    (.csv, .parquet) or a dict of columns (.jsonl, .pkl).
+    The rows are those of datasets' shuffle and train_test_split with that seed (the Trainer + PEFT
+    recipe's). Class names: given, else the data's own, else "0".."K-1"; string labels are mapped
+    to them (sorted, unless given). Every label is checked first, in the file's row order.
     """
+    texts, labels, found_names = read_table(source)
+    if labels is None:
+        raise DataError(f"{source}: no `{LABEL}` column; training needs a label for every text")
+    names, labels = name_classes(names or found_names, num_labels, labels, source)
+    texts = clean_texts(texts, source)
+    rows = np.arange(len(texts))
+    if limit is not None:
+        rows = np.random.default_rng(seed).permutation(len(rows))[:limit]
+    if not 0 < val_size < len(rows):
+        raise DataError(f"--val-size {val_size} must be above 0 and below the {len(rows)} rows used"
+                        + (f" (--limit {limit})" if limit is not None else "")
+                        + "; lower it or use more rows")
+    rows = rows[np.random.default_rng(seed).permutation(len(rows))].tolist()
+    pick = lambda part: ([texts[i] for i in part], [labels[i] for i in part])  # noqa: E731
+    return pick(rows[val_size:]), pick(rows[:val_size]), names
+
+
+def read_texts(source):
+    """(texts, labels or None) to predict, in input order: a missing text is predicted as ""."""
+    texts, labels, _ = read_table(source, missing_ok=True)
+    return clean_texts(texts, source), labels
+
+
+def read_table(source, missing_ok=False):
+    """(texts, labels or None, class names or None) of a hub dataset name, a .csv, .jsonl,
+    .parquet or .pkl file (a pickle is read as data, never run: pickles.py), or a save_to_disk
+    folder. A missing text (None, NaN) is refused naming its row, or with `missing_ok` kept None."""
     ext = input_kind(source)
     if ext and not os.path.isdir(source):
         if ext not in READERS:
-            raise DataError(f"{source}: unknown input kind; use .csv, .jsonl, .parquet, .pkl (also compressed: "
+            raise DataError(f"{source}: unknown input kind; use .csv, .jsonl, .parquet, .pkl (also "
                             ".pkl.gz, .bz2, .xz, .zip) or a datasets.save_to_disk folder")
-        if not os.path.exists(source):
-            raise DataError(f"{source}: no such file; check the path")
         if not os.path.isfile(source):
-            raise DataError(f"{source}: not a regular file (a folder, pipe or device); give the data file itself")
-        return READERS[ext](source)
+            raise DataError(f"{source}: no such file (or not a regular file); check the path")
+        table = READERS[ext](source)
+    else:
+        table = read_dataset(source)
+    return columns_of(table, source, missing_ok) + (class_names(table),)
+
+
+def read_dataset(source):
+    """The train split of a save_to_disk folder or a hub dataset (such as ag_news)."""
     import datasets  # only here: it takes a second to import, and most inputs are files
 
     if os.path.isdir(source):
@@ -142,21 +159,25 @@ def read_table(source):
     import huggingface_hub
     huggingface_hub.logging.set_verbosity_error()
     try:
-        return datasets.load_dataset(source, split="train")  # a hub name such as ag_news
+        return datasets.load_dataset(source, split="train")
     except Exception as e:  # offline, a typo in the name, or the hub down: all end the same way
-        raise DataError(f"cannot load the dataset '{source}' from the Hugging Face hub ({short(e, 120)}); offline, "
-                        "give a local file (--data train.csv with text,label columns) and a local "
-                        "--model folder, and set HF_HUB_OFFLINE=1") from None
+        raise DataError(f"cannot load the dataset '{source}' from the Hugging Face hub "
+                        f"({short(e, 120)}); offline, give a local file (--data train.csv with "
+                        "text,label columns) and a local --model folder, with HF_HUB_OFFLINE=1") \
+            from None
 
 
 def input_kind(source):
-    """The file's kind from its name: .csv, .jsonl, .parquet, or .pkl (also test.pkl.gz and the like)."""
+    """The file's kind from its name: .csv, .jsonl, .parquet, or .pkl (also test.pkl.gz)."""
     stem, ext = os.path.splitext(source.lower())
-    return ".pkl" if ext in (".gz", ".bz2", ".xz", ".zip", ".zst", ".tar") and stem.endswith(".pkl") else ext
+    compressed = ext in (".gz", ".bz2", ".xz", ".zip", ".zst", ".tar")
+    return ".pkl" if compressed and stem.endswith(".pkl") else ext
 
 
 def read_pickled_table(path):
-    """{'text': [...], 'label': [...] or None} of a pickle, read as data in a child process (pickles.py)."""
+    """{TEXT: texts, LABEL: labels} of a pickle, read as data in a child process (pickles.py)."""
+    import pickles
+
     try:
         texts, labels, notes = pickles.read_pickle(path, columns=(TEXT, LABEL))
     except pickles.NotReadable as e:
@@ -166,103 +187,90 @@ def read_pickled_table(path):
     return {TEXT: texts, **({LABEL: labels} if labels is not None else {})}
 
 
-def read_jsonl(path, chunksize=None):
-    """JSON lines as a dict of columns, or (with chunksize) an iterator of such pieces, in order.
-
-    Read with the json module, so "123" stays text and a \\ud800 escape stays what it is (a lone
-    surrogate, made U+FFFD later with a warning), and undecodable bytes become such surrogates too.
-    """
-    pieces = jsonl_pieces(path, chunksize or math.inf)
-    return pieces if chunksize else next(pieces, {})
-
-
-def jsonl_pieces(path, rows):
-    batch = []
+def read_jsonl(path):
+    """JSON lines as a dict of columns. Read with the json module, so "123" stays text; bytes that
+    are not UTF-8 become lone surrogates, made U+FFFD later with a warning."""
+    rows = []
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    batch.append(json.loads(line))
-                except ValueError:
-                    raise DataError(f"{path}: line {number} is not JSON; give one JSON object per line") from None
-                if not isinstance(batch[-1], dict):
-                    raise DataError(f"{path}: line {number} is not a JSON object; give one {{...}} per line")
-            if len(batch) >= rows:
-                yield {k: [row.get(k) for row in batch] for k in dict.fromkeys(k for row in batch for k in row)}
-                batch = []
-    if batch:
-        yield {k: [row.get(k) for row in batch] for k in dict.fromkeys(k for row in batch for k in row)}
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except (ValueError, RecursionError):
+                raise DataError(f"{path}: line {number} is not JSON; give one object per line") \
+                    from None
+            if not isinstance(rows[-1], dict):
+                raise DataError(f"{path}: line {number} is not a JSON object; give one {{...}} "
+                                "per line")
+    keys = [k for k in (TEXT, LABEL) if any(k in row for row in rows)]
+    return {k: [row.get(k) for row in rows] for k in keys}
 
 
-READERS = {
-    # a CSV's empty field is an empty text, and "NA" is a word, not a missing value; bytes that
-    # are not UTF-8 become U+FFFD (options: chunksize=N reads N rows at a time, as predict.py does)
-    ".csv": lambda path, **options: pd.read_csv(path, dtype={TEXT: str}, na_filter=False,
-                                                encoding_errors="replace", **options),
-    ".jsonl": read_jsonl,
-    ".parquet": pd.read_parquet,
-    ".pkl": read_pickled_table,  # a pickle is read as data, never run: see pickles.py
-}
+def read_csv(path):
+    import pandas as pd  # an empty field is an empty text, and "NA" is a word, not a missing value
+
+    return pd.read_csv(path, dtype={TEXT: str}, na_filter=False, encoding_errors="replace")
 
 
-CONTROL = re.compile("[\x00-\x1f\x7f]")
+def read_parquet(path):
+    import pandas as pd
+
+    return pd.read_parquet(path)
 
 
-def one_line(message):
-    """The message as one line: a control character (a newline in a file's name) is shown escaped."""
-    return CONTROL.sub(lambda m: repr(m.group())[1:-1], str(message))
+READERS = {".csv": read_csv, ".jsonl": read_jsonl, ".parquet": read_parquet,
+           ".pkl": read_pickled_table}
 
 
-def warn(message):
-    print(f"warning: {one_line(message)}", file=sys.stderr)
-
-
-def columns_of(table, source, first_row=0, missing_ok=False):
-    """The `text` column (and `label`, or None) of a Dataset, DataFrame or dict of columns.
-
-    A missing text (None, NaN) is refused, naming its row; with `missing_ok` it is left None.
-    """
-    names = list(table) if isinstance(table, dict) else list(getattr(table, "column_names", None) or table.columns)
+def columns_of(table, source, missing_ok=False):
+    """(texts, labels or None) of the TEXT and LABEL columns of a Dataset, DataFrame or dict."""
+    names = list(table) if isinstance(table, dict) else \
+        list(getattr(table, "column_names", None) or table.columns)
     if TEXT not in names:
         listed = ", ".join(printable(n) for n in names[:20])
-        raise DataError(f"{source}: no `{TEXT}` column (columns: {listed or 'none'}); "
-                        f"rename the column that holds the texts to `{TEXT}` (or set data.TEXT)")
+        raise DataError(f"{source}: no `{TEXT}` column (columns: {listed or 'none'}); rename the "
+                        f"column that holds the texts to `{TEXT}` (or set data.TEXT)")
     texts = list(table[TEXT])
     labels = list(table[LABEL]) if LABEL in names else None
-    if not texts and not first_row:
+    if not texts:
         raise DataError(f"{source}: no rows; give a file with at least one text")
     if labels is not None and len(labels) != len(texts):
-        raise DataError(f"{source}: {len(texts)} texts but {len(labels)} labels; give one label per text")
+        raise DataError(f"{source}: {len(texts)} texts but {len(labels)} labels; give one label "
+                        "per text")
     for i, text in enumerate(texts):
         if text is None or (isinstance(text, float) and math.isnan(text)):
-            if missing_ok:
-                texts[i] = None
-                continue
-            raise DataError(f"{source}: row {first_row + i} has no text (a missing value); fill it in (an empty string is "
-                            "fine) or drop that row")
-        if not isinstance(text, str):
-            raise DataError(f"{source}: row {first_row + i} has text {short(text)}, not a string; fix or drop that row")
+            if not missing_ok:
+                raise DataError(f"{source}: row {i} has no text (a missing value); fill it in (an "
+                                "empty string is fine) or drop that row")
+            texts[i] = None
+        elif not isinstance(text, str):
+            raise DataError(f"{source}: row {i} has text {short(text)}, not a string; fix or "
+                            "drop that row")
     return texts, labels
 
 
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def clean_texts(texts):
-    """(texts, missing, replaced): a missing text (None) becomes "", a lone surrogate (half of a UTF-16
-    pair, which no tokenizer can encode) becomes U+FFFD; the counts say how many texts changed."""
+def clean_texts(texts, source):
+    """The texts with a missing one (None) as "" and each lone surrogate (half of a UTF-16 pair,
+    which no tokenizer encodes) as U+FFFD, with one warning line for each kind of change."""
     missing = replaced = 0
     for i, text in enumerate(texts):
         if text is None:
-            texts[i], missing = "", missing + 1
+            texts[i] = ""
+            missing += 1
         elif not text.isascii() and LONE_SURROGATE.search(text):
-            texts[i], replaced = LONE_SURROGATE.sub("\ufffd", text), replaced + 1
-    return texts, missing, replaced
-
-
-def warn_replaced(source, replaced):
+            texts[i] = LONE_SURROGATE.sub("\ufffd", text)
+            replaced += 1
+    if missing:
+        warn(f"{source}: {missing:,} rows have no text (a missing value); each was predicted as an "
+             "empty text")
     if replaced:
-        warn(f"{source}: {replaced:,} texts held lone surrogates (invalid UTF-16); each became U+FFFD")
+        warn(f"{source}: {replaced:,} texts held lone surrogates (invalid UTF-16); each became "
+             "U+FFFD")
+    return texts
 
 
 def class_names(table):
@@ -271,163 +279,47 @@ def class_names(table):
     return list(feature.names) if hasattr(feature, "names") else None
 
 
-def load_splits(source, val_size, seed, limit=None, names=None, num_labels=None):
-    """Labelled rows from `source`, split into (train, val) with the seed, and the class names.
+def name_classes(names, num_labels, labels, source):
+    """(class names, labels as 0..K-1). String labels are class names: mapped in `names` order,
+    or sorted. Integer labels: K is num_labels, else len(names), else the labels' own 0..K-1."""
+    if any(isinstance(y, str) for y in labels):
+        names = names or sorted(set(labels), key=str)
+        index = {name: i for i, name in enumerate(names)}
+        unknown = next((i for i, y in enumerate(labels) if y not in index), None)
+        if unknown is not None:
+            raise DataError(f"{source}: row {unknown} has label {short(labels[unknown])}, not one "
+                            f"of the {len(names)} class names; fix that row or --label-names")
+        labels = [index[y] for y in labels]
+    num_labels = num_labels or (len(names) if names else count_classes(labels, source))
+    if names and len(names) != num_labels:
+        raise DataError(f"{len(names)} class names ({short(names)}) for {num_labels} labels; give "
+                        "one --label-names name per class (and --num-labels, if given, to match)")
+    for i, label in enumerate(labels):
+        if not is_index(label) or not 0 <= label < num_labels:
+            raise DataError(f"{source}: row {i} has label {short(label)}, outside "
+                            f"0..{num_labels - 1}; fix that row or set --num-labels")
+    return [str(n) for n in names] if names else [str(i) for i in range(num_labels)], labels
 
-    Returns ((train_texts, train_labels), (val_texts, val_labels), names: one per label 0..K-1, given,
-    else the data's own, else "0".."K-1"). Every label is checked first, in the file's row order.
-    With `limit`, a seeded shuffle keeps only the first `limit` rows before the split.
-    """
-    table = read_table(source)
-    texts, labels = columns_of(table, source)
-    if labels is None:
-        raise DataError(f"{source}: no `{LABEL}` column; training needs a label (0..K-1) for every text")
-    names = name_classes(names or class_names(table), num_labels, labels, source)
-    texts, _, replaced = clean_texts(texts)
-    warn_replaced(source, replaced)
-    # the seeded permutations of datasets' shuffle and train_test_split: the same rows as the
-    # Trainer + PEFT recipe with that seed (a test checks it against datasets itself)
-    rows = np.arange(len(texts))
-    if limit is not None:
-        rows = np.random.default_rng(seed).permutation(len(rows))[:limit]
-    if not 0 < val_size < len(rows):
-        raise DataError(f"--val-size {val_size} must be above 0 and below the {len(rows)} rows used"
-                        + (f" (--limit {limit})" if limit is not None else "") + "; lower it or use more rows")
-    rows = rows[np.random.default_rng(seed).permutation(len(rows))]
-    pick = lambda part: ([texts[i] for i in part], [labels[i] for i in part])  # noqa: E731
-    return pick(rows[val_size:].tolist()), pick(rows[:val_size].tolist()), names
+
+def is_index(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def count_classes(labels, source):
     """K, when the labels are exactly the integers 0..K-1; else one line naming what was found."""
     found = set(labels)
-    if all(isinstance(y, numbers.Integral) and not isinstance(y, bool) for y in found) \
-            and found == set(range(len(found))):
+    if all(is_index(y) for y in found) and found == set(range(len(found))):
         return len(found)
     shown = ", ".join(short(y, 20) for y in sorted(found, key=lambda y: (str(type(y)), y))[:10])
-    raise DataError(f"{source}: labels must be the integers 0..K-1, found {len(found)} distinct: {shown}"
-                    f"{', ...' if len(found) > 10 else ''}; map them to 0..K-1 (AG News' original CSV numbers its "
-                    "classes 1-4: subtract 1), or pass --num-labels K if some classes are absent")
-
-
-def name_classes(names, num_labels, labels, source):
-    """The class names, one per label 0..K-1 (given, else "0".."K-1"), after checking every label.
-
-    K is num_labels if given, else the number of names, else the labels' own 0..K-1."""
-    num_labels = num_labels or (len(names) if names else count_classes(labels, source))
-    if names and len(names) != num_labels:
-        raise DataError(f"{len(names)} class names ({', '.join(names)}) for {num_labels} labels; give one "
-                        "--label-names name per class (and --num-labels, if given, to match)")
-    check_labels(labels, num_labels, source)
-    return list(names or map(str, range(num_labels)))
-
-
-def check_labels(labels, num_labels, source):
-    """Every label must be an integer in 0..num_labels-1."""
-    for i, label in enumerate(labels):
-        if isinstance(label, bool) or not isinstance(label, numbers.Integral) or not 0 <= label < num_labels:
-            raise DataError(f"{source}: row {i} has label {short(label)}, outside 0..{num_labels - 1}; "
-                            "fix that row or set --num-labels")
-
-
-def read_texts(source):
-    """Texts (and labels, if the file has them, else None) to predict, in input order (None: missing)."""
-    return columns_of(read_table(source), source, missing_ok=True)
-
-
-def read_text_chunks(source, rows=50_000):
-    """(texts, labels or None) to predict, `rows` at a time, in input order: memory bounded by a chunk.
-
-    CSV, JSON lines and parquet files are read a piece at a time; a pickle or a dataset has to be
-    read whole (its rows are then handed out in chunks). A missing text is predicted as an empty
-    one; after the last chunk, one warning line counts them (and any lone surrogates replaced).
-    """
-    ext = input_kind(source)
-    if ext in (".csv", ".jsonl", ".parquet") and os.path.isfile(source):
-        chunks = file_chunks(source, ext, rows)
-    else:
-        all_texts, all_labels = read_texts(source)
-        chunks = ((all_texts[i:i + rows], all_labels[i:i + rows] if all_labels is not None else None)
-                  for i in range(0, len(all_texts), rows))
-    total = missing = replaced = 0
-    for texts, labels in chunks:
-        texts, chunk_missing, chunk_replaced = clean_texts(texts)
-        total, missing, replaced = total + len(texts), missing + chunk_missing, replaced + chunk_replaced
-        yield texts, labels
-    if total == 0:
-        raise DataError(f"{source}: no rows; give a file with at least one text")
-    if missing:
-        warn(f"{source}: {missing:,} rows have no text (a missing value); each was predicted as an empty text")
-    warn_replaced(source, replaced)
-
-
-def file_chunks(path, ext, rows):
-    """(texts, labels or None) of a .csv, .jsonl or .parquet file, `rows` at a time, in order."""
-    if ext in (".csv", ".jsonl"):
-        frames = READERS[ext](path, chunksize=rows)
-    else:
-        import pyarrow.parquet as pq
-        frames = (batch.to_pandas() for batch in pq.ParquetFile(path).iter_batches(batch_size=rows))
-    first = 0
-    for frame in frames:
-        texts, labels = columns_of(frame, path, first_row=first, missing_ok=True)
-        first += len(texts)
-        yield texts, labels
-
-
-def token_cache_path(tokenizer, texts, max_length):
-    """Where the tokens of these texts by this tokenizer are kept (None: no cache directory)."""
-    folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lora-textcls")
-    key = hashlib.sha256(f"{type(tokenizer).__name__} {max_length} {len(texts)}".encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:  # its vocabulary and rules; not the truncation a previous call left set
-        key.update(json.dumps({k: v for k, v in json.loads(backend.to_str()).items()
-                               if k not in ("truncation", "padding")}, sort_keys=True).encode())
-    else:
-        key.update(repr(tokenizer).encode())
-    for text in texts:
-        key.update(text.encode("utf-8", "surrogatepass") + b"\0")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError:
-        return None
-    return os.path.join(folder, f"tokens-{key.hexdigest()[:32]}")
-
-
-def store_tokens(chunks, cached):
-    """Tokens from chunks of token-id lists, flattened to int32 a chunk at a time: straight into the
-    cache file, then mapped back from disk (resident only as batches touch it), or into memory."""
-    lengths, in_memory, tmp = [], [], f"{cached}.ids.tmp{os.getpid()}" if cached else None
-    try:
-        with open(tmp, "wb") if tmp else contextlib.nullcontext() as ids_file:
-            for encoded in chunks:
-                lengths.append(np.fromiter(map(len, encoded), np.int64, len(encoded)))
-                ids = np.fromiter(itertools.chain.from_iterable(encoded), np.int32, int(lengths[-1].sum()))
-                ids_file.write(ids.tobytes()) if ids_file else in_memory.append(ids)
-        starts = np.concatenate([[0], np.cumsum(np.concatenate(lengths or [np.zeros(0, np.int64)]))])
-        if tmp is None:
-            return Tokens(np.concatenate(in_memory or [np.zeros(0, np.int32)]), starts)
-        os.replace(tmp, cached + ".ids.int32")
-        write_atomically(cached + ".starts.npy", lambda f: np.save(f, starts), mode="wb")  # last: the entry is whole
-        return read_token_cache(cached)
-    finally:
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def read_token_cache(cached):
-    starts = np.load(cached + ".starts.npy")
-    ids = np.memmap(cached + ".ids.int32", np.int32, mode="r") if starts[-1] else np.zeros(0, np.int32)
-    if len(ids) != starts[-1]:
-        raise DataError(f"{cached}: a damaged token cache entry; delete it and run again")
-    return Tokens(ids, starts)
+    raise DataError(f"{source}: labels must be the integers 0..K-1, found {len(found)} distinct: "
+                    f"{shown}{', ...' if len(found) > 10 else ''}; map them to 0..K-1 (AG News' "
+                    "original CSV numbers its classes 1-4: subtract 1), or pass --num-labels K "
+                    "if some classes are absent")
 
 
 def write_atomically(path, write, mode="w"):
-    """Call write(file) on a temporary file beside `path`, then rename it into place.
-
-    A crash mid-write leaves the old file (or none), never half a file.
-    """
+    """Call write(file) on a temporary file beside `path`, then rename it into place: a crash
+    mid-write leaves the old file (or none), never half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, mode, **({"newline": ""} if mode == "w" else {})) as f:
@@ -436,3 +328,35 @@ def write_atomically(path, write, mode="w"):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def one_line(message):
+    """The message as one line: a control character (a newline in a name) is shown escaped."""
+    return CONTROL.sub(lambda m: repr(m.group())[1:-1], str(message))
+
+
+def short(value, width=60):
+    """A repr of bounded cost, safe to print: a few levels and items deep, at most `width` long."""
+    import reprlib
+    bounded = reprlib.Repr()
+    bounded.maxlevel, bounded.maxtuple, bounded.maxlist, bounded.maxdict = 3, 4, 4, 4
+    bounded.maxstring = bounded.maxother = bounded.maxlong = width
+    try:
+        text = str(value)[:4 * width] if isinstance(value, BaseException) else bounded.repr(value)
+    except Exception:  # a 5,000-digit int: say what it is, not its value
+        text = f"<a {type(value).__name__}>"
+    text = one_line(text)
+    return text if len(text) <= width else text[:width] + "..."
+
+
+def printable(name, width=40):
+    """A name as it is when it is short and printable, else as a short repr."""
+    plain = isinstance(name, str) and name.isprintable() and len(name) <= width
+    return name if plain else short(name, width)
+
+
+def warn(message):
+    print(f"warning: {one_line(message)}", file=sys.stderr)

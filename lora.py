@@ -12,9 +12,8 @@ PiSSA (`init="pissa"`, Meng et al., 2024) starts the adapter where W0 itself is 
 Eckart-Young, the best rank-r approximation of W0 = U S V^T is its top-r SVD, U_r S_r V_r^T. With
 s = alpha / r, set B0 = U_r sqrt(S_r / s) and A0 = sqrt(S_r / s) V_r^T, so that s B0 A0 is that
 approximation, and freeze the residual W0 - s B0 A0 as the base. Before training the model is
-exactly the pretrained one; training then moves W0's principal directions instead of a random A.
-Saved, a trained PiSSA adapter is plain LoRA on the pretrained W0, of rank 2r with alpha 2 alpha:
-s (B A - B0 A0) = s [B, -B0] [A; A0] (`saved_A_B`), so merge, predict and PEFT take it unchanged.
+exactly the pretrained one. Saved, a trained PiSSA adapter is plain LoRA on the pretrained W0, of
+rank 2r with alpha 2 alpha: s (B A - B0 A0) = s [B, -B0] [A; A0] (`saved_A_B`).
 """
 import math
 
@@ -23,26 +22,23 @@ from torch import nn
 
 
 class TargetError(ValueError):
-    """A --targets name that matches no adaptable nn.Linear (the message lists those that exist), or a rank
-    one of them cannot take."""
+    """A --targets name that matches no adaptable nn.Linear, or a rank one of them cannot take."""
 
 
 class LoRALinear(nn.Module):
     """`base(x) + (alpha / r) * lora_B(lora_A(dropout(x)))`, with `base` frozen."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, init: str = "lora"):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout=0.0, init="lora"):
         super().__init__()
-        if r < 1:
-            raise ValueError(f"LoRA rank r must be at least 1, got {r}")
         if init == "pissa" and r > min(base.in_features, base.out_features):
-            raise TargetError(f"PiSSA rank r={r} is above the {base.out_features} x {base.in_features} weight's "
-                             f"rank; use --r {min(base.in_features, base.out_features)} or less")
-        self.base = base
-        self.base.requires_grad_(False)
+            raise TargetError(f"PiSSA rank r={r} is above the rank of a {base.out_features} x "
+                              f"{base.in_features} weight; use a smaller --r")
+        self.base = base.requires_grad_(False)
         self.r, self.alpha, self.scale, self.init = r, alpha, alpha / r, init
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, **like)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, **like)
         if init == "pissa":
             self.start_on_principal_directions()
         else:
@@ -62,69 +58,43 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self):
         """Fold the update into base.weight (once: a second call does nothing)."""
-        if not self.merged:  # the base may be stored in bf16 (cast once for speed): round the update once
+        if not self.merged:  # the base may be kept in bf16: round the update once, into its dtype
             self.base.weight += self.delta_weight().to(self.base.weight.dtype)
             self.merged = True
 
     @torch.no_grad()
     def start_on_principal_directions(self):
-        """PiSSA: B0 A0 from W0's top-r SVD (in fp32, whatever W0's dtype), W0 - s B0 A0 as the base."""
+        """PiSSA: B0 A0 from W0's top-r SVD (in fp32), and W0 - s B0 A0 as the base."""
         weight = self.base.weight
         U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
         root = (S[:self.r] / self.scale).sqrt()
         self.lora_B.weight.copy_(U[:, :self.r] * root)
         self.lora_A.weight.copy_(root[:, None] * Vh[:self.r])
-        self.register_buffer("B0", self.lora_B.weight.detach().clone(), persistent=False)  # kept to save
-        self.register_buffer("A0", self.lora_A.weight.detach().clone(), persistent=False)  # the adapter
+        # B0 and A0 are kept to save the adapter as plain LoRA (saved_A_B)
+        self.register_buffer("B0", self.lora_B.weight.detach().clone(), persistent=False)
+        self.register_buffer("A0", self.lora_A.weight.detach().clone(), persistent=False)
         weight.copy_(weight.float() - self.scale * self.B0.float() @ self.A0.float())
 
     def saved_A_B(self):
         """(A, B) of the adapter as saved: plain LoRA on the pretrained W0 (for PiSSA, rank 2r)."""
         if self.init != "pissa":
             return self.lora_A.weight, self.lora_B.weight
-        return torch.cat([self.lora_A.weight, self.A0]), torch.cat([self.lora_B.weight, -self.B0], dim=1)
-
-
-def adaptable_paths(model, skip=()):
-    """Paths of the nn.Linear layers LoRA may adapt: pretrained ones, not those in `skip` (made for the task)."""
-    return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and name not in skip and not isinstance(module, LoRALinear)]
-
-
-def target_paths(model, targets, skip=()):
-    """The paths named by `targets`: dotted suffixes of module paths ("query", "attention.output.dense"),
-    or "all-linear" for every adaptable Linear. An unknown target lists the suffixes that exist."""
-    paths = adaptable_paths(model, skip)
-    if "all-linear" in targets:
-        return paths
-    chosen = [p for p in paths if any(p == t or p.endswith("." + t) for t in targets)]
-    missing = [t for t in targets if not any(p == t or p.endswith("." + t) for p in chosen)]
-    if missing:
-        suffixes = sorted({p.rsplit(".", 1)[-1] for p in paths} | {layer_relative(p) for p in paths})
-        raise TargetError(f"unknown LoRA target(s) {', '.join(missing)}; targets are dotted suffixes of the paths of "
-                          f"this model's pretrained Linear layers: {', '.join(suffixes)}, or all-linear")
-    return chosen
-
-
-def layer_relative(path):
-    """"encoder.layer.3.attention.self.query" -> "attention.self.query" (the part after the layer number)."""
-    parts = path.split(".")
-    numbers = [i for i, p in enumerate(parts) if p.isdigit()]
-    return ".".join(parts[numbers[-1] + 1:]) if numbers else path
+        A = torch.cat([self.lora_A.weight, self.A0])
+        B = torch.cat([self.lora_B.weight, -self.B0], dim=1)
+        return A, B
 
 
 def inject_lora(model, r, alpha, dropout=0.0, targets=("query", "value"), skip=(), init="lora"):
-    """Freeze the whole model, then wrap each target nn.Linear with a (trainable) LoRALinear, in place.
+    """Freeze the whole model, then wrap each target nn.Linear in a trainable LoRALinear, in place.
 
-    `skip`: paths of modules made new for the task (a new head), which are never adapted.
-    Returns the paths adapted.
+    `skip`: paths of modules made for the task (the new head), never adapted. Returns the paths.
     """
     paths = target_paths(model, targets, skip)
     model.requires_grad_(False)  # freeze all; the adapters made below are new, so they train
     for path in paths:
-        parent_name, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, init))
+        parent, _, child = path.rpartition(".")
+        layer = LoRALinear(model.get_submodule(path), r, alpha, dropout, init)
+        setattr(model.get_submodule(parent), child, layer)
     return paths
 
 
@@ -133,16 +103,42 @@ def merge_lora(model):
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             module.merge()
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, module.base)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.base)
     return model
 
 
-# --- the budget: how many numbers train ------------------------------------------------------------
+def target_paths(model, targets, skip=()):
+    """The paths that `targets` name: dotted suffixes of module paths ("query",
+    "attention.output.dense"), or "all-linear" for every adaptable nn.Linear."""
+    paths = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
+             and not any(name == s or name.startswith(s + ".") for s in skip)]
+    if "all-linear" in targets:
+        return paths
+    named = lambda path, t: path == t or path.endswith("." + t)  # noqa: E731
+    chosen = [p for p in paths if any(named(p, t) for t in targets)]
+    missing = [t for t in targets if not any(named(p, t) for p in chosen)]
+    if missing:
+        known = sorted({p.rsplit(".", 1)[-1] for p in paths} | {layer_relative(p) for p in paths})
+        raise TargetError(f"unknown LoRA target(s) {', '.join(missing)}; targets are dotted suffixes "
+                          "of the paths of this model's pretrained Linear layers: "
+                          f"{', '.join(known)}, or all-linear")
+    return chosen
+
+
+def layer_relative(path):
+    """"encoder.layer.3.attention.self.query" -> "attention.self.query" (after the layer number)."""
+    parts = path.split(".")
+    numbers = [i for i, p in enumerate(parts) if p.isdigit()]
+    return ".".join(parts[numbers[-1] + 1:]) if numbers else path
+
+
+# --- the budget: how many numbers train ---------------------------------------------------------
 
 def count_per_rank(model, paths):
-    """Trainable numbers per unit of rank on these Linear paths: sum of d_in + d_out."""
-    return sum(model.get_submodule(p).in_features + model.get_submodule(p).out_features for p in paths)
+    """Trainable numbers per unit of rank on these Linear paths: the sum of d_in + d_out."""
+    return sum(model.get_submodule(p).in_features + model.get_submodule(p).out_features
+               for p in paths)
 
 
 def largest_rank(per_rank, other_trainable, max_trainable):
@@ -150,17 +146,22 @@ def largest_rank(per_rank, other_trainable, max_trainable):
     return max(0, (max_trainable - other_trainable) // per_rank)
 
 
-def parameter_table(model, new_names=()):
-    """Where the parameters are, each tensor counted once: frozen, LoRA, the new head, other trained."""
-    counts = {"frozen (pretrained)": 0, "LoRA (A and B)": 0, "new for the task (head)": 0, "other trained": 0}
+def parameter_table(model, new=()):
+    """Where the parameters are, each tensor counted once: frozen, LoRA, new for the task, other."""
+    rows = {"frozen (pretrained)": 0, "LoRA (A and B)": 0, "new for the task (head)": 0,
+            "other trained": 0}
     for name, p in model.named_parameters():
-        row = ("LoRA (A and B)" if ".lora_" in name else "new for the task (head)" if name in new_names
-               else "other trained" if p.requires_grad else "frozen (pretrained)")
-        counts[row] += p.numel()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(counts.values())
-    rows = [(k, v) for k, v in counts.items() if v or k != "other trained"]
-    rows += [("trainable in total", trainable), ("all parameters", total)]
+        if ".lora_" in name:
+            rows["LoRA (A and B)"] += p.numel()
+        elif any(name.startswith(path + ".") for path in new):
+            rows["new for the task (head)"] += p.numel()
+        else:
+            rows["other trained" if p.requires_grad else "frozen (pretrained)"] += p.numel()
+    total = sum(rows.values())
+    if not rows["other trained"]:
+        del rows["other trained"]
+    rows["trainable in total"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rows["all parameters"] = total
     lines = [f"{'parameters':<25}{'count':>14}{'share':>9}"]
-    lines += [f"{k:<25}{v:>14,}{v / total:>9.2%}" for k, v in rows]
+    lines += [f"{k:<25}{v:>14,}{v / total:>9.2%}" for k, v in rows.items()]
     return "\n".join(lines)

@@ -1,33 +1,30 @@
 """How we answer: rebuild the base model, load the trained adapter, fold it in, label every text.
 
     python predict.py test.pkl [--checkpoint checkpoint] [--out submission.csv] [--batch-size 64]
-                               [--precision auto]
 
 Writes `ID,Label` rows, IDs 0..N-1 in input order. If the input has a `label` column too, prints
-the accuracy and, per class, precision, recall, F1 and the confusion matrix. CSV, JSON lines and
-parquet inputs are read, tokenized and predicted a chunk at a time, so memory grows with their
-length only by the answers kept for the report (a pickle or a dataset is read whole first).
-`checkpoint.load_model(folder)` is the one way to get a trained model back.
+the accuracy and, per class, precision, recall, F1 and the confusion matrix.
 """
 import argparse
 import csv
 import itertools
-import numbers
 import os
+import signal
 import sys
 
 import torch
 from torch import nn
 
-from checkpoint import load_model, model_max_length
-from data import DataError, one_line, pad_batch, read_text_chunks, sorted_batches, tokenize, warn, write_atomically
+from checkpoint import load_model
+from data import DataError, one_line, pad_batch, read_texts, sorted_batches, tokenize, warn
+from data import is_index, write_atomically
 
 
 @torch.inference_mode()
 def predict_logits(model, tokens, pad_id, batch_size, device, amp_dtype=None):
-    """Logits (N, num_labels) for every text of `tokens`, in input order.
+    """Logits (N, num_labels) for every text of `tokens`, in input order, in fp32 on the CPU.
 
-    Batches are sorted by length so each one pads little; results go back to their input rows.
+    Batches are sorted by length so each one pads little; answers go back to their input rows.
     The model is left in the mode it was in.
     """
     was_training = model.training
@@ -36,102 +33,26 @@ def predict_logits(model, tokens, pad_id, batch_size, device, amp_dtype=None):
     for rows in sorted_batches(tokens.lengths, batch_size):
         input_ids, attention_mask = pad_batch(tokens, rows, pad_id)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-        logits[torch.tensor(rows, device=device)] = out.float()
+            out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+        logits[torch.tensor(rows, device=device)] = out.logits.float()
     model.train(was_training)
     return logits.cpu()
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = pick_device()
-    amp_dtype = pick_precision(device, args.precision)
-    try:
-        chunks = read_text_chunks(args.input)
-        first = next(chunks)  # bad input is found before the model is loaded
-        model, tokenizer, config = load_model(args.checkpoint, device)
-        model = cast_frozen_linears(model, amp_dtype)
-        max_length = min(config["max_length"], model_max_length(tokenizer))
-        answers, labels = [], []  # one tensor of predicted classes per chunk, and its labels (or None)
-
-        def write(f):  # a chunk at a time: tokenize, predict, write its rows
-            out = csv.writer(f)
-            out.writerow(["ID", "Label"])
-            written = 0
-            for texts, chunk_labels in itertools.chain([first], chunks):
-                tokens = tokenize(tokenizer, texts, max_length, cache=False)
-                predicted = predict_logits(model, tokens, tokenizer.pad_token_id, args.batch_size, device,
-                                           amp_dtype).argmax(-1)
-                out.writerows(enumerate(predicted.tolist(), start=written))
-                written += len(predicted)
-                answers.append(predicted)
-                labels.append(chunk_labels)
-        write_atomically(args.out, write)
-    except DataError as e:
-        fail(str(e))
-    predicted = torch.cat(answers)
-    print(f"wrote {len(predicted)} predictions to {args.out}")
-    if all(chunk is not None for chunk in labels):
-        labels = [y for chunk in labels for y in chunk]
-        if all(isinstance(y, numbers.Integral) and not isinstance(y, bool) and 0 <= y < len(config["labels"])
-               for y in labels):
-            report_classes(predicted, torch.tensor(labels), config["labels"], os.path.dirname(os.path.abspath(args.out)))
-        else:
-            warn(f"{args.input}: its labels are not all integers 0..{len(config['labels']) - 1}, so no accuracy "
-                 "is printed")
-
-
-def report_classes(predicted, labels, names, folder, print_accuracy=True):
-    """Accuracy, per-class precision/recall/F1 and the confusion matrix; confusion.png in `folder`."""
-    confusion = confusion_matrix(predicted, labels, len(names))
-    if print_accuracy:
-        correct = int(confusion.diag().sum())
-        print(f"accuracy {correct / len(labels):.4f} ({correct}/{len(labels)})")
-    print(class_report(confusion, names))
-    picture = plot_confusion(confusion, names, os.path.join(folder, "confusion.png"))
-    if picture and print_accuracy:
-        print(f"confusion matrix: {picture}")
-    return picture
-
-
-def confusion_matrix(predicted, labels, num_labels):
-    """counts[true class, predicted class], as one bincount of true * K + predicted."""
-    return torch.bincount(labels * num_labels + predicted, minlength=num_labels ** 2).reshape(num_labels, num_labels)
-
-
-def class_report(confusion, names):
-    """Per class: precision (of what we called it), recall (of what it was), F1, rows; then the matrix."""
-    hits, called, actual = confusion.diag().double(), confusion.sum(0).double(), confusion.sum(1).double()
-    precision, recall = hits / called.clamp(min=1), hits / actual.clamp(min=1)
-    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-    width = max(10, *(len(n) for n in names))
-    lines = [f"{'class':<{width}} {'precision':>9} {'recall':>7} {'F1':>6} {'rows':>7}"]
-    lines += [f"{n:<{width}} {p:>9.4f} {r:>7.4f} {f:>6.4f} {int(a):>7}"
-              for n, p, r, f, a in zip(names, precision.tolist(), recall.tolist(), f1.tolist(), actual.tolist())]
-    lines += ["", "confusion (rows: true class, columns: predicted)",
-              f"{'':<{width}} " + " ".join(f"{n[:8]:>8}" for n in names)]
-    lines += [f"{n:<{width}} " + " ".join(f"{c:>8}" for c in row) for n, row in zip(names, confusion.tolist())]
-    return "\n".join(lines)
-
-
-# --- operations: not needed to follow the method --------------------------------------------------
-# The command line, the device and precision (train.py uses them too), the confusion picture, and the
-# one-line error exit.
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", help=".pkl (datasets.Dataset or pandas DataFrame, also compressed), .csv, .jsonl or "
-                                 ".parquet with a `text` column")
-    p.add_argument("--checkpoint", default="checkpoint", help="folder written by train.py --out")
-    p.add_argument("--out", default="submission.csv", help="CSV to write (ID,Label)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="auto: bf16 where the GPU or CPU runs it in hardware, else fp16 on CUDA, else fp32")
-    p.error = fail  # one line, exit code 2
-    args = p.parse_args(argv)
-    if args.batch_size < 1:
-        fail(f"--batch-size must be at least 1, got {args.batch_size}")
-    return args
+def predict(args, device, amp_dtype):
+    """(predicted classes, labels or None) for every text of args.input, in input order; the
+    submission written to args.out."""
+    texts, labels = read_texts(args.input)  # bad input is found before the model is loaded
+    model, tokenizer, config = load_model(args.checkpoint, device)
+    model = cast_frozen_linears(model, amp_dtype)
+    max_length = min(config["max_length"], tokenizer.model_max_length)
+    tokens = tokenize(tokenizer, texts, max_length)
+    logits = predict_logits(model, tokens, tokenizer.pad_token_id, args.batch_size, device,
+                            amp_dtype)
+    predicted = logits.argmax(-1)
+    rows = [("ID", "Label"), *enumerate(predicted.tolist())]
+    write_atomically(args.out, lambda f: csv.writer(f).writerows(rows))
+    return predicted, labels, config["labels"]
 
 
 def pick_device():
@@ -145,13 +66,15 @@ def pick_device():
 def pick_precision(device, precision="auto"):
     """The autocast dtype for a precision name; None means plain fp32.
 
-    auto: bf16 on GPUs that support it, else fp16 on CUDA; on a CPU, bf16 only where AMX runs bf16
-    matrix products in hardware (elsewhere bf16 on a CPU is slower than fp32); fp32 on MPS.
+    auto: bf16 on GPUs that compute it natively (compute capability 8.0 and up: A100, H100, RTX
+    30xx and later), fp16 with a gradient scaler on older ones (T4, V100), where bf16 is only
+    emulated; on a CPU, bf16 only where AMX runs bf16 matrix products; fp32 elsewhere.
     """
     if precision == "auto":
         if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        elif device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+            native = torch.cuda.get_device_capability(device) >= (8, 0)
+            precision = "bf16" if native else "fp16"
+        elif device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", bool)():
             precision = "bf16"
         else:
             precision = "fp32"
@@ -159,12 +82,8 @@ def pick_precision(device, precision="auto"):
 
 
 def cast_frozen_linears(model, dtype):
-    """Keep frozen nn.Linear layers in the autocast dtype, so autocast need not cast them each call.
-
-    Autocast runs every Linear in `dtype` anyway: casting the frozen weights once gives the same
-    numbers without copying them at every step. (Adapters merged after this cast are rounded to the
-    base's dtype once: LoRALinear.merge.)
-    """
+    """Keep frozen nn.Linear layers in the autocast dtype: autocast runs every Linear in `dtype`
+    anyway, and casting the frozen weights once saves copying them at every step."""
     if dtype is not None:
         for module in model.modules():
             if isinstance(module, nn.Linear) and not module.weight.requires_grad:
@@ -172,19 +91,129 @@ def cast_frozen_linears(model, dtype):
     return model
 
 
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help=".pkl (a datasets.Dataset or pandas DataFrame, also compressed), "
+                                 ".csv, .jsonl or .parquet with a `text` column")
+    p.add_argument("--checkpoint", default="checkpoint", help="folder written by train.py --out")
+    p.add_argument("--out", default="submission.csv", help="CSV to write (ID,Label)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="auto: bf16 where the GPU or CPU computes it natively, else fp16 on CUDA, "
+                        "else fp32")
+    p.error = fail  # one line, exit code 2
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        fail(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_out(args)
+    return args
+
+
+# --- operations: not needed to follow the method --------------------------------------------------
+# The paths the command may write, the one-line error exit, and the report on labelled inputs.
+
+def main(argv=None):
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that no temporary file is left
+    args = parse_args(argv)
+    device = pick_device()
+    try:
+        predicted, labels, names = predict(args, device, pick_precision(device, args.precision))
+    except DataError as e:
+        fail(str(e))
+    except torch.OutOfMemoryError:
+        fail(f"out of memory on {device} at --batch-size {args.batch_size} (peak "
+             f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB); use a smaller --batch-size",
+             code=1)
+    print(f"wrote {len(predicted)} predictions to {args.out}")
+    if labels is not None:
+        report_classes(predicted, labels, names, picture_beside(args.out), args.input)
+
+
+def check_out(args):
+    """Refuse, before any work, an --out that would replace the input, a checkpoint file or a
+    folder."""
+    out = os.path.realpath(args.out)
+    if os.path.isdir(out):
+        fail(f"--out {args.out} is a folder; give the CSV file to write, e.g. --out submission.csv")
+    if os.path.exists(args.input) and out == os.path.realpath(args.input):
+        fail(f"--out {args.out} is the input file; give another name, e.g. --out submission.csv")
+    folder = os.path.realpath(args.checkpoint)
+    if os.path.commonpath([out, folder]) == folder:
+        fail(f"--out {args.out} is inside the checkpoint folder {args.checkpoint}; write the "
+             "submission elsewhere, e.g. --out submission.csv")
+
+
+def report_classes(predicted, labels, names, picture, source):
+    """Accuracy, per-class precision/recall/F1 and the confusion matrix (and its picture)."""
+    labels = labels_as_classes(labels, names, source)
+    if labels is None:
+        return
+    confusion = confusion_matrix(predicted, labels, len(names))
+    correct = int(confusion.diag().sum())
+    print(f"accuracy {correct / len(labels):.4f} ({correct}/{len(labels)})")
+    print(class_report(confusion, names))
+    if plot_confusion(confusion, names, picture):
+        print(f"confusion matrix: {picture}")
+
+
+def confusion_matrix(predicted, labels, num_labels):
+    """counts[true class, predicted class], as one bincount of true * K + predicted."""
+    flat = torch.bincount(labels * num_labels + predicted, minlength=num_labels ** 2)
+    return flat.reshape(num_labels, num_labels)
+
+
+def class_report(confusion, names):
+    """Per class: precision (of what we called it), recall (of what it was), F1, rows; then the
+    confusion matrix."""
+    hits, called, actual = (c.double() for c in (confusion.diag(), confusion.sum(0), confusion.sum(1)))
+    precision, recall = hits / called.clamp(min=1), hits / actual.clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    names = [one_line(n) for n in names]
+    width = max(10, *(len(n) for n in names))
+    lines = [f"{'class':<{width}} {'precision':>9} {'recall':>7} {'F1':>6} {'rows':>7}"]
+    for n, p, r, f, a in zip(names, precision.tolist(), recall.tolist(), f1.tolist(), actual.tolist()):
+        lines.append(f"{n:<{width}} {p:>9.4f} {r:>7.4f} {f:>6.4f} {int(a):>7}")
+    lines += ["", "confusion (rows: true class, columns: predicted)",
+              f"{'':<{width}} " + " ".join(f"{n[:8]:>8}" for n in names)]
+    lines += [f"{n:<{width}} " + " ".join(f"{c:>8}" for c in row)
+              for n, row in zip(names, confusion.tolist())]
+    return "\n".join(lines)
+
+
+def picture_beside(out):
+    """submission_confusion.png beside submission.csv: named after it, so it replaces no file."""
+    return os.path.splitext(out)[0] + "_confusion.png"
+
+
+def labels_as_classes(labels, names, source):
+    """The labels as a tensor of class numbers (integers 0..K-1, or the class names themselves),
+    or None, with a warning, if some are neither."""
+    index = {name: i for i, name in enumerate(names)}
+    if all(is_index(y) and 0 <= y < len(names) for y in labels):
+        return torch.tensor(labels)
+    if all(isinstance(y, str) and y in index for y in labels):
+        return torch.tensor([index[y] for y in labels])
+    warn(f"{source}: its labels are not all integers 0..{len(names) - 1}, so no accuracy is "
+         "printed")
+    return None
+
+
 def plot_confusion(confusion, names, path):
-    """confusion.png: the matrix as a picture, each cell's count written in (needs matplotlib)."""
+    """The confusion matrix as a picture, each cell's count written in (needs matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no window
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 1.2 * len(names) + 1.5))
+    k = len(names)
+    fig, ax = plt.subplots(figsize=(1.2 * k + 2, 1.2 * k + 1.5))
     ax.imshow(confusion.numpy(), cmap="Blues")
-    ax.set(xticks=range(len(names)), yticks=range(len(names)), xticklabels=names, yticklabels=names,
+    names = [one_line(n) for n in names]
+    ax.set(xticks=range(k), yticks=range(k), xticklabels=names, yticklabels=names,
            xlabel="predicted", ylabel="true")
-    for (i, j), count in zip(itertools.product(range(len(names)), repeat=2), confusion.flatten().tolist()):
+    for (i, j), count in zip(itertools.product(range(k), repeat=2), confusion.flatten().tolist()):
         ax.text(j, i, count, ha="center", va="center")
     fig.tight_layout()
     write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
@@ -193,7 +222,7 @@ def plot_confusion(confusion, names, path):
 
 
 def fail(message, code=2):
-    """Bad input ends here: one line that says what is wrong and how to fix it, and a non-zero exit."""
+    """Bad input ends here: one line that says what is wrong and how to fix it, and an exit code."""
     print(f"error: {one_line(message)}", file=sys.stderr)
     sys.exit(code)
 

@@ -1,0 +1,132 @@
+"""A run, saved and resumed: `last_state.pt` in --out holds everything --resume needs.
+
+    save_run(args, (model, optimizer, scheduler, scaler), (step, best_acc, best, bad_evals), ...)
+    step, best_acc, best, bad_evals = load_run(args, parts, rank, world)   # fresh, or as saved
+
+What is saved: the trained tensors as they train (rank r), the loop's state (the step, the best
+accuracy, the best tensors with their evaluation, the patience used), the optimizer, schedule and
+scaler, every process's random state (its dropout stream), and the flags. A resumed run continues
+exactly: it ends with the same tensors as a run never stopped. The file is read as data
+(`weights_only`), its size bounded first, its structure and flags checked before anything is used.
+"""
+import os
+import zipfile
+
+import torch
+import torch.distributed as dist
+
+from data import DataError, short, write_atomically
+
+LAST_STATE = "last_state.pt"
+LAST_STATE_FORMAT = 3  # 3: flags compared by their bounded reprs, sizes checked before loading
+RESUMABLE_CHANGES = {"resume", "epochs", "max_steps", "patience", "log_every", "compile",
+                     "export_peft", "grad_accum", "gradient_checkpointing", "eval_batch_size"}
+METRICS_FILE = "metrics.jsonl"
+
+
+def save_run(args, parts, loop_state, rank, world):
+    """last_state.pt, written atomically by the main process (every process sends its RNG)."""
+    (model, optimizer, scheduler, scaler), (step, best_acc, best, bad_evals) = parts, loop_state
+    rngs = rng_states(world)
+    if rank != 0:
+        return
+    state = {"format": LAST_STATE_FORMAT, "step": step, "best_acc": best_acc, "best": best,
+             "bad_evals": bad_evals, "trained": trained_tensors(model), "args": flags_of(args),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "rng": rngs}
+    write_atomically(os.path.join(args.out, LAST_STATE), lambda f: torch.save(state, f), mode="wb")
+
+
+def load_run(args, parts, rank, world):
+    """(step, best_acc, best, bad_evals): a fresh run's (and a fresh metrics.jsonl), or with
+    --resume the saved run's, loaded into the model, optimizer, schedule and scaler."""
+    if not args.resume:
+        if rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+            open(os.path.join(args.out, METRICS_FILE), "w").close()
+        return 0, -1.0, None, 0
+    model, optimizer, scheduler, scaler = parts
+    state = read_state(args, model, world)
+    model.load_state_dict(state["trained"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"][rank]["cpu"])  # this process's own stream
+    if state["rng"][rank]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng"][rank]["cuda"])
+    if rank == 0:
+        print(f"resumed from {args.out} at step {state['step']} (best val accuracy so far "
+              f"{max(state['best_acc'], 0):.4f})")
+    return state["step"], state["best_acc"], state["best"], state["bad_evals"]
+
+
+# --- checks: the file is as save_run wrote it, for this model, with these flags -----------------
+
+def read_state(args, model, world):
+    """The saved state, after checking its size, its structure and the flags."""
+    path = os.path.join(args.out, LAST_STATE)
+    fix = "run without --resume to start afresh"
+    if not os.path.isfile(path):
+        raise DataError(f"{args.out}: no saved training state to resume; {fix}")
+    trained = trained_tensors(model)
+    most = 64 * sum(t.numel() * 4 for t in trained.values()) + 2**26  # tensors, Adam, best, RNG
+    try:
+        with zipfile.ZipFile(path) as archive:  # torch.save's format: sizes are in its directory
+            unpacked = sum(member.file_size for member in archive.infolist())
+        if os.path.getsize(path) > most or unpacked > most:
+            raise ValueError(f"over {most:,} bytes, more than a state of this model holds")
+        state = torch.load(path, weights_only=True, map_location="cpu")  # data, never code
+    except Exception as e:
+        raise DataError(f"{args.out}: the saved training state is unreadable "
+                        f"({type(e).__name__}: {short(e, 100)}); {fix}") from None
+    if not isinstance(state, dict) or state.get("format") != LAST_STATE_FORMAT:
+        raise DataError(f"{args.out}: the saved training state was written by another version of "
+                        f"train.py; {fix}")
+    check_structure(args, state, trained, world)
+    saved, now = state["args"], flags_of(args)
+    changed = [f"--{k.replace('_', '-')} was {saved.get(k)}, now {now.get(k)}"
+               for k in sorted(set(saved) | set(now), key=str)[:100]
+               if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
+    if len(state["rng"]) != world:
+        changed.append(f"{len(state['rng'])} processes, now {world}")
+    if changed:
+        raise DataError(f"--resume needs the flags of the run it continues: {'; '.join(changed[:5])}")
+    return state
+
+
+def check_structure(args, state, trained, world):
+    """One line unless every part has the type and the tensors the shapes that save_run gives."""
+    kinds = {"step": int, "best_acc": float, "bad_evals": int, "trained": dict, "args": dict,
+             "optimizer": dict, "scheduler": dict, "scaler": dict, "rng": list}
+    wrong = [k for k, kind in kinds.items() if not isinstance(state.get(k), kind)]
+    saved = state.get("trained") if isinstance(state.get("trained"), dict) else {}
+    if set(saved) != set(trained) or any(not isinstance(saved[n], torch.Tensor)
+                                         or saved[n].shape != t.shape for n, t in trained.items()):
+        wrong.append("trained tensors of another model")
+    if not wrong and not all(isinstance(r, dict) and isinstance(r.get("cpu"), torch.Tensor)
+                             for r in state["rng"]):
+        wrong.append("rng")
+    if wrong:
+        raise DataError(f"{args.out}: the saved training state is not one train.py wrote for this "
+                        f"model ({', '.join(wrong)}); run without --resume to start afresh")
+
+
+def trained_tensors(model):
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def flags_of(args):
+    """The flags as saved: short reprs, so that comparing them costs what a flag is long."""
+    return {k: short(v, 200) for k, v in vars(args).items()
+            if k not in ("device", "amp_dtype", "pad_to", "compile_options")}
+
+
+def rng_states(world):
+    """Every process's RNG state (its dropout stream), gathered: each resumes its own."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    mine = {"cpu": torch.get_rng_state(), "cuda": cuda}
+    if world == 1:
+        return [mine]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return gathered
