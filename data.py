@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-import pickles
-from pickles import printable, short
+import tables
+from tables import printable, short
 
 TEXT, LABEL = "text", "label"  # the columns read from every input: rename here if your data names them otherwise
 
@@ -156,10 +156,10 @@ def input_kind(source):
 
 
 def read_pickled_table(path):
-    """{'text': [...], 'label': [...] or None} of a pickle, read as data in a child process (pickles.py)."""
+    """{'text': [...], 'label': [...] or None} of a pickle, read as data in a child process (tables.py)."""
     try:
-        texts, labels, notes = pickles.read_pickle(path, columns=(TEXT, LABEL))
-    except pickles.NotReadable as e:
+        texts, labels, notes = tables.read_pickle(path, columns=(TEXT, LABEL))
+    except tables.NotReadable as e:
         raise DataError(str(e)) from None
     for note in notes:
         warn(f"{path}: {note}")

@@ -3,7 +3,7 @@
     python -m pytest -q test_lora.py
 
 In the order of the files: lora.py, data.py, train.py, predict.py, checkpoint.py, then operations
-(resume, bad input, torchrun) and pickles.py.
+(resume, bad input, torchrun) and tables.py.
 """
 import contextlib
 import csv
@@ -31,7 +31,7 @@ from transformers import (BertConfig, BertForSequenceClassification, PreTrainedT
 
 import checkpoint
 import data
-import pickles
+import tables
 import predict
 import train
 from lora import LoRALinear, count_per_rank, inject_lora, largest_rank, merge_lora, parameter_table, target_paths
@@ -1203,7 +1203,7 @@ def test_each_process_draws_its_own_dropout_and_resumes_its_own_stream(model_dir
         torch.testing.assert_close(part["trained"][key], whole["trained"][key], rtol=0, atol=0)
 
 
-# --- pickles.py: a test.pkl is read right and read safely, as data, never run --------------------------
+# --- tables.py: a test.pkl is read right and read safely, as data, never run --------------------------
 
 TEXTS, LABELS = ["first text", "zweiter Text, ü", "", "k1_0 w3"], [2, 0, 3, 1]
 ORDINARY = {}  # name -> (object, texts, labels): filled once, by ordinary_tables()
@@ -1310,7 +1310,7 @@ ORDINARY_NAMES = ["Dataset.from_dict", "Dataset.from_pandas", "Dataset with a Cl
 @pytest.mark.parametrize("name", ORDINARY_NAMES)
 def test_every_ordinary_pickle_loads_with_its_texts_labels_and_order(name, protocol):
     table, texts, labels = ordinary_tables()[name]
-    read_texts, read_labels, _ = pickles.read_here(pickle.dumps(table, protocol=protocol))
+    read_texts, read_labels, _ = tables.read_here(pickle.dumps(table, protocol=protocol))
     assert read_texts == texts
     assert read_labels == labels and all(type(y) is int for y in read_labels or [] if y is not None)
 
@@ -1322,7 +1322,7 @@ OLD_PICKLES = sorted(f for f in os.listdir(os.path.join(HERE, "testdata")) if f.
 @pytest.mark.parametrize("name", OLD_PICKLES)
 def test_pickles_from_older_pandas_and_datasets_load(name):
     raw = open(os.path.join(HERE, "testdata", name), "rb").read()
-    assert pickles.read_here(raw)[:2] == (["x one", "y two", "z \u00fc"], [1, 2, 3])
+    assert tables.read_here(raw)[:2] == (["x one", "y two", "z \u00fc"], [1, 2, 3])
 
 
 @pytest.mark.parametrize("suffix", [".pkl.gz", ".pkl.bz2", ".pkl.xz", ".pkl.zip", ".gz named .pkl"])
@@ -1649,12 +1649,12 @@ def test_hostile_pickles_are_read_within_a_memory_cap(tmp_path):
     for i, (_, raw, _) in enumerate(hostile_pickles(marker, fifo)):
         (tmp_path / f"{i}.pkl").write_bytes(raw)
         paths.append(str(tmp_path / f"{i}.pkl"))
-    script = ("import resource, sys, pickles\n"
+    script = ("import resource, sys, tables\n"
               "with open('/proc/self/statm') as f: used = int(f.read().split()[0]) * resource.getpagesize()\n"
               "resource.setrlimit(resource.RLIMIT_AS, (used + 2**30, resource.RLIM_INFINITY))\n"
               "for path in sys.argv[1:]:\n"
-              "    try: pickles.read_pickle(path); print('loaded')\n"
-              "    except pickles.NotReadable as e: print('refused', len(str(e).splitlines()))\n"
+              "    try: tables.read_pickle(path); print('loaded')\n"
+              "    except tables.NotReadable as e: print('refused', len(str(e).splitlines()))\n"
               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
               "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')))\n")
     result = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, cwd=HERE,
@@ -1677,16 +1677,16 @@ def test_the_reader_is_contained_in_a_child_with_limits(tmp_path):
     table.write_bytes(pickle.dumps(Dataset.from_dict({"text": texts})))
     slow = tmp_path / "slow.pkl"  # 4 MB of tiny opcodes: about 3 s to scan, fine within the default limits
     slow.write_bytes(b"\x80\x04" + b"N0" * 2_000_000 + b"].")
-    tight = dict(pickles.LIMITS, cpu_s=0, cpu_s_per_mb=0, wall_margin_s=60)  # 1 s of CPU time
-    cases = [(fifo, pickles.LIMITS, "not a regular file"),
+    tight = dict(tables.LIMITS, cpu_s=0, cpu_s_per_mb=0, wall_margin_s=60)  # 1 s of CPU time
+    cases = [(fifo, tables.LIMITS, "not a regular file"),
              (slow, tight, "used more CPU time than a file of its size may take"),
-             (table, dict(pickles.LIMITS, memory=2**20, memory_per_byte=0), "more memory than a file of its size"),
-             (table, dict(pickles.LIMITS, cpu_s=0, cpu_s_per_mb=0, wall_margin_s=0.001), "reading it took over")]
+             (table, dict(tables.LIMITS, memory=2**20, memory_per_byte=0), "more memory than a file of its size"),
+             (table, dict(tables.LIMITS, cpu_s=0, cpu_s_per_mb=0, wall_margin_s=0.001), "reading it took over")]
     for path, limits, message in cases:
-        with pytest.raises(pickles.NotReadable) as refused:
-            pickles.read_pickle(str(path), limits)
+        with pytest.raises(tables.NotReadable) as refused:
+            tables.read_pickle(str(path), limits)
         assert message in str(refused.value) and len(str(refused.value).splitlines()) == 1, str(refused.value)
-    assert pickles.read_pickle(str(table)) == (texts, None, [])
+    assert tables.read_pickle(str(table)) == (texts, None, [])
 
 
 def test_an_8000_row_test_set_loads_in_well_under_a_second(tmp_path):

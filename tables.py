@@ -1,6 +1,6 @@
 """Reading a test.pkl as data, never as code: a path in; texts, labels (or None) and warnings out.
 
-    texts, labels, warnings = pickles.read_pickle("test.pkl")
+    texts, labels, warnings = tables.read_pickle("test.pkl")
 
 A pickle is a little program for a stack machine: opcodes push strings, numbers, lists and dicts,
 GLOBAL names any importable function ("os.system", "builtins.eval") and REDUCE calls it. The usual
@@ -21,7 +21,7 @@ each of which would stop what the others miss:
    whose hashing an attacker cannot steer (str, bytes, int). After loading, `check_nesting` refuses
    values nested over 200 deep or holding themselves. Every row and every byte of text read is
    charged to a `Budget` sized by the file, so no file yields more than its size can honestly hold.
-3. **Contained.** `read_pickle` runs all of this in a child process (`python pickles.py`, the
+3. **Contained.** `read_pickle` runs all of this in a child process (`python tables.py`, the
    standard library only), under a memory and a CPU-time limit scaled to the bytes it reads, and a
    wall clock. The child answers with a JSON line and the texts' UTF-8, never with a pickle. If it is
    killed, that is one line.
@@ -111,7 +111,7 @@ def open_regular(path):
     return os.fdopen(fd, "rb")
 
 
-# --- the child: python pickles.py LIMITS PATH -> one JSON line, then the texts' UTF-8 -----------------
+# --- the child: python tables.py LIMITS PATH -> one JSON line, then the texts' UTF-8 -----------------
 
 def child_main(limits_json, path):
     limits = json.loads(limits_json)
