@@ -1,13 +1,43 @@
-"""Reading a test.pkl as data, never as code: a path in; texts, labels (or None) and warnings out.
+"""Reading a table from elsewhere as data, never as code: a path in; texts, labels, warnings out.
 
-    texts, labels, warnings = tables.read_pickle("test.pkl")
+    texts, labels, warnings = tables.read_table("test.csv")
+
+The contract. `read_table(path, columns=("text", "label"))` reads a `.csv`, `.jsonl`, `.parquet`
+or `.pkl` file (a pickle may be gzip-, bz2-, xz- or zip-compressed, told by its first bytes), or a
+`datasets.save_to_disk` folder (a Dataset, or a DatasetDict's `train` split). The name's extension
+chooses the reader; a name without one of these extensions must be a folder. It returns
+- texts: one per row, in the file's order; a str, or None where a text is missing (null, NaN);
+- labels: the label column's values as found (an int, a str such as "World", None where one is
+  missing), or None when there is no label column;
+- warnings: one-line notes (a compressed pickle, a DatasetDict's only split).
+Anything else raises `NotReadable` with one line of at most about 300 characters, control
+characters escaped: what is wrong (naming the line or row), then what to do.
+
+Rows are what a person sees:
+- CSV, read by the csv module: the first line names the columns and every later line is one row;
+  in a one-column file an empty line is an empty text. Texts stay as written ("NA", "123"); a
+  label is an int when it is written as an integer, else the str, None when empty. A row with
+  more or fewer fields than the header is refused, naming its line: the header names the columns,
+  so a trailing comma on the rows alone is an extra field (one on the header too is an unnamed
+  column, ignored). Bytes that are not UTF-8 become U+FFFD.
+- JSON lines: one object per line (blank lines skipped); only the two keys are kept of each.
+- Parquet: the footer's row count and sizes are checked against the file's size before reading.
+- A save_to_disk folder: only plain-named regular files inside it are read, by pyarrow.ipc.
+- Every format: a `text` or `label` column named twice, and a text that is not a string, are
+  refused. Only regular files are read, and never more bytes than their size says.
+
+Contained. Each file is read in a child process (`python -I tables.py LIMITS PATH`; pickles, CSV
+and JSON lines with `-S` too, the standard library only) under a memory and a CPU-time limit
+scaled to the bytes it reads, and a wall clock. Every row and character read is charged to a
+`Budget` sized by the file, so no file yields more than its size can honestly hold. The child
+answers with a JSON line and the texts' UTF-8; if it is killed, that too is one line.
 
 A pickle is a little program for a stack machine: opcodes push strings, numbers, lists and dicts,
 GLOBAL names any importable function ("os.system", "builtins.eval") and REDUCE calls it. The usual
 pickle.load runs that program, so a downloaded test.pkl can run anything. An allow-list of "safe"
 classes does not help either: the constructors of numpy, pandas, pyarrow and datasets trust their
-arguments (some open files, some replay method calls by name). So the file is read in three layers,
-each of which would stop what the others miss:
+arguments (some open files, some replay method calls by name). So a pickle is read in three
+layers, each of which would stop what the others miss:
 
 1. **Nothing is called.** Every name the pickle asks for becomes an inert record (`Called`) of the
    call it wanted: the name, the arguments, the state BUILD gives it. Python's own Unpickler then
@@ -19,13 +49,11 @@ each of which would stop what the others miss:
 2. **Nothing grows without bound.** Before any value is built, `scan` walks the opcodes: memo
    slots within the file's size, no data from outside the file, dict and set keys only of types
    whose hashing an attacker cannot steer (str, bytes, int). After loading, `check_nesting` refuses
-   values nested over 200 deep or holding themselves. Every row and every byte of text read is
-   charged to a `Budget` sized by the file, so no file yields more than its size can honestly hold.
-3. **Contained.** `read_pickle` runs all of this in a child process (`python tables.py`, the
-   standard library only), under a memory and a CPU-time limit scaled to the bytes it reads, and a
-   wall clock. The child answers with a JSON line and the texts' UTF-8, never with a pickle. If it is
-   killed, that is one line.
+   values nested over 200 deep or holding themselves. The Budget does the rest.
+3. **Contained**, as every format is: a compressed pickle's limits scale with the bytes it
+   decompresses to.
 """
+import contextlib
 import io
 import json
 import os
@@ -37,46 +65,121 @@ import sys
 
 # What the child may spend: CPU seconds and bytes of memory, each a fixed part plus a part per
 # byte read (after decompression); the wall clock allows twice the CPU time, plus a margin.
-LIMITS = {"cpu_s": 10.0, "cpu_s_per_mb": 2.0, "memory": 2**30, "memory_per_byte": 64, "wall_margin_s": 10.0}
+LIMITS = {"cpu_s": 10.0, "cpu_s_per_mb": 2.0, "memory": 2**30, "memory_per_byte": 64,
+          "wall_margin_s": 10.0}
 EXPANSION = 16  # a compressed file may expand to this many times its size (at least 4 MiB)
-REPLY_PER_BYTE = 16  # characters of text sent back per byte read: the Budget's limit, checked once more
-FIX = ("re-save it with ds.to_parquet('test.parquet') or df.to_csv('test.csv', index=False), or pickle a plain "
-       "Dataset or DataFrame")
+REPLY_PER_BYTE = 16  # characters of text sent back per byte read: the Budget's limit
+KINDS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet", ".pkl": "pickle"}
+NEEDS_PYARROW = ("parquet", "folder")  # their children need site-packages: no -S
+NAMES = {"csv": "CSV file", "jsonl": "JSON lines file", "parquet": "parquet file",
+         "folder": "datasets.save_to_disk folder", "pickle": "table pickle"}
+FIX = ("re-save it with ds.to_parquet('test.parquet') or df.to_csv('test.csv', index=False), or "
+       "pickle a plain Dataset or DataFrame")
+FIXES = {"csv": "check the file, or re-save it with df.to_csv('test.csv', index=False)",
+         "jsonl": "write one JSON object per line: df.to_json(path, orient='records', lines=True)",
+         "parquet": "check the download, or re-save it with df.to_parquet('test.parquet')",
+         "folder": "re-save it with ds.save_to_disk(folder), or write ds.to_parquet('test.parquet')",
+         "pickle": FIX}
 
 
 class NotReadable(ValueError):
     """The file is not a table we read; the message is one line: what is wrong, and what to do."""
 
 
+def read_table(path, columns=("text", "label"), limits=LIMITS):
+    """(texts, labels or None, warnings) of the table at `path`, as the module's docstring says."""
+    return read_in_child(path, kind_of(path), columns, limits)
+
+
 def read_pickle(path, limits=LIMITS, columns=("text", "label")):
-    """(texts, labels or None, warnings) of a pickled table's `columns`, read in a contained child process."""
+    """read_table for a pickle, whatever its name."""
+    return read_in_child(path, "pickle", columns, limits)
+
+
+def kind_of(path):
+    """The reader for `path`: its extension's (test.pkl.gz is a pickle), else "folder"."""
+    stem, ext = os.path.splitext(os.fspath(path).lower())
+    if ext in (".gz", ".bz2", ".xz", ".zip", ".zst", ".tar") and stem.endswith(".pkl"):
+        ext = ".pkl"
+    if ext in KINDS:
+        return KINDS[ext]
+    if os.path.isdir(path):
+        return "folder"
+    if not os.path.lexists(path):
+        raise not_readable(path, "no such file or folder", "check the path")
+    raise not_readable(path, "unknown kind of input", "use .csv, .jsonl, .parquet, .pkl (also "
+                       ".pkl.gz, .bz2, .xz, .zip) or a datasets.save_to_disk folder")
+
+
+def read_in_child(path, kind, columns, limits):
+    """What the child `python tables.py LIMITS PATH` answers, or NotReadable: one line."""
     try:
-        with open_regular(path) as f:
-            size, head = os.fstat(f.fileno()).st_size, f.read(8)
+        most = bytes_to_read(path, kind)
     except Refused as e:
-        raise NotReadable(f"{path}: {e}; {e.fix}") from None
-    most = decompressed_cap(size) if compression_of(head) else size
+        raise not_readable(path, str(e), e.fix) from None
     wall_s = 2 * cpu_seconds(most, limits) + limits["wall_margin_s"]
-    command = [sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps({**limits, "columns": list(columns)}),
+    isolation = ["-I"] if kind in NEEDS_PYARROW else ["-I", "-S"]
+    child_limits = json.dumps({**limits, "kind": kind, "columns": list(columns)})
+    command = [sys.executable, *isolation, os.path.abspath(__file__), child_limits,
                os.path.abspath(path)]
+    # pyarrow's allocator: malloc, which fails as the memory limit says (mimalloc, its default,
+    # reserves 1 GiB of address space at once)
+    env = {**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system"}
     try:
-        child = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=wall_s)
+        child = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, env=env,
+                               timeout=wall_s)
     except subprocess.TimeoutExpired:
-        raise NotReadable(f"{path}: not read: reading it took over {wall_s:.0f} s, the time allowed for a file "
-                          f"of its size; {FIX}") from None
+        raise not_readable(path, f"not read: reading it took over {wall_s:.0f} s, the time allowed "
+                           "for a file of its size", FIXES[kind]) from None
     if child.returncode != 0:
-        raise NotReadable(f"{path}: not read: {why_the_child_stopped(child.returncode)}; {FIX}")
+        why = why_the_child_stopped(child.returncode)
+        raise not_readable(path, f"not read: {why}", FIXES[kind])
     try:
         reply, texts = read_reply(child.stdout)
     except ValueError:
-        raise NotReadable(f"{path}: not read: the reader gave no answer; {FIX}") from None
+        raise not_readable(path, "not read: the reader gave no answer", FIXES[kind]) from None
     if "error" in reply:
-        raise NotReadable(f"{path}: not read: {reply['error']}; {reply['fix']}")
+        raise not_readable(path, f"not read: {reply['error']}", reply["fix"])
     return texts, reply["labels"], reply["warnings"]
 
 
+def not_readable(path, what, fix):
+    """The one line: the path (at most 100 characters), what is wrong, what to do."""
+    shown = one_line(os.fspath(path))
+    if len(shown) > 100:
+        shown = shown[:48] + "..." + shown[-49:]
+    message = one_line(f"{shown}: {what}; {fix}")
+    return NotReadable(message if len(message) <= 300 else message[:297] + "...")
+
+
+def one_line(text):
+    """`text` with each character that is not printable (a newline, an escape) shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)[:2000])
+
+
+def bytes_to_read(path, kind):
+    """What the wall clock scales with: a file's size (16 times it, when it may be compressed),
+    or the sizes of the regular files in a folder and its subfolders."""
+    if kind == "folder":
+        return folder_bytes(path)
+    with open_regular(path) as f:
+        size, head = os.fstat(f.fileno()).st_size, f.read(8)
+    compressed = kind == "parquet" or (kind == "pickle" and compression_of(head))
+    return decompressed_cap(size) if compressed else size
+
+
+def folder_bytes(folder, depth=1):
+    try:
+        with os.scandir(folder) as entries:
+            return sum(e.stat(follow_symlinks=False).st_size if e.is_file(follow_symlinks=False)
+                       else folder_bytes(e.path, depth - 1) if depth and e.is_dir(follow_symlinks=False)
+                       else 0 for e in entries)
+    except OSError as e:
+        raise Refused(f"cannot list it ({e.strerror})", fix="check the path") from None
+
+
 def read_reply(stdout):
-    """(reply, texts) from what write_reply wrote: a JSON line, then every text's UTF-8 back to back."""
+    """(reply, texts) from what write_reply wrote: a JSON line, then every text's UTF-8."""
     end = stdout.index(b"\n")
     reply, blob, texts, start = json.loads(stdout[:end]), memoryview(stdout)[end + 1:], [], 0
     if sum(n for n in reply.get("lengths", []) if n > 0) != len(blob):
@@ -99,48 +202,50 @@ def cpu_seconds(size, limits):
     return limits["cpu_s"] + limits["cpu_s_per_mb"] * size / 2**20
 
 
-def open_regular(path):
-    """The file at `path`, opened for reading only if it is a regular file (never waiting on a pipe)."""
+def open_regular(path, follow=True):
+    """The file at `path`, opened for reading only if it is a regular file (never waiting on a
+    pipe); with follow=False, not through a symbolic link either."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        fd = os.open(path, flags if follow else flags | getattr(os, "O_NOFOLLOW", 0))
     except OSError as e:
+        if not follow and os.path.islink(path):
+            raise Refused("it is a symbolic link", fix="keep only the folder's own files") from None
         raise Refused(f"cannot open it ({e.strerror})", fix="check the path") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise Refused("it is not a regular file (a folder, pipe or device)", fix="give the .pkl file itself")
+        raise Refused("it is not a regular file (a folder, pipe or device)",
+                      fix="give the data file itself")
     return os.fdopen(fd, "rb")
 
 
-# --- the child: python tables.py LIMITS PATH -> one JSON line, then the texts' UTF-8 -----------------
+# --- the child: python tables.py LIMITS PATH -> one JSON line, then the texts' UTF-8 ------------
 
 def child_main(limits_json, path):
     limits = json.loads(limits_json)
+    kind, columns, texts = limits["kind"], tuple(limits["columns"]), []
     try:
-        with open_regular(path) as f:  # checked again: the file may have changed since the parent looked
-            raw = f.read()
-        limit_resources(len(raw), limits)
-        raw, compressed = decompress(raw)
-        limit_resources(len(raw), limits)  # now scaled to the bytes really read
-        texts, labels, warnings = read_here(raw, compressed, tuple(limits["columns"]))
+        if kind in NEEDS_PYARROW:  # imported before any limit is set: each counts from here
+            import pyarrow.ipc
+            import pyarrow.parquet  # noqa: F401
+        texts, labels, warnings = READERS[kind](path, limits, columns)
         reply = {"labels": labels, "warnings": warnings}
-        if sum(len(t) for t in texts if type(t) is str) > REPLY_PER_BYTE * len(raw) + 2**20 or \
-                len(json.dumps(reply)) > REPLY_PER_BYTE * len(raw) + 2**20:
-            raise Refused("it decodes to more text than its size can honestly hold")
     except Refused as e:
-        reply = {"error": str(e), "fix": e.fix}
+        reply = {"error": str(e), "fix": e.fix or FIXES[kind]}
     except MemoryError:
-        reply = {"error": "it needs more memory than a file of its size may take", "fix": FIX}
+        reply = {"error": "it needs more memory than a file of its size may take", "fix": FIXES[kind]}
     except RecursionError:
-        reply = {"error": "it nests values too deeply", "fix": FIX}
+        reply = {"error": "it nests values too deeply", "fix": FIXES[kind]}
     except Exception as e:  # truncated, garbled or inconsistent: all refused the same way
-        reply = {"error": f"not a readable table pickle ({type(e).__name__}: {short(e, 100)})", "fix": FIX}
+        reply = {"error": f"not a readable {NAMES[kind]} ({type(e).__name__}: {short(e, 100)})",
+                 "fix": FIXES[kind]}
     write_reply(reply, texts if "error" not in reply else [])
 
 
 def write_reply(reply, texts):
-    """One JSON line (the labels, warnings or error, and each text's length in bytes: -1 for a missing one),
-    then the texts' UTF-8 back to back. A text costs its UTF-8 bytes (a lone surrogate its 3), never the six
-    bytes JSON spends on a control character."""
+    """One JSON line (the labels, warnings or error, and each text's length in bytes: -1 for a
+    missing one), then the texts' UTF-8 back to back. A text costs its UTF-8 bytes (a lone
+    surrogate its 3), never the six bytes JSON spends on a control character."""
     encoded = [None if t is None else t.encode("utf-8", "surrogatepass") for t in texts]
     reply["lengths"] = [-1 if e is None else len(e) for e in encoded]
     out = sys.stdout.buffer
@@ -152,7 +257,8 @@ def write_reply(reply, texts):
 
 
 def limit_resources(size, limits):
-    """Address space and CPU time for `size` bytes read (where the OS enforces them; else the wall clock)."""
+    """Address space and CPU time for `size` bytes read (where the OS enforces them; else the
+    wall clock)."""
     try:
         import resource
         with open("/proc/self/statm") as f:
@@ -168,6 +274,328 @@ def limit_resources(size, limits):
             pass
 
 
+def read_files(paths, limits, follow=True):
+    """Each regular file's bytes, read under limits scaled to their total size, and never more
+    bytes than fstat said each holds (a /proc file says 0, a device anything): one that holds
+    more is refused."""
+    sizes, read = [], []
+    for path in paths:
+        with named(path, follow), open_regular(path, follow) as f:
+            sizes.append(os.fstat(f.fileno()).st_size)
+    limit_resources(sum(sizes), limits)
+    for path, size in zip(paths, sizes):
+        with named(path, follow):
+            read.append(read_at_most(path, size, follow))
+    return read
+
+
+@contextlib.contextmanager
+def named(path, follow):
+    """A folder's own file (follow=False) is named in what is wrong with it."""
+    try:
+        yield
+    except Refused as e:
+        raise e if follow else Refused(f"its {printable(os.path.basename(path))}: {e}", e.fix) from None
+
+
+def read_at_most(path, size, follow):
+    raw = bytearray()
+    with open_regular(path, follow) as f:  # opened again: it may have changed since
+        while len(raw) <= size:
+            piece = f.read(min(2**20, size + 1 - len(raw)))
+            if not piece:
+                break
+            raw += piece
+    if len(raw) > size:
+        raise Refused(f"it holds more bytes than the {size:,} its size says (a /proc file?)",
+                      fix="give a regular data file")
+    return bytes(raw)
+
+
+def checked(texts, labels, budget, warnings=()):
+    """The columns every reader returns, checked once more: one label per text; each text a str
+    or None; each label an int, str, float, bool or None (2.0 is 2 and NaN None: pandas stores an
+    int column with a gap as floats); no more text than the file's size can honestly hold."""
+    text, label = budget.wanted
+    if labels is not None and len(labels) != len(texts):
+        raise Refused(f"its `{text}` column has {len(texts)} rows but `{label}` has {len(labels)}")
+    for row, value in enumerate(texts):
+        if value is not None and type(value) is not str:
+            raise Refused(f"row {row} has text {short(value)}, not a string", fix="fix or drop that row")
+    if labels is not None:
+        labels = [int(y) if type(y) is float and y.is_integer() else None if y != y else y
+                  for y in labels]
+        for row, value in enumerate(labels):
+            if value is not None and type(value) not in (int, str, float, bool):
+                raise Refused(f"row {row} has label {short(value)}, not a number or a string",
+                              fix="fix or drop that row")
+    sent = sum(len(t) for t in texts if t) + len(json.dumps(labels))
+    if sent > REPLY_PER_BYTE * budget.size + 2**20:
+        raise Refused("it decodes to more text than its size can honestly hold")
+    return texts, labels, list(warnings)
+
+
+def column_positions(names, budget):
+    """{wanted name: its position} among a header's or schema's `names`; refused: a wanted name
+    given twice, or no text column."""
+    for name in budget.wanted:
+        if names.count(name) > 1:
+            raise Refused(f"it names its `{name}` column twice", fix="rename or drop one of them")
+    if budget.wanted[0] not in names:
+        raise no_text_column(names, budget.wanted[0])
+    return {name: names.index(name) for name in budget.wanted if name in names}
+
+
+def no_text_column(names, text):
+    listed = ", ".join(printable(n) for n in list(names)[:20])
+    return Refused(f"it has no `{text}` column (columns: {listed or 'none'})",
+                   fix=f"rename the column that holds the texts to `{text}`")
+
+
+class Refused(Exception):
+    """The file is not a table we read: `str(e)` says what it holds, `fix` what to do instead
+    (None: the usual fix for its kind)."""
+
+    def __init__(self, message, fix=None):
+        super().__init__(message)
+        self.fix = fix
+
+
+def printable(name, width=40):
+    """A name as it is when it is short and printable, else as a short repr."""
+    return name if type(name) is str and name.isprintable() and len(name) <= width else short(name, width)
+
+
+def short(value, width=60):
+    """A repr safe to print on one line, of bounded cost: a few levels and items deep, at most
+    `width` long."""
+    import reprlib
+    bounded = reprlib.Repr()  # (Python 3.12 takes these as arguments)
+    bounded.maxlevel, bounded.maxtuple, bounded.maxlist, bounded.maxdict, bounded.maxset = 3, 4, 4, 4, 4
+    bounded.maxstring = bounded.maxother = bounded.maxlong = width
+    try:
+        text = bounded.repr(value) if not isinstance(value, BaseException) else str(value)[:4 * width]
+    except Exception:  # a 5,000-digit int: say what it is, not its value
+        text = f"<a {type(value).__name__}>"
+    text = one_line(text)
+    return text if len(text) <= width else text[:width] + "..."
+
+
+# --- CSV and JSON lines: the standard library, no guessing ----------------------------------------
+
+def read_csv(path, limits, columns):
+    raw = read_files([path], limits)[0]
+    return csv_columns(raw, Budget(len(raw), columns))
+
+
+def csv_columns(raw, budget):
+    """The wanted columns of a CSV file's bytes: every line after the header is one row."""
+    import csv
+    import re
+    text, label = budget.wanted
+    decoded = raw.decode("utf-8-sig", "replace")  # not UTF-8: U+FFFD, as pandas reads it
+    csv.field_size_limit(len(decoded) + 1)  # (the default, 128 KiB, would refuse a long text)
+    reader = csv.reader(io.StringIO(decoded, newline=""), strict=True)
+    integer = re.compile(r"\s*[+-]?[0-9]{1,4300}\s*", re.ASCII)  # (int() takes 4300 digits)
+    line = 1
+    try:
+        header = next(reader, None)
+        if not header:
+            raise Refused("it is empty" if header is None else "its first line is empty",
+                          fix="start it with a header line: text,label")
+        at, width = column_positions(header, budget), len(header)
+        texts, labels = [], [] if label in at else None
+        line = reader.line_num + 1
+        for fields in reader:
+            if not fields and width == 1:  # an empty line of a one-column file: an empty text
+                fields = [""]
+            if len(fields) > width:
+                raise Refused(f"line {line} has {len(fields)} fields, more than the header's "
+                              f"{width}", fix='quote a text that holds commas ("a, b"), and drop '
+                              "any trailing comma")
+            if len(fields) < width:
+                raise Refused(f"line {line} has {len(fields)} fields, fewer than the header's "
+                              f"{width}", fix="give every row all the header's fields")
+            budget.take(1, len(fields[at[text]]))
+            texts.append(fields[at[text]])
+            if labels is not None:
+                value = fields[at[label]]
+                budget.take(text=len(value))
+                labels.append(None if not value else int(value) if integer.fullmatch(value) else value)
+            line = reader.line_num + 1
+    except csv.Error as e:
+        raise Refused(f"line {line} is not CSV ({short(e)})", fix="check its quotes") from None
+    return checked(texts, labels, budget)
+
+
+def read_jsonl(path, limits, columns):
+    raw = read_files([path], limits)[0]
+    return jsonl_columns(raw, Budget(len(raw), columns))
+
+
+def jsonl_columns(raw, budget):
+    """The wanted keys of each line's JSON object, in order (None where a line lacks one).
+
+    Each object keeps only the wanted keys as it is parsed, so a file whose every line has new
+    keys costs its size, not rows times keys. Bytes that are not UTF-8 become lone surrogates
+    (made U+FFFD later, with a warning), as a \\ud800 escape does.
+    """
+    text, label = budget.wanted
+    texts, labels, found = [], [], set()
+    for number, line in enumerate(raw.decode("utf-8", "surrogateescape").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line, object_pairs_hook=lambda pairs: wanted_keys(pairs, budget),
+                             parse_int=bounded_int)
+        except RecursionError:
+            raise Refused(f"line {number} nests values too deeply") from None
+        except Refused as e:
+            raise Refused(f"line {number} {e}", e.fix) from None
+        except ValueError as e:
+            raise Refused(f"line {number} is not JSON ({short(e)})") from None
+        if type(row) is not dict:
+            raise Refused(f"line {number} is not a JSON object", fix="give one {...} per line")
+        budget.take(1)
+        found.update(row)
+        texts.append(row.get(text))
+        labels.append(row.get(label))
+    if text not in found:
+        raise Refused(f"no line has a `{text}` key" if texts else "it has no lines",
+                      fix=f"give each line a `{text}`: {{\"{text}\": \"...\"}}")
+    budget.take_texts(texts)
+    budget.take_texts(labels)
+    return checked(texts, labels if label in found else None, budget)
+
+
+def wanted_keys(pairs, budget):
+    """An object of only the wanted keys; one named twice is refused (json keeps the last)."""
+    kept = {}
+    for key, value in pairs:
+        if key in budget.wanted:
+            if key in kept:
+                raise Refused(f"names `{key}` twice in one object", fix="keep one of them")
+            kept[key] = value
+    return kept
+
+
+def bounded_int(digits):
+    if len(digits.lstrip("-")) > 4300:
+        raise Refused("has a number of over 4,300 digits, past Python's limit for an int")
+    return int(digits)
+
+
+# --- parquet and save_to_disk folders: pyarrow, after checking what the file says of itself --------
+
+def read_parquet(path, limits, columns):
+    """A parquet file's wanted columns. Its footer says how many rows it holds and how large its
+    columns are once uncompressed: both are checked against the file's size before a page is read,
+    and the limits then scale with the larger of the two."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    raw = read_files([path], limits)[0]
+    budget = Budget(decompressed_cap(len(raw)), columns)
+    source = pq.ParquetFile(pa.BufferReader(raw), thrift_string_size_limit=len(raw) + 1,
+                            thrift_container_size_limit=len(raw) // 8 + 1000)
+    at = column_positions(source.schema_arrow.names, budget)
+    meta = source.metadata
+    groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
+    budget.take(meta.num_rows)
+    budget.take(sum(g.num_rows for g in groups))
+    leaves = [j for j in range(meta.num_columns)
+              if meta.schema.column(j).path.split(".")[0] in at]  # a nested column has several
+    sizes = [g.column(j).total_uncompressed_size for g in groups for j in leaves]
+    if min(sizes, default=0) < 0 or sum(sizes) > decompressed_cap(len(raw)):
+        raise Refused(f"its footer says its columns take {sum(sizes):,} bytes uncompressed, over "
+                      f"{EXPANSION} times its size")
+    limit_resources(max(len(raw), sum(sizes)), limits)
+    table = source.read(columns=list(at), use_threads=False)
+    table.validate(full=True)
+    return arrow_columns([table], at, budget)
+
+
+def arrow_columns(tables, at, budget):
+    """The wanted columns of pyarrow tables or record batches, one after another."""
+    text, label = budget.wanted
+    texts, labels = [], [] if label in at else None
+    for table in tables:
+        texts += budget.take_texts(table.column(text).to_pylist())
+        if labels is not None:
+            labels += budget.take_texts(table.column(label).to_pylist())
+    return checked(texts, labels, budget)
+
+
+def read_folder(folder, limits, columns):
+    """A save_to_disk folder: its state.json names its Arrow files, each read with pyarrow.ipc
+    (datasets would follow any path the folder names); a DatasetDict's `train` split."""
+    import pyarrow as pa
+    if os.path.lexists(os.path.join(folder, "dataset_dict.json")):
+        splits = json_file(os.path.join(folder, "dataset_dict.json"), limits).get("splits")
+        if type(splits) is not list or not all(plain_name(s) for s in splits):
+            raise Refused(f"its dataset_dict.json lists splits {short(splits)}, not plain folder names")
+        if "train" not in splits:
+            raise Refused(f"it is a DatasetDict without a `train` split (splits: "
+                          f"{', '.join(printable(s, 20) for s in splits[:8]) or 'none'})",
+                          fix="give the folder of the split you mean, such as FOLDER/test")
+        folder = os.path.join(folder, "train")
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            raise Refused("its `train` split is not a folder inside it")
+    if not os.path.lexists(os.path.join(folder, "state.json")):
+        raise Refused("it has no state.json or dataset_dict.json", fix="give a folder that "
+                      "ds.save_to_disk wrote, or a .csv, .jsonl, .parquet or .pkl file")
+    state = json_file(os.path.join(folder, "state.json"), limits)
+    names = [f.get("filename") if type(f) is dict else None for f in state.get("_data_files") or []]
+    if not names or not all(plain_name(n) for n in names) or len(set(names)) < len(names):
+        raise Refused(f"its state.json names data files {short(names)}, not plain names of "
+                      "its own files")
+    raws = read_files([os.path.join(folder, n) for n in names], limits, follow=False)
+    budget, batches, at = Budget(sum(map(len, raws)), columns), [], None
+    for name, raw in zip(names, raws):
+        try:
+            stream = pa.ipc.open_stream(pa.BufferReader(raw))
+            names_here = column_positions(stream.schema.names, budget)
+            if at is not None and names_here != at:
+                raise Refused(f"its data files hold different columns ({printable(name)})")
+            at = names_here
+            for batch in stream:
+                budget.take(STRUCTURE + batch.num_rows)
+                batch.validate(full=True)
+                batches.append(batch)
+        except pa.ArrowException as e:
+            if isinstance(e, MemoryError):
+                raise
+            raise Refused(f"its {printable(name)} is not a readable Arrow stream "
+                          f"({type(e).__name__}: {short(e, 80)})") from None
+    return arrow_columns(batches, at, budget)
+
+
+def json_file(path, limits):
+    """A small JSON object from a folder's own file (state.json, dataset_dict.json)."""
+    raw = read_files([path], limits, follow=False)[0]
+    if len(raw) > 2**24:
+        raise Refused(f"its {os.path.basename(path)} is over 16 MiB")
+    try:
+        value = json.loads(raw)
+    except ValueError as e:
+        raise Refused(f"its {os.path.basename(path)} is not JSON ({short(e)})") from None
+    if type(value) is not dict:
+        raise Refused(f"its {os.path.basename(path)} is not a JSON object")
+    return value
+
+
+def plain_name(name):
+    """A file's or folder's own name: no path, nothing above (no /, \\, .., absolute path)."""
+    return type(name) is str and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+# --- pickles: read as data, in the three layers below ------------------------------------------
+
+def read_pickled(path, limits, columns):
+    raw, compressed = decompress(read_files([path], limits)[0])
+    limit_resources(len(raw), limits)  # now scaled to the bytes really read
+    return read_here(raw, compressed, columns)
+
+
 def read_here(raw, compressed=None, columns=("text", "label")):
     """(texts, labels or None, warnings) of a pickle's bytes, in this process (the child's work)."""
     refuse_other_formats(raw)
@@ -177,18 +605,10 @@ def read_here(raw, compressed=None, columns=("text", "label")):
     unpickler.refuse_foreign_names()
     check_nesting(tree)
     warnings = [f"it is {compressed}-compressed: read decompressed"] if compressed else []
-    text, label = columns
-    read = table_columns(tree, Budget(len(raw), columns), warnings)
-    texts, labels = read[text], read.get(label)
-    if labels is not None and len(labels) != len(texts):
-        raise Refused(f"its `{text}` column has {len(texts)} rows but `{label}` has {len(labels)}")
-    if labels is not None:  # 2.0 is label 2 (pandas stores an int column with a gap as floats); NaN is none
-        labels = [int(y) if type(y) is float and y.is_integer() else None if y != y else y for y in labels]
-    texts = [None if type(t) is float and t != t else t for t in texts]  # NaN: a missing text
-    for row, value in enumerate(texts):  # (`text` is the column's name)
-        if value is not None and type(value) is not str:
-            raise Refused(f"row {row} has text {short(value)}, not a string", fix="fix or drop that row")
-    return texts, labels, warnings
+    budget = Budget(len(raw), columns)
+    read = table_columns(tree, budget, warnings)
+    texts = [None if type(t) is float and t != t else t for t in read[columns[0]]]  # NaN: missing
+    return checked(texts, read.get(columns[1]), budget, warnings)
 
 
 # --- compression: recognised by the first bytes, whatever the file's name -------------------------
@@ -256,33 +676,6 @@ def refuse_other_formats(raw):
         raise Refused("it is a tar archive, not a pickle", fix="extract it (tar xf FILE) and pass the .pkl inside")
     if compression_of(raw[:8]):
         raise Refused("it is compressed twice", fix="decompress it yourself and pass the .pkl")
-
-
-class Refused(Exception):
-    """The pickle is not a table we read: `str(e)` says what it holds, `fix` what to do instead."""
-
-    def __init__(self, message, fix=FIX):
-        super().__init__(message)
-        self.fix = fix
-
-
-def printable(name, width=40):
-    """A name as it is when it is short and printable, else as a short repr."""
-    return name if type(name) is str and name.isprintable() and len(name) <= width else short(name, width)
-
-
-def short(value, width=60):
-    """A repr safe to print on one line, of bounded cost: a few levels and items deep, at most `width` long."""
-    import reprlib
-    bounded = reprlib.Repr()  # (Python 3.12 takes these as arguments)
-    bounded.maxlevel, bounded.maxtuple, bounded.maxlist, bounded.maxdict, bounded.maxset = 3, 4, 4, 4, 4
-    bounded.maxstring = bounded.maxother = bounded.maxlong = width
-    try:
-        text = bounded.repr(value) if not isinstance(value, BaseException) else str(value)[:4 * width]
-    except Exception:  # a 5,000-digit int: say what it is, not its value
-        text = f"<a {type(value).__name__}>"
-    text = text.replace("\n", "\\n").replace("\r", "\\r")
-    return text if len(text) <= width else text[:width] + "..."
 
 
 # --- layer 2, before anything is built: a walk over the opcodes -----------------------------------
@@ -485,7 +878,7 @@ class Budget:
     """
 
     def __init__(self, size, wanted=("text", "label")):
-        self.rows, self.text = size, REPLY_PER_BYTE * size + 2**20
+        self.size, self.rows, self.text = size, size, REPLY_PER_BYTE * size + 2**20
         self.wanted = wanted  # the two columns read (texts, labels); every other is skipped unread
 
     def take(self, rows=0, text=0):
@@ -905,6 +1298,9 @@ def block_columns(values, width, keep, budget):
         raise Refused("a DataFrame extension block spans several columns")
     return {keep[0]: values_of(values, budget)}
 
+
+READERS = {"csv": read_csv, "jsonl": read_jsonl, "parquet": read_parquet, "folder": read_folder,
+           "pickle": read_pickled}
 
 if __name__ == "__main__":
     child_main(*sys.argv[1:3])
