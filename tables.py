@@ -494,14 +494,20 @@ def read_parquet(path, limits, columns):
     import pyarrow as pa
     import pyarrow.parquet as pq
     raw = read_files([path], limits)[0]
-    budget = Budget(decompressed_cap(len(raw)), columns)
+    # text is charged to the file's bytes; rows to 16 times them: dictionary and run-length
+    # encoding store a column of few distinct values in well under a byte a row
+    budget = Budget(len(raw), columns, rows=decompressed_cap(len(raw)))
     source = pq.ParquetFile(pa.BufferReader(raw), thrift_string_size_limit=len(raw) + 1,
                             thrift_container_size_limit=len(raw) // 8 + 1000)
     at = column_positions(source.schema_arrow.names, budget)
     meta = source.metadata
     groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
-    budget.take(meta.num_rows)
-    budget.take(sum(g.num_rows for g in groups))
+    rows = meta.num_rows
+    if rows != sum(g.num_rows for g in groups):
+        raise Refused(f"its footer claims {rows:,} rows, its row groups {sum(g.num_rows for g in groups):,}")
+    if not 0 <= rows <= budget.rows:
+        raise Refused(f"its footer claims {rows:,} rows, more than a file of {len(raw):,} bytes holds")
+    budget.take(rows)
     leaves = [j for j in range(meta.num_columns)
               if meta.schema.column(j).path.split(".")[0] in at]  # a nested column has several
     sizes = [g.column(j).total_uncompressed_size for g in groups for j in leaves]
@@ -561,7 +567,7 @@ def read_folder(folder, limits, columns):
                 budget.take(STRUCTURE + batch.num_rows)
                 batch.validate(full=True)
                 batches.append(batch)
-        except pa.ArrowException as e:
+        except (pa.ArrowException, OSError) as e:  # (pyarrow's "could not read" is an OSError)
             if isinstance(e, MemoryError):
                 raise
             raise Refused(f"its {printable(name)} is not a readable Arrow stream "
@@ -877,8 +883,8 @@ class Budget:
     too, so one shared by reference cannot be read more often than the file has bytes for.
     """
 
-    def __init__(self, size, wanted=("text", "label")):
-        self.size, self.rows, self.text = size, size, REPLY_PER_BYTE * size + 2**20
+    def __init__(self, size, wanted=("text", "label"), rows=None):
+        self.size, self.rows, self.text = size, size if rows is None else rows, REPLY_PER_BYTE * size + 2**20
         self.wanted = wanted  # the two columns read (texts, labels); every other is skipped unread
 
     def take(self, rows=0, text=0):
