@@ -78,7 +78,7 @@ FIX = ("re-save it with ds.to_parquet('test.parquet') or df.to_csv('test.csv', i
 FIXES = {"csv": "check the file, or re-save it with df.to_csv('test.csv', index=False)",
          "jsonl": "write one JSON object per line: df.to_json(path, orient='records', lines=True)",
          "parquet": "check the download, or re-save it with df.to_parquet('test.parquet')",
-         "folder": "re-save it with ds.save_to_disk(folder), or write ds.to_parquet('test.parquet')",
+         "folder": "re-save it with ds.save_to_disk(FOLDER), or ds.to_parquet('test.parquet')",
          "pickle": FIX}
 
 
@@ -169,13 +169,17 @@ def bytes_to_read(path, kind):
 
 
 def folder_bytes(folder, depth=1):
+    total = 0
     try:
         with os.scandir(folder) as entries:
-            return sum(e.stat(follow_symlinks=False).st_size if e.is_file(follow_symlinks=False)
-                       else folder_bytes(e.path, depth - 1) if depth and e.is_dir(follow_symlinks=False)
-                       else 0 for e in entries)
+            for entry in entries:  # (links are not followed: the child refuses them)
+                if entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+                elif depth and entry.is_dir(follow_symlinks=False):
+                    total += folder_bytes(entry.path, depth - 1)
     except OSError as e:
         raise Refused(f"cannot list it ({e.strerror})", fix="check the path") from None
+    return total
 
 
 def read_reply(stdout):
@@ -192,9 +196,11 @@ def read_reply(stdout):
 
 def why_the_child_stopped(code):
     import signal
-    reasons = {getattr(signal, "SIGXCPU", None): "it used more CPU time than a file of its size may take",
+    reasons = {getattr(signal, "SIGXCPU", None): "it used more CPU time than a file of its size "
+               "may take",
                signal.SIGKILL: "the reader was killed (out of memory, or from outside)",
-               signal.SIGSEGV: "the reader crashed (stack overflow?)", signal.SIGABRT: "the reader aborted"}
+               signal.SIGSEGV: "the reader crashed (stack overflow?)",
+               signal.SIGABRT: "the reader aborted"}
     return reasons.get(-code, f"the reader stopped with exit code {code}")
 
 
@@ -233,7 +239,8 @@ def child_main(limits_json, path):
     except Refused as e:
         reply = {"error": str(e), "fix": e.fix or FIXES[kind]}
     except MemoryError:
-        reply = {"error": "it needs more memory than a file of its size may take", "fix": FIXES[kind]}
+        reply = {"error": "it needs more memory than a file of its size may take",
+                 "fix": FIXES[kind]}
     except RecursionError:
         reply = {"error": "it nests values too deeply", "fix": FIXES[kind]}
     except Exception as e:  # truncated, garbled or inconsistent: all refused the same way
@@ -265,11 +272,13 @@ def limit_resources(size, limits):
             used = int(f.read().split()[0]) * resource.getpagesize()
     except (ImportError, OSError):  # Windows, macOS: only the parent's wall clock
         return
-    for kind, soft in [(resource.RLIMIT_AS, used + limits["memory"] + limits["memory_per_byte"] * size),
+    memory = used + limits["memory"] + limits["memory_per_byte"] * size
+    for kind, soft in [(resource.RLIMIT_AS, memory),
                        (resource.RLIMIT_CPU, int(cpu_seconds(size, limits)) + 1)]:
         hard = resource.getrlimit(kind)[1]
+        soft = soft if hard == resource.RLIM_INFINITY else min(soft, hard)
         try:
-            resource.setrlimit(kind, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+            resource.setrlimit(kind, (soft, hard))
         except (ValueError, OSError):
             pass
 
@@ -295,7 +304,9 @@ def named(path, follow):
     try:
         yield
     except Refused as e:
-        raise e if follow else Refused(f"its {printable(os.path.basename(path))}: {e}", e.fix) from None
+        if follow:
+            raise
+        raise Refused(f"its {printable(os.path.basename(path))}: {e}", e.fix) from None
 
 
 def read_at_most(path, size, follow):
@@ -321,7 +332,8 @@ def checked(texts, labels, budget, warnings=()):
         raise Refused(f"its `{text}` column has {len(texts)} rows but `{label}` has {len(labels)}")
     for row, value in enumerate(texts):
         if value is not None and type(value) is not str:
-            raise Refused(f"row {row} has text {short(value)}, not a string", fix="fix or drop that row")
+            raise Refused(f"row {row} has text {short(value)}, not a string",
+                          fix="fix or drop that row")
     if labels is not None:
         labels = [int(y) if type(y) is float and y.is_integer() else None if y != y else y
                   for y in labels]
@@ -363,7 +375,8 @@ class Refused(Exception):
 
 def printable(name, width=40):
     """A name as it is when it is short and printable, else as a short repr."""
-    return name if type(name) is str and name.isprintable() and len(name) <= width else short(name, width)
+    plain = type(name) is str and name.isprintable() and len(name) <= width
+    return name if plain else short(name, width)
 
 
 def short(value, width=60):
@@ -371,10 +384,12 @@ def short(value, width=60):
     `width` long."""
     import reprlib
     bounded = reprlib.Repr()  # (Python 3.12 takes these as arguments)
-    bounded.maxlevel, bounded.maxtuple, bounded.maxlist, bounded.maxdict, bounded.maxset = 3, 4, 4, 4, 4
+    bounded.maxlevel = 3
+    bounded.maxtuple = bounded.maxlist = bounded.maxdict = bounded.maxset = 4
     bounded.maxstring = bounded.maxother = bounded.maxlong = width
     try:
-        text = bounded.repr(value) if not isinstance(value, BaseException) else str(value)[:4 * width]
+        is_error = isinstance(value, BaseException)
+        text = str(value)[:4 * width] if is_error else bounded.repr(value)
     except Exception:  # a 5,000-digit int: say what it is, not its value
         text = f"<a {type(value).__name__}>"
     text = one_line(text)
@@ -421,7 +436,7 @@ def csv_columns(raw, budget):
             if labels is not None:
                 value = fields[at[label]]
                 budget.take(text=len(value))
-                labels.append(None if not value else int(value) if integer.fullmatch(value) else value)
+                labels.append(int(value) if integer.fullmatch(value) else value or None)
             line = reader.line_num + 1
     except csv.Error as e:
         raise Refused(f"line {line} is not CSV ({short(e)})", fix="check its quotes") from None
@@ -485,7 +500,7 @@ def bounded_int(digits):
     return int(digits)
 
 
-# --- parquet and save_to_disk folders: pyarrow, after checking what the file says of itself --------
+# --- parquet and save_to_disk folders: pyarrow, after checking what the file says of itself ----
 
 def read_parquet(path, limits, columns):
     """A parquet file's wanted columns. Its footer says how many rows it holds and how large its
@@ -504,9 +519,11 @@ def read_parquet(path, limits, columns):
     groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
     rows = meta.num_rows
     if rows != sum(g.num_rows for g in groups):
-        raise Refused(f"its footer claims {rows:,} rows, its row groups {sum(g.num_rows for g in groups):,}")
+        raise Refused(f"its footer claims {rows:,} rows, its row groups "
+                      f"{sum(g.num_rows for g in groups):,}")
     if not 0 <= rows <= budget.rows:
-        raise Refused(f"its footer claims {rows:,} rows, more than a file of {len(raw):,} bytes holds")
+        raise Refused(f"its footer claims {rows:,} rows, more than a file of {len(raw):,} bytes "
+                      "holds")
     budget.take(rows)
     leaves = [j for j in range(meta.num_columns)
               if meta.schema.column(j).path.split(".")[0] in at]  # a nested column has several
@@ -538,7 +555,8 @@ def read_folder(folder, limits, columns):
     if os.path.lexists(os.path.join(folder, "dataset_dict.json")):
         splits = json_file(os.path.join(folder, "dataset_dict.json"), limits).get("splits")
         if type(splits) is not list or not all(plain_name(s) for s in splits):
-            raise Refused(f"its dataset_dict.json lists splits {short(splits)}, not plain folder names")
+            raise Refused(f"its dataset_dict.json lists splits {short(splits)}, not plain folder "
+                          "names")
         if "train" not in splits:
             raise Refused(f"it is a DatasetDict without a `train` split (splits: "
                           f"{', '.join(printable(s, 20) for s in splits[:8]) or 'none'})",

@@ -26,6 +26,16 @@ def write(tmp_path, name, content):
     return str(path)
 
 
+def file(name, content):
+    """A case's make: a file `name` holding `content`, made in tmp_path."""
+    return lambda tmp_path: write(tmp_path, name, content)
+
+
+def pyarrow_table(columns):
+    import pyarrow as pa
+    return pa.table(columns)
+
+
 # --- parquet files made wrong: a footer patched to claim what its pages do not hold ---------------
 
 def varint(n):
@@ -61,10 +71,9 @@ def patch_footer(raw, old, new):
 
 def parquet_claiming_rows(tmp_path):
     """9 MB of incompressible texts whose footer claims 10**9 rows (it holds 10,000)."""
-    import pyarrow as pa
     rows = 10_000
     texts = [os.urandom(450).hex() for _ in range(rows)]
-    raw = parquet_bytes(pa.table({"text": texts}), compression="none")
+    raw = parquet_bytes(pyarrow_table({"text": texts}), compression="none")
     # FileMetaData: ... schema (a list, ending in a struct's stop byte 0), num_rows, row_groups
     return write(tmp_path, "rows.parquet", patch_footer(raw, b"\0" + i64(rows) + b"\x19",
                                                         b"\0" + i64(10**9) + b"\x19"))
@@ -72,12 +81,12 @@ def parquet_claiming_rows(tmp_path):
 
 def parquet_claiming_size(tmp_path):
     """A column chunk whose footer says it takes 10**12 bytes uncompressed."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
-    raw = parquet_bytes(pa.table({"text": TEXTS}), compression="none")
+    raw = parquet_bytes(pyarrow_table({"text": TEXTS}), compression="none")
     chunk = pq.ParquetFile(io.BytesIO(raw)).metadata.row_group(0).column(0)
     # ColumnMetaData: ... num_values, total_uncompressed_size, total_compressed_size
-    sizes = i64(chunk.num_values), i64(chunk.total_uncompressed_size), i64(chunk.total_compressed_size)
+    sizes = [i64(n) for n in (chunk.num_values, chunk.total_uncompressed_size,
+                              chunk.total_compressed_size)]
     lie = sizes[0] + i64(10**12) + sizes[2]
     return write(tmp_path, "size.parquet", patch_footer(raw, b"".join(sizes), lie))
 
@@ -88,13 +97,11 @@ def parquet_of(tmp_path, name, table, **options):
 
 def repeated_parquet(tmp_path):
     """20,000 copies of one 2,000-character text: a few KB on disk, 40 MB once read."""
-    import pyarrow as pa
-    return parquet_of(tmp_path, "repeated.parquet", pa.table({"text": ["x" * 2000] * 20_000}))
+    return parquet_of(tmp_path, "repeated.parquet", pyarrow_table({"text": ["x" * 2000] * 20_000}))
 
 
-def good_parquet(tmp_path):
-    import pyarrow as pa
-    return parquet_bytes(pa.table({"text": TEXTS, "label": LABELS}))
+def good_parquet():
+    return parquet_bytes(pyarrow_table({"text": TEXTS, "label": LABELS}))
 
 
 def duplicate_parquet(tmp_path):
@@ -103,7 +110,7 @@ def duplicate_parquet(tmp_path):
     return parquet_of(tmp_path, "twice.parquet", table)
 
 
-# --- save_to_disk folders made wrong, by hand: state.json and Arrow IPC streams --------------------
+# --- save_to_disk folders made wrong, by hand: state.json and Arrow IPC streams ----------------
 
 def arrow_stream(table):
     import pyarrow as pa
@@ -115,11 +122,10 @@ def arrow_stream(table):
 
 def folder(tmp_path, files=None, state=None, name="ds"):
     """A folder as save_to_disk writes it (state.json naming data.arrow), with `files` changed."""
-    import pyarrow as pa
     path = tmp_path / name
     path.mkdir()
     state = {"_data_files": [{"filename": "data.arrow"}]} if state is None else state
-    content = {"data.arrow": arrow_stream(pa.table({"text": TEXTS, "label": LABELS})),
+    content = {"data.arrow": arrow_stream(pyarrow_table({"text": TEXTS, "label": LABELS})),
                "state.json": json.dumps(state), **(files or {})}
     for file_name, data in content.items():
         if data is not None:
@@ -132,16 +138,15 @@ def naming(filename):
 
 
 def symlinked_data_file(tmp_path):
-    """data.arrow is a link to an Arrow file outside the folder (a good one: the link is the fault)."""
+    """data.arrow: a link to a good Arrow file outside the folder (the link is the fault)."""
     path = folder(tmp_path, files={"data.arrow": None})
-    outside = write(tmp_path, "outside.arrow", arrow_stream(__import__("pyarrow").table({"text": TEXTS})))
+    outside = write(tmp_path, "outside.arrow", arrow_stream(pyarrow_table({"text": TEXTS})))
     os.symlink(outside, os.path.join(path, "data.arrow"))
     return path
 
 
 def truncated_arrow(tmp_path):
-    import pyarrow as pa
-    whole = arrow_stream(pa.table({"text": TEXTS * 100}))
+    whole = arrow_stream(pyarrow_table({"text": TEXTS * 100}))
     return folder(tmp_path, files={"data.arrow": whole[:len(whole) // 2]})
 
 
@@ -162,7 +167,7 @@ def duplicate_arrow(tmp_path):
     return folder(tmp_path, files={"data.arrow": arrow_stream(table)})
 
 
-# --- other files ------------------------------------------------------------------------------------
+# --- other files --------------------------------------------------------------------------------
 
 def fifo(tmp_path, name="test.csv"):
     os.mkfifo(tmp_path / name)
@@ -187,94 +192,104 @@ def foreign_pickle(tmp_path):
 
 
 DEEP = "[" * 100_000 + "]" * 100_000
+NOT_PLAIN = "not plain names of its own files"
 
 MALFORMED = [
     # CSV
-    ("csv_more_fields_than_header", lambda p: write(p, "a.csv", "text,label\nok,1\nx,1,y\n"),
+    ("csv_more_fields_than_header", file("a.csv", "text,label\nok,1\nx,1,y\n"),
      "line 3 has 3 fields, more than the header's 2"),
-    ("csv_trailing_comma_on_rows_only", lambda p: write(p, "a.csv", "text,label\na,1,\nb,2,\n"),
+    ("csv_trailing_comma_on_rows_only", file("a.csv", "text,label\na,1,\nb,2,\n"),
      "line 2 has 3 fields, more than the header's 2"),
-    ("csv_one_column_unquoted_comma", lambda p: write(p, "a.csv", "text\nfine\nhello, world\n"),
+    ("csv_one_column_unquoted_comma", file("a.csv", "text\nfine\nhello, world\n"),
      'line 3 has 2 fields, more than the header\'s 1; quote a text that holds commas ("a, b")'),
     ("csv_line_numbers_count_lines_inside_quotes",
-     lambda p: write(p, "a.csv", 'text,label\n"two\nlines",1\nc,2,3\n'), "line 4 has 3 fields"),
-    ("csv_fewer_fields_than_header", lambda p: write(p, "a.csv", "text,label\na,1\nb\n"),
+     file("a.csv", 'text,label\n"two\nlines",1\nc,2,3\n'), "line 4 has 3 fields"),
+    ("csv_fewer_fields_than_header", file("a.csv", "text,label\na,1\nb\n"),
      "line 3 has 1 fields, fewer than the header's 2"),
-    ("csv_empty", lambda p: write(p, "a.csv", ""), "it is empty"),
-    ("csv_blank_first_line", lambda p: write(p, "a.csv", "\ntext\na\n"), "its first line is empty"),
-    ("csv_unclosed_quote", lambda p: write(p, "a.csv", 'text\nok\n"never closed\nmore\n'),
+    ("csv_empty", file("a.csv", ""), "it is empty"),
+    ("csv_blank_first_line", file("a.csv", "\ntext\na\n"), "its first line is empty"),
+    ("csv_unclosed_quote", file("a.csv", 'text\nok\n"never closed\nmore\n'),
      "line 3 is not CSV (unexpected end of data)"),
-    ("csv_header_names_text_twice", lambda p: write(p, "a.csv", "text,label,text\na,1,b\n"),
+    ("csv_header_names_text_twice", file("a.csv", "text,label,text\na,1,b\n"),
      "it names its `text` column twice"),
-    ("csv_header_names_label_twice", lambda p: write(p, "a.csv", "label,text,label\n1,a,2\n"),
+    ("csv_header_names_label_twice", file("a.csv", "label,text,label\n1,a,2\n"),
      "it names its `label` column twice"),
-    ("csv_no_text_column", lambda p: write(p, "a.csv", "body,label\na,1\n"),
+    ("csv_no_text_column", file("a.csv", "body,label\na,1\n"),
      "it has no `text` column (columns: body, label)"),
-    ("csv_escape_sequence_in_a_column_name", lambda p: write(p, "a.csv", "bo\x1b[2Jdy\na\n"),
+    ("csv_escape_sequence_in_a_column_name", file("a.csv", "bo\x1b[2Jdy\na\n"),
      r"(columns: 'bo\x1b[2Jdy')"),
-    ("csv_newline_in_the_file_name", lambda p: write(p, "new\nline.csv", ""), r"new\nline.csv: "),
+    ("csv_newline_in_the_file_name", file("new\nline.csv", ""), r"new\nline.csv: "),
     ("csv_folder_named_csv", directory, "it is not a regular file"),
     ("csv_fifo", fifo, "it is not a regular file"),
     ("csv_link_to_proc_pagemap", lambda p: linked(p, "/proc/self/pagemap"),
      "it holds more bytes than the 0 its size says"),
     # JSON lines
-    ("jsonl_key_twice", lambda p: write(p, "a.jsonl", '{"text": "a"}\n{"text": "b", "text": "c"}\n'),
+    ("jsonl_key_twice", file("a.jsonl", '{"text": "a"}\n{"text": "b", "text": "c"}\n'),
      "line 2 names `text` twice in one object"),
-    ("jsonl_label_twice", lambda p: write(p, "a.jsonl", '{"text": "a", "label": 1, "label": 2}\n'),
+    ("jsonl_label_twice", file("a.jsonl", '{"text": "a", "label": 1, "label": 2}\n'),
      "line 1 names `label` twice in one object"),
-    ("jsonl_deep_nesting", lambda p: write(p, "a.jsonl", '{"text": "a"}\n{"text": %s}\n' % DEEP),
+    ("jsonl_deep_nesting", file("a.jsonl", '{"text": "a"}\n{"text": %s}\n' % DEEP),
      "line 2 nests values too deeply"),
-    ("jsonl_int_over_4300_digits", lambda p: write(p, "a.jsonl", '{"text": "a", "label": %s}' % ("9" * 5000)),
+    ("jsonl_int_over_4300_digits", file("a.jsonl", '{"text": "a", "label": %s}' % ("9" * 5000)),
      "line 1 has a number of over 4,300 digits, past Python's limit for an int"),
-    ("jsonl_not_an_object", lambda p: write(p, "a.jsonl", '{"text": "a"}\n\n["b"]\n'),
+    ("jsonl_not_an_object", file("a.jsonl", '{"text": "a"}\n\n["b"]\n'),
      "line 3 is not a JSON object"),
-    ("jsonl_not_json", lambda p: write(p, "a.jsonl", '{"text": "a"}\ntext,label\n'), "line 2 is not JSON"),
-    ("jsonl_number_as_text", lambda p: write(p, "a.jsonl", '{"text": "a"}\n{"text": 12}\n'),
+    ("jsonl_not_json", file("a.jsonl", '{"text": "a"}\ntext,label\n'), "line 2 is not JSON"),
+    ("jsonl_number_as_text", file("a.jsonl", '{"text": "a"}\n{"text": 12}\n'),
      "row 1 has text 12, not a string"),
-    ("jsonl_bool_as_text", lambda p: write(p, "a.jsonl", '{"text": true}\n'), "row 0 has text True, not a string"),
-    ("jsonl_no_text_key", lambda p: write(p, "a.jsonl", '{"body": "a"}\n'), "no line has a `text` key"),
-    ("jsonl_escape_sequence_in_a_value", lambda p: write(p, "a.jsonl", '{"text": ["\\u001b[31mred"]}\n'),
+    ("jsonl_bool_as_text", file("a.jsonl", '{"text": true}\n'),
+     "row 0 has text True, not a string"),
+    ("jsonl_no_text_key", file("a.jsonl", '{"body": "a"}\n'), "no line has a `text` key"),
+    ("jsonl_escape_sequence_in_a_value", file("a.jsonl", '{"text": ["\\u001b[31mred"]}\n'),
      r"row 0 has text ['\x1b[31mred'], not a string"),
     # parquet
-    ("parquet_footer_claims_1e9_rows", parquet_claiming_rows, "its footer claims 1,000,000,000 rows"),
+    ("parquet_footer_claims_1e9_rows", parquet_claiming_rows,
+     "its footer claims 1,000,000,000 rows"),
     ("parquet_footer_claims_huge_uncompressed_size", parquet_claiming_size,
      "its footer says its columns take 1,000,000,"),
-    ("parquet_more_text_than_its_size", repeated_parquet, "more rows or text than its size can honestly hold"),
-    ("parquet_garbage", lambda p: write(p, "a.parquet", b"PAR1" + bytes(range(256)) * 4 + b"PAR1"),
+    ("parquet_more_text_than_its_size", repeated_parquet,
+     "more rows or text than its size can honestly hold"),
+    ("parquet_garbage", file("a.parquet", b"PAR1" + bytes(range(256)) * 4 + b"PAR1"),
      "not a readable parquet file"),
-    ("parquet_truncated", lambda p: write(p, "a.parquet", good_parquet(p)[:-40]), "not a readable parquet file"),
-    ("parquet_bad_footer_length", lambda p: write(p, "a.parquet", good_parquet(p)[:-8] + b"\xff\xff\xff\x7fPAR1"),
+    ("parquet_truncated", lambda p: write(p, "a.parquet", good_parquet()[:-40]),
+     "not a readable parquet file"),
+    ("parquet_bad_footer_length",
+     lambda p: write(p, "a.parquet", good_parquet()[:-8] + b"\xff\xff\xff\x7fPAR1"),
      "not a readable parquet file"),
     ("parquet_schema_names_text_twice", duplicate_parquet, "it names its `text` column twice"),
-    ("parquet_number_as_text", lambda p: parquet_of(p, "a.parquet", __import__("pyarrow").table({"text": [1, 2]})),
+    ("parquet_number_as_text",
+     lambda p: parquet_of(p, "a.parquet", pyarrow_table({"text": [1, 2]})),
      "row 0 has text 1, not a string"),
     ("parquet_fifo", lambda p: fifo(p, "a.parquet"), "it is not a regular file"),
     # save_to_disk folders
-    ("folder_data_file_above_the_folder", naming("../outside.arrow"), "not plain names of its own files"),
-    ("folder_data_file_absolute", naming("/etc/passwd"), "not plain names of its own files"),
-    ("folder_data_file_backslash", naming("..\\outside.arrow"), "not plain names of its own files"),
+    ("folder_data_file_above_the_folder", naming("../outside.arrow"), NOT_PLAIN),
+    ("folder_data_file_absolute", naming("/etc/passwd"), NOT_PLAIN),
+    ("folder_data_file_backslash", naming("..\\outside.arrow"), NOT_PLAIN),
     ("folder_data_file_is_a_link", symlinked_data_file, "its data.arrow: it is a symbolic link"),
     ("folder_data_file_missing", naming("nowhere.arrow"), "its nowhere.arrow: cannot open it"),
     ("folder_no_data_files", lambda p: folder(p, state={"_data_files": []}), "names data files []"),
     ("folder_truncated_arrow", truncated_arrow, "its data.arrow is not a readable Arrow stream"),
-    ("folder_state_json_not_json", lambda p: folder(p, files={"state.json": "{"}), "its state.json is not JSON"),
+    ("folder_state_json_not_json", lambda p: folder(p, files={"state.json": "{"}),
+     "its state.json is not JSON"),
     ("folder_state_json_not_an_object", lambda p: folder(p, files={"state.json": "[]"}),
      "its state.json is not a JSON object"),
-    ("folder_without_dataset_files", lambda p: directory(p, "empty"), "it has no state.json or dataset_dict.json"),
+    ("folder_without_dataset_files", lambda p: directory(p, "empty"),
+     "it has no state.json or dataset_dict.json"),
     ("folder_dataset_dict_without_train", lambda p: dataset_dict(p, ["test", "validation"]),
      "it is a DatasetDict without a `train` split (splits: test, validation)"),
     ("folder_dataset_dict_split_above_the_folder", lambda p: dataset_dict(p, ["train", "../x"]),
      "not plain folder names"),
     ("folder_schema_names_label_twice", duplicate_arrow, "it names its `label` column twice"),
     # any file
-    ("unknown_extension", lambda p: write(p, "test.txt", "text\na\n"), "unknown kind of input; use .csv"),
+    ("unknown_extension", file("test.txt", "text\na\n"), "unknown kind of input; use .csv"),
     ("no_such_file", lambda p: str(p / "missing"), "no such file or folder"),
     ("pickle_naming_os_system", foreign_pickle, "which no data file needs (nothing was run)"),
-    ("long_file_name", lambda p: write(p, "x" * 200 + ".csv", ""), "xxxxxxxx.csv: not read: it is empty"),
+    ("long_file_name", file("x" * 200 + ".csv", ""), "xxxxxxxx.csv: not read: it is empty"),
 ]
 
 
-@pytest.mark.parametrize("make, phrase", [case[1:] for case in MALFORMED], ids=[case[0] for case in MALFORMED])
+@pytest.mark.parametrize("make, phrase", [case[1:] for case in MALFORMED],
+                         ids=[case[0] for case in MALFORMED])
 def test_every_malformed_file_is_refused_in_one_short_line(tmp_path, make, phrase):
     path = make(tmp_path)
     start = time.perf_counter()
@@ -291,10 +306,11 @@ def test_case_ids_are_unique():
     assert len({case[0] for case in MALFORMED}) == len(MALFORMED)
 
 
-# --- ordinary files: exact texts, labels and order -------------------------------------------------
+# --- ordinary files: exact texts, labels and order ---------------------------------------------
 
 def test_csv_rows_are_what_a_person_sees(tmp_path):
-    path = write(tmp_path, "a.csv", 'text,label\n"a, b",World\n"two\nlines",1\n,2\nNA,\n123,+3\n"q""uote",-1\n')
+    rows = 'text,label\n"a, b",World\n"two\nlines",1\n,2\nNA,\n123,+3\n"q""uote",-1\n'
+    path = write(tmp_path, "a.csv", rows)
     assert tables.read_table(path) == (["a, b", "two\nlines", "", "NA", "123", 'q"uote'],
                                        ["World", 1, 2, None, 3, -1], [])
 
@@ -310,7 +326,8 @@ def test_csv_with_a_trailing_comma_on_header_and_rows_reads_as_a_person_does(tmp
 
 
 def test_csv_bytes_that_are_not_utf8_become_replacement_characters(tmp_path):
-    path = write(tmp_path, "a.csv", b"\xef\xbb\xbftext,label\ncaf\xe9,0\n\xff,1\n")  # a BOM, then Latin-1
+    # a byte-order mark, then Latin-1
+    path = write(tmp_path, "a.csv", b"\xef\xbb\xbftext,label\ncaf\xe9,0\n\xff,1\n")
     assert tables.read_table(path) == (["caf\ufffd", "\ufffd"], [0, 1], [])
 
 
@@ -326,16 +343,19 @@ def test_csv_reads_as_pandas_does_on_ag_news(tmp_path):
 
 
 def test_jsonl_keeps_only_the_wanted_keys_of_each_line(tmp_path):
-    lines = ['{"text": "a", "label": "World", "extra": [1, {"x": 2}]}', "", '{"label": 2}', '{"text": null}',
+    lines = ['{"text": "a", "label": "World", "extra": [1, {"x": 2}]}', "", '{"label": 2}',
+             '{"text": null}',
              '{"text": "\\ud800 lone", "label": 2.0}']
     path = write(tmp_path, "a.jsonl", "\n".join(lines) + "\n")
     assert tables.read_table(path) == (["a", None, None, "\ud800 lone"], ["World", 2, None, 2], [])
 
 
 def test_jsonl_with_new_keys_on_every_line_costs_its_size(tmp_path):
-    rows = [json.dumps({"text": f"t{i}", **{f"k{i}_{k}": k for k in range(100)}}) for i in range(5000)]
+    rows = [json.dumps({"text": f"t{i}", **{f"k{i}_{k}": k for k in range(100)}})
+            for i in range(5000)]
     path = write(tmp_path, "wide.jsonl", "\n".join(rows))
-    tight = dict(tables.LIMITS, cpu_s=3, cpu_s_per_mb=0, wall_margin_s=3)  # rows x keys would take minutes
+    # 500,000 keys in all: rows x keys would take minutes, and this allows 3 s
+    tight = dict(tables.LIMITS, cpu_s=3, cpu_s_per_mb=0, wall_margin_s=3)
     assert tables.read_table(path, limits=tight) == ([f"t{i}" for i in range(5000)], None, [])
 
 
@@ -345,7 +365,7 @@ def test_parquet_reads_texts_labels_and_missing_values(tmp_path):
     pd.DataFrame({"text": ["a", None, "NA", ""], "label": ["World", "Sports", None, "3"],
                   "other": [1, 2, 3, 4]}).to_parquet(path)
     assert tables.read_table(path) == (["a", None, "NA", ""], ["World", "Sports", None, "3"], [])
-    path = parquet_of(tmp_path, "many.parquet", __import__("pyarrow").table({"text": TEXTS * 500}),
+    path = parquet_of(tmp_path, "many.parquet", pyarrow_table({"text": TEXTS * 500}),
                       row_group_size=300)
     assert tables.read_table(path) == (TEXTS * 500, None, [])
 
@@ -357,8 +377,10 @@ def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
     rows.save_to_disk(str(tmp_path / "ds"), num_shards=2)  # two Arrow files, read in order
     assert tables.read_table(str(tmp_path / "ds")) == (TEXTS * 3, LABELS * 3, [])
     other = datasets.Dataset.from_dict({"text": ["held out"], "label": [0]})
-    datasets.DatasetDict({"test": other, "train": rows.select([3, 0])}).save_to_disk(str(tmp_path / "dsd"))
-    assert tables.read_table(str(tmp_path / "dsd")) == ([TEXTS[3], TEXTS[0]], [LABELS[3], LABELS[0]], [])
+    splits = datasets.DatasetDict({"test": other, "train": rows.select([3, 0])})
+    splits.save_to_disk(str(tmp_path / "dsd"))
+    train = [TEXTS[3], TEXTS[0]], [LABELS[3], LABELS[0]], []
+    assert tables.read_table(str(tmp_path / "dsd")) == train
 
 
 def test_pickles_are_read_by_read_table_and_read_pickle(tmp_path):
