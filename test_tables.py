@@ -69,14 +69,20 @@ def patch_footer(raw, old, new):
     return raw[:-8 - length] + footer + struct.pack("<i", len(footer)) + b"PAR1"
 
 
-def parquet_claiming_rows(tmp_path):
-    """9 MB of incompressible texts whose footer claims 10**9 rows (it holds 10,000)."""
+def parquet_claiming_rows(tmp_path, claimed=10**9, in_row_group=10**9):
+    """9 MB of incompressible texts whose footer claims `claimed` rows, and its one row group
+    `in_row_group` (it holds 10,000)."""
+    import pyarrow.parquet as pq
     rows = 10_000
     texts = [os.urandom(450).hex() for _ in range(rows)]
     raw = parquet_bytes(pyarrow_table({"text": texts}), compression="none")
+    group = pq.ParquetFile(io.BytesIO(raw)).metadata.row_group(0)
     # FileMetaData: ... schema (a list, ending in a struct's stop byte 0), num_rows, row_groups
-    return write(tmp_path, "rows.parquet", patch_footer(raw, b"\0" + i64(rows) + b"\x19",
-                                                        b"\0" + i64(10**9) + b"\x19"))
+    raw = patch_footer(raw, b"\0" + i64(rows) + b"\x19", b"\0" + i64(claimed) + b"\x19")
+    # RowGroup: columns, total_byte_size, num_rows
+    raw = patch_footer(raw, i64(group.total_byte_size) + i64(rows),
+                       i64(group.total_byte_size) + i64(in_row_group))
+    return write(tmp_path, "rows.parquet", raw)
 
 
 def parquet_claiming_size(tmp_path):
@@ -184,6 +190,13 @@ def directory(tmp_path, name="test.csv"):
     return str(tmp_path / name)
 
 
+def long_path(tmp_path):
+    """An empty CSV 1,000 characters deep: the message shows the path's start and end."""
+    deep = tmp_path.joinpath(*["d" * 200] * 4)
+    deep.mkdir(parents=True)
+    return write(deep, "x" * 200 + ".csv", "")
+
+
 def foreign_pickle(tmp_path):
     class Run:
         def __reduce__(self):
@@ -244,7 +257,9 @@ MALFORMED = [
      r"row 0 has text ['\x1b[31mred'], not a string"),
     # parquet
     ("parquet_footer_claims_1e9_rows", parquet_claiming_rows,
-     "its footer claims 1,000,000,000 rows"),
+     "its footer claims 1,000,000,000 rows, more than a file of 9,"),
+    ("parquet_row_groups_disagree_with_the_footer",
+     lambda p: parquet_claiming_rows(p, in_row_group=10_001), "its row groups 10,001"),
     ("parquet_footer_claims_huge_uncompressed_size", parquet_claiming_size,
      "its footer says its columns take 1,000,000,"),
     ("parquet_more_text_than_its_size", repeated_parquet,
@@ -284,7 +299,7 @@ MALFORMED = [
     ("unknown_extension", file("test.txt", "text\na\n"), "unknown kind of input; use .csv"),
     ("no_such_file", lambda p: str(p / "missing"), "no such file or folder"),
     ("pickle_naming_os_system", foreign_pickle, "which no data file needs (nothing was run)"),
-    ("long_file_name", file("x" * 200 + ".csv", ""), "xxxxxxxx.csv: not read: it is empty"),
+    ("long_path", long_path, "xxxxxxxx.csv: not read: it is empty"),
 ]
 
 
@@ -347,7 +362,9 @@ def test_jsonl_keeps_only_the_wanted_keys_of_each_line(tmp_path):
              '{"text": null}',
              '{"text": "\\ud800 lone", "label": 2.0}']
     path = write(tmp_path, "a.jsonl", "\n".join(lines) + "\n")
-    assert tables.read_table(path) == (["a", None, None, "\ud800 lone"], ["World", 2, None, 2], [])
+    texts, labels, warnings = tables.read_table(path)
+    assert (texts, labels, warnings) == (["a", None, None, "\ud800 lone"], ["World", 2, None, 2], [])
+    assert type(labels[3]) is int  # 2.0 is label 2, as in a pickle
 
 
 def test_jsonl_with_new_keys_on_every_line_costs_its_size(tmp_path):
