@@ -8,8 +8,8 @@ or `.pkl` file (a pickle may be gzip-, bz2-, xz- or zip-compressed, told by its 
 chooses the reader; a name without one of these extensions must be a folder. It returns
 - texts: one per row, in the file's order; a str, or None where a text is missing (null, NaN);
 - labels: the label column's values as found (an int, a str such as "World", None where one is
-  missing), or None when there is no label column;
-- warnings: one-line notes (a compressed pickle, a DatasetDict's only split).
+  missing; 2.0 is 2), or None when there is no label column;
+- warnings: one-line notes (a compressed pickle, a pickled DatasetDict's only split).
 Anything else raises `NotReadable` with one line of at most about 300 characters, control
 characters escaped: what is wrong (naming the line or row), then what to do.
 
@@ -18,8 +18,9 @@ Rows are what a person sees:
   in a one-column file an empty line is an empty text. Texts stay as written ("NA", "123"); a
   label is an int when it is written as an integer, else the str, None when empty. A row with
   more or fewer fields than the header is refused, naming its line: the header names the columns,
-  so a trailing comma on the rows alone is an extra field (one on the header too is an unnamed
-  column, ignored). Bytes that are not UTF-8 become U+FFFD.
+  so a trailing comma on the rows alone is an extra field, as is an unquoted comma in the text of
+  a one-column file (a trailing comma on the header too adds an unnamed column, ignored); an
+  empty line in a file of several columns has too few. Bytes that are not UTF-8 become U+FFFD.
 - JSON lines: one object per line (blank lines skipped); only the two keys are kept of each.
 - Parquet: the footer's row count and sizes are checked against the file's size before reading.
 - A save_to_disk folder: only plain-named regular files inside it are read, by pyarrow.ipc.
@@ -29,8 +30,10 @@ Rows are what a person sees:
 Contained. Each file is read in a child process (`python -I tables.py LIMITS PATH`; pickles, CSV
 and JSON lines with `-S` too, the standard library only) under a memory and a CPU-time limit
 scaled to the bytes it reads, and a wall clock. Every row and character read is charged to a
-`Budget` sized by the file, so no file yields more than its size can honestly hold. The child
-answers with a JSON line and the texts' UTF-8; if it is killed, that too is one line.
+`Budget` sized by the file (a row a byte and 16 characters a byte; in parquet, whose encodings
+store a repeated value in under a byte, 16 rows a byte and at least 4 Mi), so no file yields
+more than its size can honestly hold. The child answers with a JSON line and the texts' UTF-8;
+if it is killed, that too is one line.
 
 A pickle is a little program for a stack machine: opcodes push strings, numbers, lists and dicts,
 GLOBAL names any importable function ("os.system", "builtins.eval") and REDUCE calls it. The usual
@@ -70,7 +73,7 @@ LIMITS = {"cpu_s": 10.0, "cpu_s_per_mb": 2.0, "memory": 2**30, "memory_per_byte"
 EXPANSION = 16  # a compressed file may expand to this many times its size (at least 4 MiB)
 REPLY_PER_BYTE = 16  # characters of text sent back per byte read: the Budget's limit
 KINDS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet", ".pkl": "pickle"}
-NEEDS_PYARROW = ("parquet", "folder")  # their children need site-packages: no -S
+NEEDS_PYARROW = {"parquet": "pyarrow.parquet", "folder": "pyarrow.ipc"}  # site-packages: no -S
 NAMES = {"csv": "CSV file", "jsonl": "JSON lines file", "parquet": "parquet file",
          "folder": "datasets.save_to_disk folder", "pickle": "table pickle"}
 FIX = ("re-save it with ds.to_parquet('test.parquet') or df.to_csv('test.csv', index=False), or "
@@ -231,9 +234,8 @@ def child_main(limits_json, path):
     limits = json.loads(limits_json)
     kind, columns, texts = limits["kind"], tuple(limits["columns"]), []
     try:
-        if kind in NEEDS_PYARROW:  # imported before any limit is set: each counts from here
-            import pyarrow.ipc
-            import pyarrow.parquet  # noqa: F401
+        if kind in NEEDS_PYARROW:  # imported before any limit is set: the limits count from here
+            __import__(NEEDS_PYARROW[kind])
         texts, labels, warnings = READERS[kind](path, limits, columns)
         reply = {"labels": labels, "warnings": warnings}
     except Refused as e:
@@ -637,7 +639,8 @@ def read_here(raw, compressed=None, columns=("text", "label")):
 
 # --- compression: recognised by the first bytes, whatever the file's name -------------------------
 
-MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz", b"PK\x03\x04": "zip", b"(\xb5/\xfd": "zstd"}
+MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz", b"PK\x03\x04": "zip",
+         b"(\xb5/\xfd": "zstd"}
 
 
 def compression_of(head):
@@ -645,14 +648,14 @@ def compression_of(head):
 
 
 def decompressed_cap(size):
-    """The most bytes a compressed file of `size` bytes may expand to: 16 times, and at least 4 MiB. Texts
-    compress 2-4 times; the limits scale with the bytes decompressed, so a larger ratio would let a
-    small file buy a large allowance."""
+    """The most bytes a compressed file of `size` bytes may expand to: 16 times, and at least
+    4 MiB. Texts compress 2-4 times; the limits scale with the bytes decompressed, so a larger
+    ratio would let a small file buy a large allowance."""
     return max(4 * 2**20, EXPANSION * size)
 
 
 def decompress(raw):
-    """(bytes, the compression's name or None): gzip, bz2, xz or a one-member zip, under a hard cap."""
+    """(bytes, the compression's name or None): gzip, bz2, xz or a one-member zip, under a cap."""
     kind = compression_of(raw[:8])
     if kind is None:
         return raw, None
@@ -666,52 +669,60 @@ def decompress(raw):
     try:
         if kind == "zip":
             archive = zipfile.ZipFile(io.BytesIO(raw))
-            members = [m for m in archive.namelist() if not m.startswith("__MACOSX/")]  # macOS's resource forks
+            # (not macOS's resource forks)
+            members = [m for m in archive.namelist() if not m.startswith("__MACOSX/")]
             if len(members) != 1:
                 raise Refused(f"it is a zip archive of {len(members)} files, not of one pickle",
                               fix="unzip it and pass the .pkl inside")
             stream = archive.open(members[0])
         else:
-            opener = {"gzip": lambda f: gzip.GzipFile(fileobj=f), "bz2": bz2.BZ2File, "xz": lzma.LZMAFile}[kind]
+            opener = {"gzip": lambda f: gzip.GzipFile(fileobj=f), "bz2": bz2.BZ2File,
+                      "xz": lzma.LZMAFile}[kind]
             stream = opener(io.BytesIO(raw))
         cap = decompressed_cap(len(raw))
         data = stream.read(cap + 1)
-    except (OSError, EOFError, ValueError, RuntimeError, NotImplementedError, zipfile.BadZipFile, lzma.LZMAError) as e:
+    except (OSError, EOFError, ValueError, RuntimeError, NotImplementedError, zipfile.BadZipFile,
+            lzma.LZMAError) as e:
         raise Refused(f"it looks {kind}-compressed but does not decompress ({short(e, 80)})",
                       fix="check the download, or re-save it uncompressed") from None
     if len(data) > cap:
-        raise Refused(f"it is {kind}-compressed and expands to over {cap:,} bytes ({EXPANSION} times its size, or 4 MiB)",
-                      fix="decompress it yourself and pass the .pkl")
+        raise Refused(f"it is {kind}-compressed and expands to over {cap:,} bytes ({EXPANSION} "
+                      "times its size, or 4 MiB)", fix="decompress it yourself and pass the .pkl")
     return data, kind
 
 
 def is_tar(raw):
-    """A tar archive's first header: "ustar" at 257, and its checksum (the header's bytes, the field as spaces)."""
+    """A tar archive's first header: "ustar" at 257, and its checksum (the header's bytes, the
+    field as spaces)."""
     if len(raw) < 512 or raw[257:262] != b"ustar":
         return False
     try:
-        return int(raw[148:156].strip(b" \0") or b"-1", 8) == sum(raw[:148]) + 8 * 32 + sum(raw[156:512])
+        checksum = int(raw[148:156].strip(b" \0") or b"-1", 8)
+        return checksum == sum(raw[:148]) + 8 * 32 + sum(raw[156:512])
     except ValueError:
         return False
 
 
 def refuse_other_formats(raw):
     if is_tar(raw):
-        raise Refused("it is a tar archive, not a pickle", fix="extract it (tar xf FILE) and pass the .pkl inside")
+        raise Refused("it is a tar archive, not a pickle",
+                      fix="extract it (tar xf FILE) and pass the .pkl inside")
     if compression_of(raw[:8]):
         raise Refused("it is compressed twice", fix="decompress it yourself and pass the .pkl")
 
 
 # --- layer 2, before anything is built: a walk over the opcodes -----------------------------------
 
-MARK, KEY, OTHER, ENCODE = 0, 1, 2, 3  # what the scan knows of a stack value: a safe key, or not, or
-# _codecs.encode, whose result is bytes (protocols 0-2 write bytes as encode(str, 'latin1'))
+# What the scan knows of a stack value: a safe key, or not, or _codecs.encode, whose result is
+# bytes (protocols 0-2 write bytes as encode(str, 'latin1'))
+MARK, KEY, OTHER, ENCODE = 0, 1, 2, 3
 KEY_OPCODES = {"UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "STRING", "BINSTRING",
-               "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "INT", "BININT", "BININT1",
-               "BININT2", "LONG", "LONG1", "LONG4", "NEWTRUE", "NEWFALSE"}
-KEYED = {"DICT": 2, "SETITEMS": 2, "FROZENSET": 1, "ADDITEMS": 1}  # 2: every other item above the mark is a key
+               "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "INT", "BININT",
+               "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "NEWTRUE", "NEWFALSE"}
+KEYED = {"DICT": 2, "SETITEMS": 2, "FROZENSET": 1, "ADDITEMS": 1}  # 2: every other item is a key
 MEMO_OPCODES = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE", "GET", "BINGET", "LONG_BINGET"}
-FRESH = {op.name for op in pickletools.opcodes if op.stack_after} - MEMO_OPCODES - {"DUP"}  # push a new value
+# the opcodes that push a new value
+FRESH = {op.name for op in pickletools.opcodes if op.stack_after} - MEMO_OPCODES - {"DUP"}
 
 
 def stack_effect(opcode):
@@ -723,8 +734,9 @@ def stack_effect(opcode):
 
 
 EFFECTS = {op.name: stack_effect(op) for op in pickletools.opcodes}
-BUILDERS = {"EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET", "EMPTY_TUPLE", "LIST", "DICT", "TUPLE", "TUPLE1", "TUPLE2",
-            "TUPLE3", "FROZENSET", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST", "BUILD"}  # containers, records
+BUILDERS = {"EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET", "EMPTY_TUPLE", "LIST", "DICT", "TUPLE",
+            "TUPLE1", "TUPLE2", "TUPLE3", "FROZENSET", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ",
+            "INST", "BUILD"}  # containers, records
 
 
 def scan(raw):
@@ -753,9 +765,10 @@ def scan(raw):
             raise Refused("it holds an integer too large for a table cell")
         if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
             slot = memoized if name == "MEMOIZE" else arg
-            if (put if name == "MEMOIZE" else memoized) or previous not in FRESH or not 0 <= slot < len(memo):
-                raise Refused(f"its memo is not as a pickler writes it ({name} of slot {short(slot)} after "
-                              f"{previous})")
+            mixed = put if name == "MEMOIZE" else memoized
+            if mixed or previous not in FRESH or not 0 <= slot < len(memo):
+                raise Refused(f"its memo is not as a pickler writes it ({name} of slot "
+                              f"{short(slot)} after {previous})")
             memo[slot] = stack[-1]
             memoized, put = memoized + (name == "MEMOIZE"), put or name != "MEMOIZE"
         elif name in ("GET", "BINGET", "LONG_BINGET"):
@@ -779,16 +792,19 @@ def scan(raw):
         previous = name
 
 
+BAD_KEY = "it uses a key that is not a string or a number (only str, bytes and int keys are read)"
+
+
 def pop_and_push(name, stack, marks):
     """The stack effect of one opcode, checking the keys of every dict and set it builds."""
     below, marked, pushed, key_step = EFFECTS[name]
     if marked:  # the values above the last MARK go, and the mark
         floor = marks.pop()
         if key_step and any(kind != KEY for kind in stack[floor + 1::key_step]):
-            raise Refused("it uses a key that is not a string or a number (only str, bytes and int keys are read)")
+            raise Refused(BAD_KEY)
         del stack[floor:]
     elif name == "SETITEM" and len(stack) >= 2 and stack[-2] != KEY:
-        raise Refused("it uses a key that is not a string or a number (only str, bytes and int keys are read)")
+        raise Refused(BAD_KEY)
     if len(stack) - (marks[-1] + 1 if marks else 0) < below:
         raise Refused(f"its {name} finds too few values on the stack")
     kind = KEY if name in KEY_OPCODES or (name == "REDUCE" and stack[-2] == ENCODE) else OTHER
@@ -797,12 +813,12 @@ def pop_and_push(name, stack, marks):
     stack += [kind] * pushed
 
 
-# --- layer 1: loading with inert records ------------------------------------------------------------
+# --- layer 1: loading with inert records --------------------------------------------------------
 
-DATA_MODULES = ("numpy", "pandas", "pyarrow", "datasets", "datetime", "decimal", "collections", "copyreg",
-                "_codecs", "zoneinfo", "pytz", "dateutil")
-PLAIN_BUILTINS = {"bytearray", "bytes", "set", "frozenset", "list", "dict", "tuple", "slice", "complex", "int",
-                  "float", "str", "bool", "object", "range"}
+DATA_MODULES = ("numpy", "pandas", "pyarrow", "datasets", "datetime", "decimal", "collections",
+                "copyreg", "_codecs", "zoneinfo", "pytz", "dateutil")
+PLAIN_BUILTINS = {"bytearray", "bytes", "set", "frozenset", "list", "dict", "tuple", "slice",
+                  "complex", "int", "float", "str", "bool", "object", "range"}
 
 
 class Called:
@@ -820,7 +836,7 @@ class Called:
     def __setstate__(self, state):  # BUILD
         self.state = state
 
-    def __setitem__(self, key, value):  # SETITEM(S) on a dict subclass (an OrderedDict, Features, DatasetDict)
+    def __setitem__(self, key, value):  # SETITEM(S) on a dict subclass (OrderedDict, DatasetDict)
         self.state = self.state if type(self.state) is dict else {}
         self.state[key] = value
 
@@ -844,16 +860,20 @@ class RecordingUnpickler(pickle.Unpickler):
         return self.names[key]
 
     def refuse_foreign_names(self):
-        """Refuse a pickle that names anything but the builders of data (nothing was called either way)."""
+        """Refuse a pickle that names anything but the builders of data (nothing was called
+        either way)."""
         if any(key.split(".")[0] == "polars" for key in self.names):
             raise Refused("it is a polars DataFrame, which is not read here",
-                          fix="where it was made, write df.write_parquet('test.parquet'), or pickle df.to_pandas()")
+                          fix="where it was made, write df.write_parquet('test.parquet'), or "
+                              "pickle df.to_pandas()")
         foreign = sorted(key for key in self.names if not (key.split(".")[0] in DATA_MODULES or (
             key.startswith("builtins.") and key[9:] in PLAIN_BUILTINS)))
         if foreign:
-            raise Refused(f"it names {', '.join(printable(k) for k in foreign[:5])}{', ...' if len(foreign) > 5 else ''}"
-                          ", which no data file needs (nothing was run)",
-                          fix="do not use this file; get the data as .csv or .parquet from its source")
+            listed = ", ".join(printable(k) for k in foreign[:5])
+            more = ", ..." if len(foreign) > 5 else ""
+            raise Refused(f"it names {listed}{more}, which no data file needs (nothing was run)",
+                          fix="do not use this file; get the data as .csv or .parquet from its "
+                              "source")
 
 
 def children(value):
@@ -889,7 +909,7 @@ def check_nesting(tree, limit=200):
             todo += [(c, False) for c in children(value) if id(c) not in depth]
 
 
-# --- layer 1, reading: the shapes a table takes ------------------------------------------------------
+# --- layer 1, reading: the shapes a table takes -------------------------------------------------
 
 class Budget:
     """How many rows and text bytes a file of `size` bytes may honestly yield.
@@ -902,7 +922,8 @@ class Budget:
     """
 
     def __init__(self, size, wanted=("text", "label"), rows=None):
-        self.size, self.rows, self.text = size, size if rows is None else rows, REPLY_PER_BYTE * size + 2**20
+        self.size, self.rows = size, size if rows is None else rows
+        self.text = REPLY_PER_BYTE * size + 2**20
         self.wanted = wanted  # the two columns read (texts, labels); every other is skipped unread
 
     def take(self, rows=0, text=0):
@@ -917,7 +938,7 @@ class Budget:
         return values
 
 
-STRUCTURE = 16  # rows charged for reading an array, a block or a table: each takes more bytes than that
+STRUCTURE = 16  # rows charged for reading an array, a block or a table: each takes more bytes
 
 
 def call_of(obj):
@@ -927,8 +948,8 @@ def call_of(obj):
     if not isinstance(obj, Called):
         return None, (), None
     name, args = obj.name.rpartition(".")[2], obj.args
-    if name in ("_reconstructor", "__newobj__", "__newobj_ex__") and args and isinstance(args[0], type) \
-            and issubclass(args[0], Called):
+    if name in ("_reconstructor", "__newobj__", "__newobj_ex__") and args \
+            and isinstance(args[0], type) and issubclass(args[0], Called):
         name, args = args[0].name.rpartition(".")[2], args[1:]
     return name, args, obj.state
 
@@ -938,26 +959,27 @@ def table_columns(tree, budget, warnings):
     name, args, state = call_of(tree)
     if type(tree) in (list, tuple) and tree and all(type(row) is dict for row in tree):  # rows
         budget.take(len(tree))
-        keys = dict.fromkeys(k for row in tree for k in row)  # every row's keys: the first may lack a label
-        columns = {k: [cell(row.get(k), budget) for row in tree] if k in budget.wanted else None for k in keys}
+        keys = dict.fromkeys(k for row in tree for k in row)  # every row's: the first may lack one
+        columns = {k: [cell(row.get(k), budget) for row in tree] if k in budget.wanted else None
+                   for k in keys}
     elif type(tree) is dict:  # a dict of columns
         columns = {k: values_of(v, budget) if k in budget.wanted else None for k, v in tree.items()}
-    elif name == "DatasetDict":  # a dict subclass: its items come by SETITEMS, or (protocols 0-1) as an argument
-        return one_split(state if type(state) is dict else args[-1] if args else None, budget, warnings)
+    elif name == "DatasetDict":  # a dict subclass: its items come by SETITEMS, or as an argument
+        splits = state if type(state) is dict else args[-1] if args else None  # (protocols 0-1)
+        return one_split(splits, budget, warnings)
     elif name == "Dataset":
         columns = dataset_columns(state, budget)
     elif name == "DataFrame":
         columns = frame_columns(state, budget)
     elif name == "Series" or type(tree) in (list, tuple) or name in ("_reconstruct", "_frombuffer"):
-        columns = {budget.wanted[0]: series_values(tree, state, budget) if name == "Series" else values_of(tree, budget)}
+        values = series_values(tree, state, budget) if name == "Series" else values_of(tree, budget)
+        columns = {budget.wanted[0]: values}
     else:
-        raise Refused(f"it holds {short(tree.name if isinstance(tree, Called) else type(tree).__name__)}, not a "
-                      "Dataset, DataFrame, Series, list of rows or texts, or dict of columns")
-    text = budget.wanted[0]
-    if text not in columns:
-        names = ", ".join(printable(n) for n in list(columns)[:20])
-        raise Refused(f"it has no `{text}` column (columns: {names or 'none'})",
-                      fix=f"rename the column that holds the texts to `{text}`")
+        held = tree.name if isinstance(tree, Called) else type(tree).__name__
+        raise Refused(f"it holds {short(held)}, not a Dataset, DataFrame, Series, list of rows or "
+                      "texts, or dict of columns")
+    if budget.wanted[0] not in columns:
+        raise no_text_column(columns, budget.wanted[0])
     return {k: v for k, v in columns.items() if k in budget.wanted}
 
 
@@ -965,7 +987,8 @@ def one_split(splits, budget, warnings):
     """A DatasetDict: its one split, or one line naming them all."""
     names = list(splits) if type(splits) is dict else []
     if len(names) != 1:
-        raise Refused(f"it is a DatasetDict of {len(names)} splits ({', '.join(short(n, 20) for n in names[:8])})",
+        listed = ", ".join(short(n, 20) for n in names[:8])
+        raise Refused(f"it is a DatasetDict of {len(names)} splits ({listed})",
                       fix="pickle the split you mean: pickle.dump(dsd['test'], f)")
     warnings.append(f"it is a DatasetDict: read its one split, {short(names[0], 30)}")
     return table_columns(splits[names[0]], budget, [])
@@ -988,11 +1011,12 @@ def cell(value, budget):
         values = numbers_from(as_bytes(args[1], budget), numpy_dtype(args[0]))
         if len(values) == 1:
             return values[0]
-    raise Refused(f"a text or label is {printable(name or type(value).__name__)}, not a string or a number")
+    found = printable(name or type(value).__name__)
+    raise Refused(f"a text or label is {found}, not a string or a number")
 
 
 def values_of(obj, budget):
-    """A column as a plain list, from a list, a numpy array, an Arrow array, a pandas array or Series."""
+    """A column as a plain list, from a list, a numpy, Arrow or pandas array, or a Series."""
     if type(obj) in (list, tuple):
         budget.take(len(obj))
         return [cell(v, budget) for v in obj]
@@ -1000,16 +1024,19 @@ def values_of(obj, budget):
     if name in ("_reconstruct", "_frombuffer"):
         shape, rows = numpy_array(name, args, state, budget, keep=None)
         if len(shape) != 1:
-            raise Refused(f"a column is a numpy array of shape {short(shape)}, not one value per row")
+            raise Refused(f"a column is a numpy array of shape {short(shape)}, not one value a "
+                          "row")
         return rows
     if name in ("_restore_array", "chunked_array"):
         return arrow_values(obj, budget)
     if name == "Series":  # a dict of Series: {"text": df.text, "label": df.label}
         return series_values(obj, state, budget)
-    if name in ("ArrowStringArray", "ArrowStringArrayNumpySemantics", "ArrowExtensionArray") and type(state) is dict:
-        return arrow_values(state.get("_pa_array", state.get("_data")), budget)  # pandas 1.5 called it _data
-    if name in ("IntegerArray", "BooleanArray", "FloatingArray") and type(state) is dict:  # nullable: a mask
-        values, missing = values_of(state.get("_data"), budget), values_of(state.get("_mask"), budget)
+    arrow_backed = ("ArrowStringArray", "ArrowStringArrayNumpySemantics", "ArrowExtensionArray")
+    if name in arrow_backed and type(state) is dict:  # (pandas 1.5 called it _data)
+        return arrow_values(state.get("_pa_array", state.get("_data")), budget)
+    if name in ("IntegerArray", "BooleanArray", "FloatingArray") and type(state) is dict:  # a mask
+        values = values_of(state.get("_data"), budget)
+        missing = values_of(state.get("_mask"), budget)
         if len(values) != len(missing):
             raise Refused("a nullable column's mask does not match its values")
         return [None if m else v for v, m in zip(values, missing)]
@@ -1022,33 +1049,38 @@ def values_of(obj, budget):
         if kind == "StringArray":  # (dtype, numpy object array)
             return values_of(state[1], budget)
         name = kind
-    raise Refused(f"its text or label column is {short(name or type(obj).__name__)}, which is not read here")
+    found = short(name or type(obj).__name__)
+    raise Refused(f"its text or label column is {found}, which is not read here")
 
 
 def categories_of(dtype, codes, budget):
     """A pandas Categorical: each code is an index into the categories (-1: missing)."""
     _, _, dtype_state = call_of(dtype)
-    categories = values_of((dtype_state or {}).get("categories") if type(dtype_state) is dict else None, budget)
+    categories = (dtype_state or {}).get("categories") if type(dtype_state) is dict else None
+    categories = values_of(categories, budget)
     codes = values_of(codes, budget)
     if not all(type(c) is int and -1 <= c < len(categories) for c in codes):
         raise Refused("a categorical column has codes outside its categories")
-    return budget.take_texts([None if c < 0 else categories[c] for c in codes])  # each use of a category costs
+    # each use of a category costs
+    return budget.take_texts([None if c < 0 else categories[c] for c in codes])
 
 
 def series_values(series, state, budget):
     """A pandas Series: SingleBlockManager with state (axes, [values], ...)."""
     manager = state.get("_mgr") if type(state) is dict else None
     _, _, manager_state = call_of(manager)
-    if type(manager_state) is not tuple or len(manager_state) < 2 or type(manager_state[1]) is not list \
-            or len(manager_state[1]) != 1:
+    if type(manager_state) is not tuple or len(manager_state) < 2 \
+            or type(manager_state[1]) is not list or len(manager_state[1]) != 1:
         raise Refused("a Series in a layout this reader does not know")
     return values_of(manager_state[1][0], budget)
 
 
 def as_bytes(obj, budget):
-    """Bytes as a pickle writes them: bytes, bytearray, or (protocol 0-2) bytearray(encode(s, 'latin1')).
+    """Bytes as a pickle writes them: bytes, bytearray, or (protocol 0-2)
+    bytearray(encode(s, 'latin1')).
 
-    Each buffer read costs its size: one buffer named a thousand times is read at most a few times.
+    Each buffer read costs its size: one buffer named a thousand times is read at most a few
+    times.
     """
     name, args, _ = call_of(obj)
     for _ in range(2):  # py_buffer(bytearray(...))
@@ -1057,7 +1089,8 @@ def as_bytes(obj, budget):
             name, args, _ = call_of(obj)
     if name in ("bytearray", "bytes") and not args:  # protocols 0-2 write b"" as bytes()
         return b""
-    if name == "encode" and len(args) == 2 and type(args[0]) is str and args[1] in ("latin1", "latin-1"):
+    latin1 = name == "encode" and len(args) == 2 and args[1] in ("latin1", "latin-1")
+    if latin1 and type(args[0]) is str:
         budget.take(text=len(args[0]))
         return args[0].encode("latin-1")
     if type(obj) in (bytes, bytearray):
@@ -1073,10 +1106,12 @@ def count(value, what):
 
 
 # numpy: _reconstruct(ndarray, (0,), b'b') + BUILD (version, shape, dtype, fortran, data), or
-# _frombuffer(data, dtype, shape, order). Read: object (a list), bool, int, float and unicode arrays.
+# _frombuffer(data, dtype, shape, order). Read: object (a list), bool, int, float and unicode
+# arrays.
 
 def numpy_array(name, args, state, budget, keep):
-    """(shape, values): 1-D, a list of values; 2-D (a pandas block), {row: values} for the rows in `keep`."""
+    """(shape, values): 1-D, a list of values; 2-D (a pandas block), {row: values} for the rows
+    in `keep`."""
     if name == "_frombuffer" and len(args) == 4:
         data, dtype, shape, order = args
     elif name == "_reconstruct" and type(state) is tuple and len(state) in (4, 5):
@@ -1099,22 +1134,27 @@ def numpy_array(name, args, state, budget, keep):
     if len(shape) == 1:
         return shape, [cell(v, budget) for v in flat] if kind == "object" else flat
     width, length = shape  # a pandas block: one row per column of the frame
-    by_columns = order == "F" and kind != "object"  # numpy lists an object array's items in C order, always
-    picked = {r: (flat[r::width] if by_columns else flat[r * length:(r + 1) * length]) for r in keep}
+    # numpy lists an object array's items in C order, always
+    by_columns = order == "F" and kind != "object"
+    picked = {r: (flat[r::width] if by_columns else flat[r * length:(r + 1) * length])
+              for r in keep}
     return shape, {r: [cell(v, budget) for v in values] if kind == "object" else values
                    for r, values in picked.items()}
 
 
 def numpy_dtype(obj):
-    """The dtype of a pickled dtype record: "object", or (code, itemsize, byte order) of a number or text."""
+    """The dtype of a pickled dtype record: "object", or (code, itemsize, byte order) of a number
+    or text."""
     name, args, state = call_of(obj)
     code = args[0] if name == "dtype" and args and type(args[0]) is str else ""
-    order = state[1] if type(state) is tuple and len(state) > 1 and state[1] in ("<", ">", "|", "=") else "|"
+    ordered = type(state) is tuple and len(state) > 1 and state[1] in ("<", ">", "|", "=")
+    order = state[1] if ordered else "|"
     if code in ("O4", "O8"):
         return "object"
     if code[:1] in ("i", "u", "b", "f", "U") and code[1:].isdigit() and code[1:].isascii():
         size = int(code[1:]) * (4 if code[0] == "U" else 1)
-        if code[0] == "U" or size in ((1, 2, 4, 8) if code[0] in "iu" else (1,) if code[0] == "b" else (4, 8)):
+        sizes = (1, 2, 4, 8) if code[0] in "iu" else (1,) if code[0] == "b" else (4, 8)
+        if code[0] == "U" or size in sizes:
             big = order == ">" or (order == "=" and sys.byteorder == "big")
             return code[0], size, big
     raise Refused(f"a text or label column has dtype {short(code or name)}, which is not read here")
@@ -1129,11 +1169,13 @@ def numbers_from(buffer, kind, size=None):
         raise Refused(f"a numpy array of {size} items has {len(buffer)} bytes")
     if letter == "U":  # fixed-width UTF-32, padded with NULs
         codec = "utf-32-be" if big else "utf-32-le"
-        return [buffer[i:i + width].decode(codec, "surrogatepass").rstrip("\0") for i in range(0, len(buffer), width)]
+        return [buffer[i:i + width].decode(codec, "surrogatepass").rstrip("\0")
+                for i in range(0, len(buffer), width)]
     if letter == "b":
         return [b != 0 for b in buffer]
-    typecode = {("i", 1): "b", ("u", 1): "B", ("i", 2): "h", ("u", 2): "H", ("i", 4): "i", ("u", 4): "I",
-                ("i", 8): "q", ("u", 8): "Q", ("f", 4): "f", ("f", 8): "d"}[letter, width]
+    typecode = {("i", 1): "b", ("u", 1): "B", ("i", 2): "h", ("u", 2): "H", ("i", 4): "i",
+                ("u", 4): "I", ("i", 8): "q", ("u", 8): "Q", ("f", 4): "f",
+                ("f", 8): "d"}[letter, width]
     values = array.array(typecode, buffer)
     if big != (sys.byteorder == "big"):
         values.byteswap()
@@ -1141,26 +1183,31 @@ def numbers_from(buffer, kind, size=None):
 
 
 # pyarrow: _restore_array((type, length, null_count, offset, buffers, children, dictionary)),
-# chunked_array([arrays], type). Strings: validity bitmap, offsets (int32, or int64 when large), bytes.
-ARROW_NUMBERS = {"int8": ("i", 1), "int16": ("i", 2), "int32": ("i", 4), "int64": ("i", 8), "uint8": ("u", 1),
-                 "uint16": ("u", 2), "uint32": ("u", 4), "uint64": ("u", 8), "float": ("f", 4), "double": ("f", 8)}
+# chunked_array([arrays], type). Strings: validity bitmap, offsets (int32, or int64 when large),
+# bytes.
+ARROW_NUMBERS = {"int8": ("i", 1), "int16": ("i", 2), "int32": ("i", 4), "int64": ("i", 8),
+                 "uint8": ("u", 1), "uint16": ("u", 2), "uint32": ("u", 4), "uint64": ("u", 8),
+                 "float": ("f", 4), "double": ("f", 8)}
 ARROW_STRINGS = {"string": 4, "utf8": 4, "large_string": 8, "large_utf8": 8}
 
 
 def arrow_values(obj, budget):
     name, args, _ = call_of(obj)
-    budget.take(STRUCTURE)  # every array read costs: a chunk list that repeats one array cannot multiply work
+    budget.take(STRUCTURE)  # every array read costs: repeating one array cannot multiply work
     if name == "chunked_array" and args and type(args[0]) is list:
         return [v for chunk in args[0] for v in arrow_values(chunk, budget)]
     if name != "_restore_array" or len(args) != 1 or type(args[0]) is not tuple or len(args[0]) < 6:
         raise Refused(f"an Arrow column is {short(name)}, which is not read here")
     arrow_type, length, _, offset, buffers, children_ = args[0][:6]
     type_name, type_args, _ = call_of(arrow_type)
-    alias = type_args[0] if type_name == "type_for_alias" and type_args and type(type_args[0]) is str else ""
+    aliased = type_name == "type_for_alias" and type_args and type(type_args[0]) is str
+    alias = type_args[0] if aliased else ""
     length, offset = count(length, "an Arrow length"), count(offset, "an Arrow offset")
     budget.take(length)
-    if children_ or type(buffers) is not list or alias not in {**ARROW_NUMBERS, **ARROW_STRINGS, "null": 0}:
-        raise Refused(f"an Arrow column has type {short(alias or type_name)}, which is not read here")
+    if children_ or type(buffers) is not list or alias not in {**ARROW_NUMBERS, **ARROW_STRINGS,
+                                                               "null": 0}:
+        found = short(alias or type_name)
+        raise Refused(f"an Arrow column has type {found}, which is not read here")
     if alias == "null":
         return [None] * length
     valid = arrow_validity(buffers[0] if buffers else None, offset, length, budget)
@@ -1169,34 +1216,39 @@ def arrow_values(obj, budget):
         data = as_bytes(buffers[1], budget)
         if len(data) < (offset + length) * width:
             raise Refused(f"an Arrow array of {length} numbers has {len(data)} bytes")
-        values = numbers_from(data[offset * width:(offset + length) * width], (letter, width, False), length)
+        values = numbers_from(data[offset * width:(offset + length) * width],
+                              (letter, width, False), length)
     elif alias in ARROW_STRINGS and len(buffers) == 3:
-        values = arrow_strings(as_bytes(buffers[1], budget), as_bytes(buffers[2], budget), ARROW_STRINGS[alias],
-                               offset, length, budget)
+        values = arrow_strings(as_bytes(buffers[1], budget), as_bytes(buffers[2], budget),
+                               ARROW_STRINGS[alias], offset, length, budget)
     else:
         raise Refused(f"an Arrow {alias} array has {len(buffers)} buffers")
     return [v if ok else None for v, ok in zip(values, valid)]
 
 
 def arrow_validity(bitmap, offset, length, budget):
-    """Which rows are not null, from Arrow's validity bitmap (least significant bit first; None: all are)."""
+    """Which rows are not null, from Arrow's validity bitmap (least significant bit first; None:
+    all are)."""
     if bitmap is None:
         return [True] * length
     bits = as_bytes(bitmap, budget)
     if len(bits) * 8 < offset + length:
         raise Refused("an Arrow validity bitmap is shorter than its array")
-    as_text = format(int.from_bytes(bits, "little"), f"0{len(bits) * 8}b")[::-1]  # bit i is character i
+    # bit i is character i
+    as_text = format(int.from_bytes(bits, "little"), f"0{len(bits) * 8}b")[::-1]
     return [c == "1" for c in as_text[offset:offset + length]]
 
 
 def arrow_strings(offsets, data, width, offset, length, budget):
-    """Each string data[ends[i]:ends[i+1]], after checking, in Python ints, that the ends lie in order in data."""
+    """Each string data[ends[i]:ends[i+1]], after checking, in Python ints, that the ends lie in
+    order in data."""
     if len(offsets) < (offset + length + 1) * width:
         raise Refused(f"an Arrow string array of {length} rows has too few offsets")
-    ends = numbers_from(offsets[offset * width:(offset + length + 1) * width], ("i", width, False), length + 1)
+    ends = numbers_from(offsets[offset * width:(offset + length + 1) * width], ("i", width, False),
+                        length + 1)
     if ends[0] < 0 or ends[-1] > len(data) or any(a > b for a, b in zip(ends, ends[1:])):
         raise Refused("an Arrow string array's offsets run outside its data")
-    budget.take(text=ends[-1] - ends[0])  # the sum of the texts' lengths, charged before they are made
+    budget.take(text=ends[-1] - ends[0])  # the texts' lengths, charged before they are made
     try:
         return [data[ends[i]:ends[i + 1]].decode("utf-8") for i in range(length)]
     except UnicodeDecodeError:
@@ -1204,13 +1256,15 @@ def arrow_strings(offsets, data, width, offset, length, budget):
 
 
 def table_of(obj, budget):
-    """{name: values} of a datasets table: InMemoryTable, or ConcatenationTable (blocks of tables)."""
+    """{name: values} of a datasets table: InMemoryTable, or ConcatenationTable (blocks of
+    tables)."""
     name, _, state = call_of(obj)
     if name == "MemoryMappedTable":
-        raise Refused("this Dataset was pickled straight from the file it maps (loaded from parquet or the hub "
-                      "cache), so it holds a path on the machine that made it, not the data",
-                      fix="where it was made, write ds.to_parquet('test.parquet'), or pickle an in-memory copy: "
-                          "pickle.dump(Dataset.from_dict(ds.to_dict()), f)")
+        raise Refused("this Dataset was pickled straight from the file it maps (loaded from "
+                      "parquet or the hub cache), so it holds a path on the machine that made it, "
+                      "not the data",
+                      fix="where it was made, write ds.to_parquet('test.parquet'), or pickle an "
+                          "in-memory copy: pickle.dump(Dataset.from_dict(ds.to_dict()), f)")
     if name == "InMemoryTable" and type(state) is dict:
         return arrow_table(state.get("table"), budget)
     if name == "ConcatenationTable" and type(state) is dict and type(state.get("blocks")) is list:
@@ -1238,7 +1292,8 @@ def arrow_table(obj, budget):
     names = [call_of(f)[1][0] if call_of(f)[1] else None for f in fields]
     if len(names) != len(args[0]) or not all(type(n) is str for n in names):
         raise Refused("a Dataset's column names do not match its columns")
-    return {n: arrow_values(c, budget) if n in (*budget.wanted, "indices") else None for n, c in zip(names, args[0])}
+    return {n: arrow_values(c, budget) if n in (*budget.wanted, "indices") else None
+            for n, c in zip(names, args[0])}
 
 
 def dataset_columns(state, budget):
@@ -1253,12 +1308,14 @@ def dataset_columns(state, budget):
             raise Refused("a Dataset's row mapping is missing or points outside its table")
         read = [k for k, v in columns.items() if v is not None]
         budget.take(len(order) * len(read))
-        columns = {k: v if v is None else budget.take_texts([v[i] for i in order]) for k, v in columns.items()}
+        columns = {k: v if v is None else budget.take_texts([v[i] for i in order])
+                   for k, v in columns.items()}
     return columns
 
 
 def frame_columns(state, budget):
-    """A pandas DataFrame: BlockManager(blocks, axes); each block holds some columns, at `placement`.
+    """A pandas DataFrame: BlockManager(blocks, axes); each block holds some columns, at
+    `placement`.
 
     Only the blocks that hold `text` or `label` are read; every other column is skipped by its
     placement, whatever its dtype.
@@ -1269,12 +1326,15 @@ def frame_columns(state, budget):
         raise Refused("a DataFrame in a layout this reader does not know")
     blocks, (column_index, _) = args
     index_name, index_args, _ = call_of(column_index)
-    if index_name != "_new_Index" or not index_args or call_of(index_args[0])[0] in ("MultiIndex", None):
+    index_kind = call_of(index_args[0])[0] if index_args else None
+    if index_name != "_new_Index" or index_kind in ("MultiIndex", None):
         raise Refused("a DataFrame whose column names are not plain names (a MultiIndex?)",
-                      fix="flatten the columns (df.columns = ['text', 'label', ...]), then pickle it again")
-    if call_of(index_args[0])[0] == "RangeIndex":  # pd.DataFrame(rows) without names: columns 0, 1, ...
-        raise Refused(f"it has no `{budget.wanted[0]}` column (its columns are numbered, not named)",
-                      fix=f"name them (df.columns = ['{budget.wanted[0]}', ...]), then pickle it again")
+                      fix="flatten the columns (df.columns = ['text', 'label', ...]), then pickle "
+                          "it again")
+    text = budget.wanted[0]
+    if index_kind == "RangeIndex":  # pd.DataFrame(rows) without names: columns 0, 1, ...
+        raise Refused(f"it has no `{text}` column (its columns are numbered, not named)",
+                      fix=f"name them (df.columns = ['{text}', ...]), then pickle it again")
     names = values_of(column_index, budget)
     wanted = {n: names.index(n) for n in budget.wanted if n in names}
     if any(names.count(n) > 1 for n in wanted):
@@ -1301,7 +1361,7 @@ def block_parts(block, width):
     slice_name, slice_args, slice_state = call_of(placement)
     if slice_name == "slice" and len(slice_args) == 3 and all(type(a) is int for a in slice_args):
         positions = range(*slice_args)
-    elif slice_name in ("_reconstruct", "_frombuffer"):  # an array of positions, when they are not evenly spaced
+    elif slice_name in ("_reconstruct", "_frombuffer"):  # positions, when not evenly spaced
         positions = numpy_array(slice_name, slice_args, slice_state, Budget(width), keep=None)[1]
     else:
         raise Refused("a DataFrame block's placement is neither a slice nor positions")
@@ -1311,7 +1371,8 @@ def block_parts(block, width):
 
 
 def block_columns(values, width, keep, budget):
-    """{column name: values} of the rows `keep` ({row of the block: name}) of a block of `width` columns."""
+    """{column name: values} of the rows `keep` ({row of the block: name}) of a block of `width`
+    columns."""
     kind, args, state = call_of(values)
     if kind in ("_reconstruct", "_frombuffer"):  # a 2-D numpy block: one row of it per column
         shape, rows = numpy_array(kind, args, state, budget, keep=list(keep))
