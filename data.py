@@ -8,8 +8,6 @@ are cut from groups of rows of similar length, so that little padding is compute
 evaluation and prediction batches are simply sorted by length.
 """
 import itertools
-import json
-import math
 import numbers
 import os
 import random
@@ -132,29 +130,36 @@ def read_texts(source):
 
 
 def read_table(source, missing_ok=False):
-    """(texts, labels or None, class names or None) of a hub dataset name, a .csv, .jsonl,
-    .parquet or .pkl file (a pickle is read as data, never run: pickles.py), or a save_to_disk
-    folder. A missing text (None, NaN) is refused naming its row, or with `missing_ok` kept None."""
-    ext = input_kind(source)
-    if ext and not os.path.isdir(source):
-        if ext not in READERS:
-            raise DataError(f"{source}: unknown input kind; use .csv, .jsonl, .parquet, .pkl (also "
-                            ".pkl.gz, .bz2, .xz, .zip) or a datasets.save_to_disk folder")
-        if not os.path.isfile(source):
-            raise DataError(f"{source}: no such file (or not a regular file); check the path")
-        table = READERS[ext](source)
+    """(texts, labels or None, class names or None) of a .csv, .jsonl, .parquet or .pkl file or a
+    save_to_disk folder (read as data in a contained child: tables.py), or of a hub dataset. A
+    missing text (None, NaN) is refused naming its row, or with `missing_ok` kept as None."""
+    if os.path.exists(source) or os.path.splitext(source)[1]:
+        import tables
+
+        try:
+            texts, labels, notes = tables.read_table(source, columns=(TEXT, LABEL))
+        except tables.NotReadable as e:
+            raise DataError(str(e)) from None
+        for note in notes:
+            warn(f"{source}: {note}")
+        names = None
     else:
         table = read_dataset(source)
-    return columns_of(table, source, missing_ok) + (class_names(table),)
+        texts, labels = columns_of(table, source)
+        names = class_names(table)
+    if not texts:
+        raise DataError(f"{source}: no rows; give a file with at least one text")
+    missing = next((i for i, text in enumerate(texts) if text is None), None)
+    if missing is not None and not missing_ok:
+        raise DataError(f"{source}: row {missing} has no text (a missing value); fill it in (an "
+                        "empty string is fine) or drop that row")
+    return texts, labels, names
 
 
 def read_dataset(source):
-    """The train split of a save_to_disk folder or a hub dataset (such as ag_news)."""
+    """The train split of a hub dataset (such as ag_news)."""
     import datasets  # only here: it takes a second to import, and most inputs are files
 
-    if os.path.isdir(source):
-        loaded = datasets.load_from_disk(source)
-        return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
     datasets.logging.set_verbosity_error()  # no retry warnings: the one line below says it all
     import huggingface_hub
     huggingface_hub.logging.set_verbosity_error()
@@ -167,87 +172,14 @@ def read_dataset(source):
             from None
 
 
-def input_kind(source):
-    """The file's kind from its name: .csv, .jsonl, .parquet, or .pkl (also test.pkl.gz)."""
-    stem, ext = os.path.splitext(source.lower())
-    compressed = ext in (".gz", ".bz2", ".xz", ".zip", ".zst", ".tar")
-    return ".pkl" if compressed and stem.endswith(".pkl") else ext
-
-
-def read_pickled_table(path):
-    """{TEXT: texts, LABEL: labels} of a pickle, read as data in a child process (pickles.py)."""
-    import pickles
-
-    try:
-        texts, labels, notes = pickles.read_pickle(path, columns=(TEXT, LABEL))
-    except pickles.NotReadable as e:
-        raise DataError(str(e)) from None
-    for note in notes:
-        warn(f"{path}: {note}")
-    return {TEXT: texts, **({LABEL: labels} if labels is not None else {})}
-
-
-def read_jsonl(path):
-    """JSON lines as a dict of columns. Read with the json module, so "123" stays text; bytes that
-    are not UTF-8 become lone surrogates, made U+FFFD later with a warning."""
-    rows = []
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except (ValueError, RecursionError):
-                raise DataError(f"{path}: line {number} is not JSON; give one object per line") \
-                    from None
-            if not isinstance(rows[-1], dict):
-                raise DataError(f"{path}: line {number} is not a JSON object; give one {{...}} "
-                                "per line")
-    keys = [k for k in (TEXT, LABEL) if any(k in row for row in rows)]
-    return {k: [row.get(k) for row in rows] for k in keys}
-
-
-def read_csv(path):
-    import pandas as pd  # an empty field is an empty text, and "NA" is a word, not a missing value
-
-    return pd.read_csv(path, dtype={TEXT: str}, na_filter=False, encoding_errors="replace")
-
-
-def read_parquet(path):
-    import pandas as pd
-
-    return pd.read_parquet(path)
-
-
-READERS = {".csv": read_csv, ".jsonl": read_jsonl, ".parquet": read_parquet,
-           ".pkl": read_pickled_table}
-
-
-def columns_of(table, source, missing_ok=False):
-    """(texts, labels or None) of the TEXT and LABEL columns of a Dataset, DataFrame or dict."""
-    names = list(table) if isinstance(table, dict) else \
-        list(getattr(table, "column_names", None) or table.columns)
-    if TEXT not in names:
-        listed = ", ".join(printable(n) for n in names[:20])
+def columns_of(table, source):
+    """(texts, labels or None) of the TEXT and LABEL columns of a hub Dataset."""
+    if TEXT not in table.column_names:
+        listed = ", ".join(printable(n) for n in table.column_names[:20])
         raise DataError(f"{source}: no `{TEXT}` column (columns: {listed or 'none'}); rename the "
                         f"column that holds the texts to `{TEXT}` (or set data.TEXT)")
-    texts = list(table[TEXT])
-    labels = list(table[LABEL]) if LABEL in names else None
-    if not texts:
-        raise DataError(f"{source}: no rows; give a file with at least one text")
-    if labels is not None and len(labels) != len(texts):
-        raise DataError(f"{source}: {len(texts)} texts but {len(labels)} labels; give one label "
-                        "per text")
-    for i, text in enumerate(texts):
-        if text is None or (isinstance(text, float) and math.isnan(text)):
-            if not missing_ok:
-                raise DataError(f"{source}: row {i} has no text (a missing value); fill it in (an "
-                                "empty string is fine) or drop that row")
-            texts[i] = None
-        elif not isinstance(text, str):
-            raise DataError(f"{source}: row {i} has text {short(text)}, not a string; fix or "
-                            "drop that row")
-    return texts, labels
+    labels = list(table[LABEL]) if LABEL in table.column_names else None
+    return list(table[TEXT]), labels
 
 
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")

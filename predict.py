@@ -40,8 +40,8 @@ def predict_logits(model, tokens, pad_id, batch_size, device, amp_dtype=None):
 
 
 def predict(args, device, amp_dtype):
-    """(predicted classes, labels or None) for every text of args.input, in input order; the
-    submission written to args.out."""
+    """(predicted classes, labels or None, class names) for every text of args.input, in input
+    order; the submission written to args.out."""
     texts, labels = read_texts(args.input)  # bad input is found before the model is loaded
     model, tokenizer, config = load_model(args.checkpoint, device)
     model = cast_frozen_linears(model, amp_dtype)

@@ -59,7 +59,8 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, args):
 
 def micro_batches(tokens, labels, rows, pad_id, rank, world, args):
     """This process's rows of a batch (torchrun: every world-th), cut into --grad-accum pieces,
-    each padded, on the device, with its share of the batch's loss. Every process takes as many
+    each padded, on the device, with its share of the batch's loss (times world: DDP averages the
+    processes' gradients). Every process takes as many
     pieces (an empty one is one row that counts 0), so that DDP's gradient sums line up."""
     mine = rows[rank::world]
     pieces = []
@@ -176,7 +177,7 @@ def train(args):
     model, tokenizer, new, config = lora_model(args, names)
     train_tokens, train_y = tokenize(tokenizer, train_texts, args.max_length), torch.tensor(train_y)
     val_tokens, val_y = tokenize(tokenizer, val_texts, args.max_length), torch.tensor(val_y)
-    step_model = DistributedDataParallel(model) if world > 1 else model  # DDP sums gradients
+    step_model = DistributedDataParallel(model) if world > 1 else model  # DDP averages gradients
     step_model = torch.compile(step_model, **args.compile_options) if args.compile else step_model
 
     # optimizer, and the loop's state: fresh, or as saved (--resume)
@@ -212,12 +213,12 @@ def train(args):
                 if step % eval_every == 0 or step == total_steps:
                     if rank == 0:  # torchrun: the main process evaluates, the others follow it
                         evaluation = evaluate(model, val_tokens, val_y, tokenizer.pad_token_id, args)
+                        check_finite(evaluation[0], "validation loss", step, args)  # before keeping it
                         if evaluation[1] > best_acc:  # the best so far: keep it
                             best_acc, bad_evals = evaluation[1], 0
                             best = keep_best(args, model, new, {**config, "step": step}, evaluation)
                         else:  # no better: one evaluation less of patience
                             bad_evals += 1
-                        check_finite(evaluation[0], "validation loss", step, args)
                         log(args, bar, step / steps_per_epoch, val_loss=evaluation[0],
                             val_accuracy=evaluation[1], bad_evals=bad_evals)
                     bad_evals = agree(bad_evals, world)  # torchrun: every process stops together
