@@ -358,7 +358,7 @@ def read_peft_adapter(folder):
     unsupported = unsupported_peft_options(peft_config)
     if unsupported:
         raise DataError(f"{where}: only plain LoRA adapters load here; this one has "
-                        f"{short(', '.join(unsupported), 160)}")
+                        f"{', '.join(unsupported)}")  # our names, and values via short
     config = {ours: peft_config[theirs] for ours, theirs in
               {"r": "r", **PEFT_NAMES}.items() if theirs in peft_config}
     check_config({**config, "labels": ["0"], "max_length": 512}, where, PEFT_NAMES)
