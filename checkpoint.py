@@ -92,7 +92,7 @@ def load_model(checkpoint, device="cpu"):
     weight, W0 + (alpha/r) B A: inference then costs exactly what the base model costs.
     """
     config, tensors = read_checkpoint(checkpoint)
-    model, tokenizer, new = load_base_model(config["base_model"], len(config["labels"]))
+    model, tokenizer, new = load_base_for(checkpoint, config, tensors)
     try:
         inject_lora(model, config["r"], config["alpha"], targets=config["targets"], skip=new)
     except ValueError as e:  # targets this base does not have
@@ -105,6 +105,159 @@ def load_model(checkpoint, device="cpu"):
 
 
 # --- files: ours and PEFT's ------------------------------------------------------------------------
+# A checkpoint may come from anyone: its files are checked before anything is built from them.
+# config.json by type and range (bounded in size first), a safetensors header (bounded) before
+# any tensor is read, the values after; a PEFT config's options that we do not implement refused.
+import math
+
+import torch
+
+from lora import target_paths
+
+CONFIG_BYTES, HEADER_BYTES = 2**20, 100 * 2**20  # a config, a safetensors header: at most
+MAX_LABELS, MAX_TARGETS, MAX_R = 10_000, 10_000, 4096
+FLOAT_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # the dtypes a checkpoint may hold
+
+
+def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v):  # a huge int is finite: math.isfinite would overflow on it
+    return is_int(v) or (isinstance(v, float) and math.isfinite(v))
+
+
+def is_strings(v, most):
+    return isinstance(v, list) and 1 <= len(v) <= most and all(isinstance(s, str) for s in v)
+
+
+# field: (whether a value is right, what it must be); the first six are required
+CONFIG_RULES = {
+    "base_model": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "labels": (lambda v: is_strings(v, MAX_LABELS), f"a list of 1 to {MAX_LABELS:,} strings"),
+    "r": (lambda v: is_int(v) and 1 <= v <= MAX_R, f"an integer from 1 to {MAX_R}"),
+    "alpha": (lambda v: is_number(v) and 0 < v <= 1e6, "a finite number above 0, at most 1e6"),
+    "targets": (lambda v: is_strings(v, MAX_TARGETS), f"a list of 1 to {MAX_TARGETS:,} strings"),
+    "max_length": (lambda v: is_int(v) and 2 <= v <= 1_000_000, "an integer from 2 to 1,000,000"),
+    "dropout": (lambda v: is_number(v) and 0 <= v < 1, "a number from 0 up to (not) 1"),
+    "init": (lambda v: v in ("lora", "pissa"), '"lora" or "pissa"'),
+    "trained_r": (lambda v: is_int(v) and 1 <= v <= MAX_R, f"an integer from 1 to {MAX_R}"),
+}
+REQUIRED = list(CONFIG_RULES)[:6]
+
+
+def check_config(config, where, names=None):
+    """Refuse, in one line naming the field (`names`: how the file calls it), a config whose
+    fields are missing or not of CONFIG_RULES' types and ranges. Returns config."""
+    for field, (right, what) in CONFIG_RULES.items():
+        shown = (names or {}).get(field, field)
+        if field not in config:
+            if field in REQUIRED:
+                raise DataError(f"{where}: lacks `{shown}`, {what}; retrain, or fix that file")
+        elif not right(config[field]):
+            raise DataError(f"{where}: `{shown}` must be {what}, not {short(config[field], 40)}")
+    return config
+
+
+def read_json(path):
+    """The JSON object in `path`, refused in one line if it is above CONFIG_BYTES, not JSON
+    (an integer of over 4,300 digits, nesting too deep) or not an object."""
+    where = printable(path, 100)
+    try:
+        if os.path.getsize(path) > CONFIG_BYTES:
+            raise DataError(f"{where}: above {CONFIG_BYTES // 2**20} MiB, too big for a config")
+        with open(path, "rb") as f:
+            value = json.loads(f.read(CONFIG_BYTES + 1))
+    except RecursionError:
+        raise DataError(f"{where}: not JSON (nested too deep)") from None
+    except ValueError as e:  # a JSON syntax error, not UTF-8, or an int of over 4,300 digits
+        if isinstance(e, DataError):
+            raise
+        why = "an integer of over 4,300 digits" if "digits" in str(e) else short(e, 80)
+        raise DataError(f"{where}: not JSON ({why})") from None
+    except OSError as e:
+        raise DataError(f"{where}: cannot read it ({short(e, 80)})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: holds {type(value).__name__}, not a JSON object {{...}}")
+    return value
+
+
+def check_header(path):
+    """{name: shape} from a safetensors file's header, read alone and bounded: 8 bytes of its
+    length (little-endian), then JSON. Every tensor must be floating, its shape non-negative
+    ints and its bytes, shape times dtype size, within the file; one line otherwise."""
+    where = printable(path, 100)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or length > min(HEADER_BYTES, size - 8):
+            raise DataError(f"{where}: not a safetensors file (its header length {length:,} is "
+                            f"above {HEADER_BYTES // 2**20} MiB or beyond the file)")
+        try:
+            header = json.loads(f.read(length))
+        except (RecursionError, ValueError) as e:
+            raise DataError(f"{where}: not a safetensors file (its header is not JSON: "
+                            f"{short(e, 60)})") from None
+    if not isinstance(header, dict):
+        raise DataError(f"{where}: not a safetensors file (its header is not a JSON object)")
+    header.pop("__metadata__", None)
+    data_size, total, shapes = size - 8 - length, 0, {}
+    for name, entry in header.items():
+        entry = entry if isinstance(entry, dict) else {}
+        dtype, shape, span = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in FLOAT_BYTES:
+            raise DataError(f"{where}: tensor {printable(name, 60)} is {short(dtype, 20)}, not a "
+                            "floating dtype (F16, BF16, F32, F64)")
+        if not (isinstance(shape, list) and len(shape) <= 8
+                and all(is_int(n) and n >= 0 for n in shape)):
+            raise DataError(f"{where}: tensor {printable(name, 60)} has shape {short(shape, 40)}, "
+                            "not a list of at most 8 non-negative integers")
+        fits = isinstance(span, list) and len(span) == 2 and all(map(is_int, span)) and \
+            0 <= span[0] <= span[1] <= data_size
+        if not fits or math.prod(shape) * FLOAT_BYTES[dtype] != span[1] - span[0]:
+            raise DataError(f"{where}: tensor {printable(name, 60)}'s data_offsets "
+                            f"{short(span, 40)} are beyond the file or not its shape's size")
+        total += span[1] - span[0]
+        shapes[name] = shape
+    if total > data_size:
+        raise DataError(f"{where}: its tensors hold {total:,} bytes, more than the file's "
+                        f"{data_size:,}; not a safetensors file")
+    return shapes
+
+
+def read_tensors(path):
+    """{name: tensor} of a safetensors file whose header passes check_header, refused in one line
+    if a value is not finite (NaN or inf would make every prediction class 0)."""
+    check_header(path)
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # the library's own checks (overlapping tensors, and the like)
+        raise DataError(f"{printable(path, 100)}: not a safetensors file ({short(e, 80)})") \
+            from None
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise DataError(f"{printable(path, 100)}: tensor {printable(name, 60)} holds NaN or "
+                            "inf; retrain, or pick another checkpoint")
+    return tensors
+
+
+def load_base_for(checkpoint, config, tensors):
+    """load_base_model for a checkpoint's validated config, refusing in one line, before any
+    adapter is made, targets this base lacks. Names are printed bounded and escaped."""
+    base = config["base_model"]
+    try:
+        model, tokenizer, new = load_base_model(base, len(config["labels"]))
+    except DataError as e:  # its message names the base in full
+        raise DataError(str(e).replace(base, printable(base, 60))) from None
+    linears = target_paths(model, ["all-linear"], skip=new)
+    unknown = [t for t in config["targets"] if t != "all-linear"
+               and not any(p == t or p.endswith("." + t) for p in linears)]
+    if unknown:
+        raise DataError(f"{printable(checkpoint, 100)}: {len(unknown):,} of its targets are not "
+                        f"layers of {printable(base, 60)}, such as {printable(unknown[0], 40)}; "
+                        "pick the checkpoint that goes with it")
+    return model, tokenizer, new
+
 
 def check_fits(checkpoint, config, tensors, state, new):
     """One line if the checkpoint lacks an adapter or a new module's tensor, or holds a tensor
@@ -116,32 +269,26 @@ def check_fits(checkpoint, config, tensors, state, new):
         what = f"it lacks {printable(lacking[0], 80)}" if lacking else \
             f"{printable(foreign[0], 80)} does not fit"
         more = len(lacking) + len(foreign) - 1
-        raise DataError(f"{checkpoint}: its tensors do not fit {config['base_model']} with "
-                        f"r={config['r']}, {len(config['labels'])} labels: {what}"
+        raise DataError(f"{printable(checkpoint, 100)}: its tensors do not fit "
+                        f"{printable(config['base_model'], 60)} with r={config['r']}, "
+                        f"{len(config['labels'])} labels: {what}"
                         + (f" and {more} more" if more else "")
                         + "; retrain, or pick the checkpoint that goes with it")
 
 
 def read_checkpoint(checkpoint):
-    """(config, tensors) from a train.py checkpoint folder, or from a PEFT LoRA adapter folder."""
+    """(config, tensors), both checked, from a train.py checkpoint folder or a PEFT LoRA adapter
+    folder: config.json by CONFIG_RULES, the tensors by read_tensors."""
     if os.path.isfile(os.path.join(checkpoint, PEFT_CONFIG_FILE)):
         return read_peft_adapter(checkpoint)
     config_path = os.path.join(checkpoint, CONFIG_FILE)
     adapter_path = os.path.join(checkpoint, ADAPTER_FILE)
     if not (os.path.isfile(config_path) and os.path.isfile(adapter_path)):
-        raise DataError(f"{checkpoint}: not a checkpoint folder (needs {CONFIG_FILE} and "
-                        f"{ADAPTER_FILE}, or a PEFT {PEFT_CONFIG_FILE}); pass the --out folder "
-                        "of a finished train.py run")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-        missing = {"base_model", "labels", "r", "alpha", "targets", "max_length"} - set(config)
-        if missing:
-            raise KeyError(", ".join(sorted(missing)))
-        return config, load_file(adapter_path)
-    except Exception as e:  # truncated, garbled or hand-edited files
-        raise DataError(f"{checkpoint}: corrupt checkpoint ({type(e).__name__}: {short(e, 200)}); "
-                        "retrain, or pick another checkpoint folder") from None
+        raise DataError(f"{printable(checkpoint, 100)}: not a checkpoint folder (needs "
+                        f"{CONFIG_FILE} and {ADAPTER_FILE}, or a PEFT {PEFT_CONFIG_FILE}); pass "
+                        "the --out folder of a finished train.py run")
+    config = check_config(read_json(config_path), printable(config_path, 100))
+    return config, read_tensors(adapter_path)
 
 
 def save_tensors(path, tensors, metadata=None):
@@ -154,6 +301,15 @@ def save_tensors(path, tensors, metadata=None):
 # modules_to_save
 PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+PEFT_NAMES = {"base_model": "base_model_name_or_path", "alpha": "lora_alpha",
+              "targets": "target_modules", "dropout": "lora_dropout"}
+# PEFT options that change what the adapter computes, which we do not implement: each must be
+# unset (absent, null, false, [] or {}); PEFT's own saved defaults are all unset
+PEFT_UNSET = ["use_rslora", "use_dora", "layers_to_transform", "layers_pattern", "rank_pattern",
+              "alpha_pattern", "fan_in_fan_out", "megatron_config", "loftq_config",
+              "exclude_modules", "trainable_token_indices", "alora_invocation_tokens",
+              "use_qalora", "layer_replication", "lora_bias", "target_parameters", "use_bdlora",
+              "arrow_config", "monteclora_config", "kasa_config"]
 
 
 def export_peft(checkpoint, folder):
@@ -177,35 +333,46 @@ def export_peft(checkpoint, folder):
                      lambda f: json.dump(peft_config, f, indent=2))
 
 
-def read_peft_adapter(folder):
-    """(config, tensors) in our layout from a PEFT LoRA adapter folder (plain LoRA on Linears)."""
-    try:
-        with open(os.path.join(folder, PEFT_CONFIG_FILE)) as f:
-            peft_config = json.load(f)
-        weights = load_file(os.path.join(folder, PEFT_WEIGHTS_FILE))
-    except Exception as e:
-        raise DataError(f"{folder}: unreadable PEFT adapter ({type(e).__name__}: {short(e, 200)})") \
-            from None
-    unsupported = [k for k in ("use_dora", "use_rslora", "fan_in_fan_out", "alpha_pattern",
-                               "rank_pattern") if peft_config.get(k)]
+def unsupported_peft_options(peft_config):
+    """The names (with values, bounded) of the options set that only PEFT implements."""
+    unset = lambda v: v is None or v is False or v in ([], {})  # noqa: E731  (0 is layer 0)
+    found = [k for k in PEFT_UNSET if not unset(peft_config.get(k))]
+    init = peft_config.get("init_lora_weights", True)
+    if not (init is True or init is False or init == "gaussian"):
+        found.append(f"init_lora_weights {short(init, 20)}")
     if peft_config.get("peft_type") != "LORA":
-        unsupported.append(f"peft_type {short(peft_config.get('peft_type'))}")
+        found.append(f"peft_type {short(peft_config.get('peft_type'), 20)}")
     if peft_config.get("bias", "none") != "none":
-        unsupported.append("bias")
+        found.append(f"bias {short(peft_config.get('bias'), 20)}")
     if not isinstance(peft_config.get("target_modules"), list):
-        unsupported.append("target_modules as a pattern")
+        found.append("target_modules that is not a list")
+    return found
+
+
+def read_peft_adapter(folder):
+    """(config, tensors) in our layout from a PEFT LoRA adapter folder (plain LoRA on Linears),
+    checked as ours are; any option only PEFT implements is refused, naming it."""
+    config_path = os.path.join(folder, PEFT_CONFIG_FILE)
+    where = printable(config_path, 100)
+    peft_config = read_json(config_path)
+    unsupported = unsupported_peft_options(peft_config)
+    if unsupported:
+        raise DataError(f"{where}: only plain LoRA adapters load here; this one has "
+                        f"{', '.join(unsupported)}")  # our names, and values via short
+    config = {ours: peft_config[theirs] for ours, theirs in
+              {"r": "r", **PEFT_NAMES}.items() if theirs in peft_config}
+    check_config({**config, "labels": ["0"], "max_length": 512}, where, PEFT_NAMES)
+    weights = read_tensors(os.path.join(folder, PEFT_WEIGHTS_FILE))
     # strip PEFT's prefix, and the adapter name PEFT keeps in a module under modules_to_save
     tensors = {k.removeprefix(PEFT_PREFIX).replace(".modules_to_save.default.", "."): t
                for k, t in weights.items()}
     # the head's last layer maps to the labels and is its narrowest (RoBERTa's dense is wide)
     head_widths = [t.shape[0] for k, t in tensors.items()
                    if k.startswith(("classifier.", "score.")) and t.dim() == 2]
-    if not head_widths:
-        unsupported.append("no trained classifier head")
-    if unsupported:
-        raise DataError(f"{folder}: only plain LoRA adapters with a classifier head load here; "
-                        f"this one has {', '.join(unsupported)}")
-    config = {"base_model": peft_config["base_model_name_or_path"], "r": peft_config["r"],
-              "alpha": peft_config["lora_alpha"], "targets": sorted(peft_config["target_modules"]),
-              "labels": [str(i) for i in range(min(head_widths))], "max_length": 512}
+    if not head_widths or not 1 <= min(head_widths) <= MAX_LABELS:
+        found = f"one of {min(head_widths):,} rows" if head_widths else "none"
+        raise DataError(f"{printable(folder, 100)}: needs a trained classifier head of 1 to "
+                        f"{MAX_LABELS:,} rows (labels) in modules_to_save, has {found}")
+    config.update(labels=[str(i) for i in range(min(head_widths))], max_length=512,
+                  targets=sorted(config["targets"]))
     return config, tensors
