@@ -30,22 +30,9 @@ def load_base_model(base_model, num_labels, max_length=None):
     """(model, tokenizer, new): the pretrained encoder in fp32 with a head for `num_labels`, its
     tokenizer, and `new`, the paths of the modules made for the task (the head first)."""
     transformers.logging.set_verbosity_error()  # "newly initialized": on purpose, listed in `new`
-    transformers.logging.disable_progress_bar()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base_model)
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            base_model, num_labels=num_labels, output_loading_info=True,
-            ignore_mismatched_sizes=True)  # a head of another size is replaced by a new one
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot load the model {base_model} ({short(e, 120)}); give a hub name, "
-                        "or offline a local model folder (--model DIR) with HF_HUB_OFFLINE=1") \
-            from None
-    limit = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else 512
-    if max_length is not None and max_length > limit:
-        raise DataError(f"--max-length {max_length} is above {base_model}'s limit of {limit} "
-                        f"tokens; use --max-length {limit} or less")
-    missing = list(info["missing_keys"]) + [k[0] if isinstance(k, tuple) else k
-                                      for k in info["mismatched_keys"]]
+    tokenizer, model, info = pretrained(base_model, num_labels, max_length)
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in info["mismatched_keys"]]
+    missing = list(info["missing_keys"]) + mismatched
     head = next(n for n, m in model.named_modules() if m is head_of(model))
     new = [head] + sorted({n.rpartition(".")[0] for n in missing if not n.startswith(head + ".")})
     return model.float(), tokenizer, new  # fp32: adapters and AdamW's state train in fp32
@@ -62,18 +49,12 @@ def head_of(model):
 def checkpoint_tensors(model, new):
     """{name: tensor}: the adapters (as plain LoRA), the whole state of each module in `new`,
     and every other tensor that trains."""
-    tensors = {}
+    tensors = {n: t for n, t in model.state_dict().items()  # buffers too
+               if any(n.startswith(path + ".") for path in new)}
+    tensors.update({n: p for n, p in model.named_parameters() if p.requires_grad})
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            A, B = module.saved_A_B()
-            tensors[f"{name}.lora_A.weight"] = A
-            tensors[f"{name}.lora_B.weight"] = B
-    for name, t in model.state_dict().items():  # buffers too
-        if any(name.startswith(path + ".") for path in new):
-            tensors[name] = t
-    for name, p in model.named_parameters():
-        if p.requires_grad and ".lora_" not in name:
-            tensors[name] = p
+        if isinstance(module, LoRALinear):  # saved as plain LoRA, whatever its start
+            tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = module.saved_A_B()
     return {name: t.detach() for name, t in tensors.items()}
 
 
@@ -104,7 +85,27 @@ def load_model(checkpoint, device="cpu"):
     return model.requires_grad_(False).to(device).eval(), tokenizer, config
 
 
-# --- files: ours and PEFT's ------------------------------------------------------------------------
+# --- files: ours and PEFT's -----------------------------------------------------------------
+
+def pretrained(base_model, num_labels, max_length):
+    """(tokenizer, model, loading info) of a hub name or folder, or one line; a --max-length above
+    the model's limit is refused."""
+    transformers.logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_model)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            base_model, num_labels=num_labels, output_loading_info=True, attn_implementation="sdpa",
+            ignore_mismatched_sizes=True)  # a head of another size is replaced by a new one
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot load the model {short(base_model, 100)} ({short(e, 120)}); give a "
+                        "hub name, or offline a local model folder (--model DIR) with "
+                        "HF_HUB_OFFLINE=1") from None
+    limit = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else 512
+    if max_length is not None and max_length > limit:
+        raise DataError(f"--max-length {max_length} is above {short(base_model, 100)}'s limit of "
+                        f"{limit} tokens; use --max-length {limit} or less")
+    return tokenizer, model, info
+
 # A checkpoint may come from anyone: its files are checked before anything is built from them.
 # config.json by type and range (bounded in size first), a safetensors header (bounded) before
 # any tensor is read, the values after; a PEFT config's options that we do not implement refused.
@@ -182,11 +183,16 @@ def read_json(path):
     return value
 
 
+MAX_TENSORS = 10_000  # RoBERTa-base's every Linear adapted, and its head: under 200
+
+
 def check_header(path):
     """{name: shape} from a safetensors file's header, read alone and bounded: 8 bytes of its
     length (little-endian), then JSON. Every tensor must be floating, its shape non-negative
     ints and its bytes, shape times dtype size, within the file; one line otherwise."""
     where = printable(path, 100)
+    if not os.path.isfile(path):  # missing, a folder, a pipe
+        raise DataError(f"{where}: not a file of tensors; retrain, or pick another checkpoint")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         length = int.from_bytes(f.read(8), "little")
@@ -201,6 +207,9 @@ def check_header(path):
     if not isinstance(header, dict):
         raise DataError(f"{where}: not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
+    if len(header) > MAX_TENSORS:
+        raise DataError(f"{where}: {len(header):,} tensors, more than any adapter holds "
+                        f"({MAX_TENSORS:,}); not a checkpoint")
     data_size, total, shapes = size - 8 - length, 0, {}
     for name, entry in header.items():
         entry = entry if isinstance(entry, dict) else {}

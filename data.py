@@ -1,24 +1,20 @@
 """What a batch is: a few texts' token ids, padded only as far as the longest of them.
 
 Every text is tokenized once, truncated and not padded. All the token ids live in one flat int32
-array, text i at ids[starts[i]:starts[i + 1]] (`Tokens`): 4 bytes a token, where Python lists of
-ints take about 240. A batch is a list of row numbers; `pad_batch` pads those rows to the longest
+array, text i at ids[starts[i]:starts[i + 1]] (`Tokens`): 4 bytes a token, where a Python list
+of ints takes about 36. A batch is a list of row numbers; `pad_batch` pads those rows to the longest
 among them (dynamic padding) and gives the attention mask that hides the padding. Training batches
 are cut from groups of rows of similar length, so that little padding is computed, then shuffled;
 evaluation and prediction batches are simply sorted by length.
 """
 import itertools
-import numbers
-import os
 import random
-import re
-import sys
 
 import numpy as np
 import torch
 
 TEXT, LABEL = "text", "label"  # the columns read from every input: rename them here
-CHARS_PER_TOKEN = 64  # no token is longer: cutting a text there first changes no token kept
+CHARS_PER_TOKEN = 64  # a token is shorter in any real text, so the cut keeps every token kept
 
 
 class Tokens:
@@ -36,12 +32,9 @@ class Tokens:
 
 
 def tokenize(tokenizer, texts, max_length, chunk=8192):
-    """Tokens of every text, truncated to max_length, not padded.
-
-    The fast tokenizer encodes a chunk of texts at a time; each chunk becomes int32 at once, so only
-    one chunk is ever held as Python lists. A text is first cut at CHARS_PER_TOKEN characters a
-    token: the tokenizer reads a whole text before it truncates, and a 1 MB text would cost that.
-    """
+    """Tokens of every text, truncated to max_length, not padded. A chunk of texts is encoded at a
+    time and made int32 at once; each text is first cut at CHARS_PER_TOKEN characters a token (the
+    tokenizer reads a whole text before it truncates: a 1 MB text would cost that)."""
     cut = max_length * CHARS_PER_TOKEN
     lengths, ids = [np.zeros(0, np.int64)], [np.zeros(0, np.int32)]
     for start in range(0, len(texts), chunk):
@@ -94,33 +87,47 @@ def pad_batch(tokens, rows, pad_id, multiple=1, max_length=None):
 # --- operations: not needed to follow the method --------------------------------------------------
 # Reading tables (hub names, files, folders) and checking their labels; messages and safe writes.
 
+# what only the operations use is imported here, where they start
+import numbers
+import os
+import re
+import sys
+
 class DataError(ValueError):
     """Bad input (data, flags or a checkpoint); the message says what is wrong and how to fix it."""
 
 
 def load_splits(source, val_size, seed, limit=None, names=None, num_labels=None):
-    """((train texts, labels), (validation texts, labels), class names) of the labelled rows of
-    `source`: --limit rows kept by a seeded shuffle, then --val-size split off with the seed.
+    """((train texts, labels), (validation texts, labels), class names) of `source`'s labelled
+    rows: --limit rows kept by a seeded shuffle, then --val-size split off with the seed (the rows
+    datasets' shuffle and train_test_split pick). Class names: given, the data's, or "0".."K-1"."""
+    texts, labels, names = labelled_rows(source, names, num_labels)
+    rows = split_rows(len(texts), val_size, seed, limit)
+    pick = lambda part: ([texts[i] for i in part], [labels[i] for i in part])  # noqa: E731
+    return pick(rows[val_size:]), pick(rows[:val_size]), names
 
-    The rows are those of datasets' shuffle and train_test_split with that seed (the Trainer + PEFT
-    recipe's). Class names: given, else the data's own, else "0".."K-1"; string labels are mapped
-    to them (sorted, unless given). Every label is checked first, in the file's row order.
-    """
+
+def labelled_rows(source, names, num_labels):
+    """(texts, labels 0..K-1, class names), every label checked first, in the file's row order;
+    string labels are class names (in `names` order, or sorted)."""
     texts, labels, found_names = read_table(source)
     if labels is None:
         raise DataError(f"{source}: no `{LABEL}` column; training needs a label for every text")
     names, labels = name_classes(names or found_names, num_labels, labels, source)
-    texts = clean_texts(texts, source)
-    rows = np.arange(len(texts))
+    return clean_texts(texts, source), labels, names
+
+
+def split_rows(count, val_size, seed, limit):
+    """Row numbers in the order of a seeded permutation (of --limit seeded rows, if given): the
+    first val_size are the validation split."""
+    rows = np.arange(count)
     if limit is not None:
         rows = np.random.default_rng(seed).permutation(len(rows))[:limit]
     if not 0 < val_size < len(rows):
         raise DataError(f"--val-size {val_size} must be above 0 and below the {len(rows)} rows used"
                         + (f" (--limit {limit})" if limit is not None else "")
                         + "; lower it or use more rows")
-    rows = rows[np.random.default_rng(seed).permutation(len(rows))].tolist()
-    pick = lambda part: ([texts[i] for i in part], [labels[i] for i in part])  # noqa: E731
-    return pick(rows[val_size:]), pick(rows[:val_size]), names
+    return rows[np.random.default_rng(seed).permutation(len(rows))].tolist()
 
 
 def read_texts(source):
@@ -250,8 +257,7 @@ def count_classes(labels, source):
 
 
 def write_atomically(path, write, mode="w"):
-    """Call write(file) on a temporary file beside `path`, then rename it into place: a crash
-    mid-write leaves the old file (or none), never half a file."""
+    """write(file) to a temporary file beside `path`, renamed into place: never half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, mode, **({"newline": ""} if mode == "w" else {})) as f:
@@ -262,12 +268,11 @@ def write_atomically(path, write, mode="w"):
             os.remove(tmp)
 
 
-CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-
-
 def one_line(message):
-    """The message as one line: a control character (a newline in a name) is shown escaped."""
-    return CONTROL.sub(lambda m: repr(m.group())[1:-1], str(message))
+    """The message as one line: a character that is not printable (a newline, an escape, a
+    right-to-left override in a name) is shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1]
+                   for c in str(message))
 
 
 def short(value, width=60):

@@ -5,15 +5,8 @@
 W0 (d_out x d_in) is the pretrained weight and never changes. A (r x d_in) starts Kaiming-uniform,
 B (d_out x r) starts at zero, so an untrained adapter changes nothing. Only r * (d_in + d_out)
 numbers per layer are learned. After training, W0 + (alpha / r) * B A can be folded into one plain
-weight (`merge`), so inference costs exactly what the original model costs.
-(Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models".)
-
-PiSSA (`init="pissa"`, Meng et al., 2024) starts the adapter where W0 itself is largest. By
-Eckart-Young, the best rank-r approximation of W0 = U S V^T is its top-r SVD, U_r S_r V_r^T. With
-s = alpha / r, set B0 = U_r sqrt(S_r / s) and A0 = sqrt(S_r / s) V_r^T, so that s B0 A0 is that
-approximation, and freeze the residual W0 - s B0 A0 as the base. Before training the model is
-exactly the pretrained one. Saved, a trained PiSSA adapter is plain LoRA on the pretrained W0, of
-rank 2r with alpha 2 alpha: s (B A - B0 A0) = s [B, -B0] [A; A0] (`saved_A_B`).
+weight (`merge`), so inference costs exactly what the original model costs (Hu et al., 2021,
+"LoRA"). Another start, PiSSA (A and B from W0's top singular directions), is `PiSSALinear`.
 """
 import math
 
@@ -28,22 +21,16 @@ class TargetError(ValueError):
 class LoRALinear(nn.Module):
     """`base(x) + (alpha / r) * lora_B(lora_A(dropout(x)))`, with `base` frozen."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout=0.0, init="lora"):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout=0.0):
         super().__init__()
-        if init == "pissa" and r > min(base.in_features, base.out_features):
-            raise TargetError(f"PiSSA rank r={r} is above the rank of a {base.out_features} x "
-                              f"{base.in_features} weight; use a smaller --r")
         self.base = base.requires_grad_(False)
-        self.r, self.alpha, self.scale, self.init = r, alpha, alpha / r, init
+        self.r, self.alpha, self.scale = r, alpha, alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         like = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Linear(base.in_features, r, bias=False, **like)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, **like)
-        if init == "pissa":
-            self.start_on_principal_directions()
-        else:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's own init
-            nn.init.zeros_(self.lora_B.weight)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's own init
+        nn.init.zeros_(self.lora_B.weight)  # so that the untrained update is zero
         self.merged = False
 
     def forward(self, x):
@@ -62,26 +49,9 @@ class LoRALinear(nn.Module):
             self.base.weight += self.delta_weight().to(self.base.weight.dtype)
             self.merged = True
 
-    @torch.no_grad()
-    def start_on_principal_directions(self):
-        """PiSSA: B0 A0 from W0's top-r SVD (in fp32), and W0 - s B0 A0 as the base."""
-        weight = self.base.weight
-        U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
-        root = (S[:self.r] / self.scale).sqrt()
-        self.lora_B.weight.copy_(U[:, :self.r] * root)
-        self.lora_A.weight.copy_(root[:, None] * Vh[:self.r])
-        # B0 and A0 are kept to save the adapter as plain LoRA (saved_A_B)
-        self.register_buffer("B0", self.lora_B.weight.detach().clone(), persistent=False)
-        self.register_buffer("A0", self.lora_A.weight.detach().clone(), persistent=False)
-        weight.copy_(weight.float() - self.scale * self.B0.float() @ self.A0.float())
-
     def saved_A_B(self):
-        """(A, B) of the adapter as saved: plain LoRA on the pretrained W0 (for PiSSA, rank 2r)."""
-        if self.init != "pissa":
-            return self.lora_A.weight, self.lora_B.weight
-        A = torch.cat([self.lora_A.weight, self.A0])
-        B = torch.cat([self.lora_B.weight, -self.B0], dim=1)
-        return A, B
+        """(A, B) of the adapter as saved (PiSSALinear saves more)."""
+        return self.lora_A.weight, self.lora_B.weight
 
 
 def inject_lora(model, r, alpha, dropout=0.0, targets=("query", "value"), skip=(), init="lora"):
@@ -91,9 +61,10 @@ def inject_lora(model, r, alpha, dropout=0.0, targets=("query", "value"), skip=(
     """
     paths = target_paths(model, targets, skip)
     model.requires_grad_(False)  # freeze all; the adapters made below are new, so they train
+    kind = PiSSALinear if init == "pissa" else LoRALinear
     for path in paths:
         parent, _, child = path.rpartition(".")
-        layer = LoRALinear(model.get_submodule(path), r, alpha, dropout, init)
+        layer = kind(model.get_submodule(path), r, alpha, dropout)
         setattr(model.get_submodule(parent), child, layer)
     return paths
 
@@ -120,8 +91,8 @@ def target_paths(model, targets, skip=()):
     missing = [t for t in targets if not any(named(p, t) for p in chosen)]
     if missing:
         known = sorted({p.rsplit(".", 1)[-1] for p in paths} | {layer_relative(p) for p in paths})
-        raise TargetError(f"unknown LoRA target(s) {', '.join(missing)}; targets are dotted suffixes "
-                          "of the paths of this model's pretrained Linear layers: "
+        raise TargetError(f"unknown LoRA target(s) {', '.join(missing)}; targets are dotted "
+                          "suffixes of the paths of this model's pretrained Linear layers: "
                           f"{', '.join(known)}, or all-linear")
     return chosen
 
@@ -133,7 +104,45 @@ def layer_relative(path):
     return ".".join(parts[numbers[-1] + 1:]) if numbers else path
 
 
-# --- the budget: how many numbers train ---------------------------------------------------------
+# --- operations: not needed to follow the method --------------------------------------------------
+# PiSSA, another start for A and B; the budget: how many numbers train.
+
+class PiSSALinear(LoRALinear):
+    """LoRA started where W0 itself is largest (Meng et al., 2024, "PiSSA").
+
+    By Eckart-Young, the best rank-r approximation of W0 = U S V^T is its top-r SVD. With
+    s = alpha / r, B0 = U_r sqrt(S_r / s) and A0 = sqrt(S_r / s) V_r^T make s B0 A0 that
+    approximation, and the residual W0 - s B0 A0 is frozen as the base: before training the model
+    is exactly the pretrained one. Saved, the adapter is plain LoRA on the pretrained W0, of rank
+    2r with alpha 2 alpha: s (B A - B0 A0) = s [B, -B0] [A; A0] (`saved_A_B`).
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout=0.0):
+        if r > min(base.in_features, base.out_features):
+            raise TargetError(f"PiSSA rank r={r} is above the rank of a {base.out_features} x "
+                              f"{base.in_features} weight; use a smaller --r")
+        super().__init__(base, r, alpha, dropout)
+        self.start_on_principal_directions()
+
+    @torch.no_grad()
+    def start_on_principal_directions(self):
+        """PiSSA: B0 A0 from W0's top-r SVD (in fp32), and W0 - s B0 A0 as the base."""
+        weight = self.base.weight
+        U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
+        root = (S[:self.r] / self.scale).sqrt()
+        self.lora_B.weight.copy_(U[:, :self.r] * root)
+        self.lora_A.weight.copy_(root[:, None] * Vh[:self.r])
+        # B0 and A0 are kept to save the adapter as plain LoRA (saved_A_B)
+        self.register_buffer("B0", self.lora_B.weight.detach().clone(), persistent=False)
+        self.register_buffer("A0", self.lora_A.weight.detach().clone(), persistent=False)
+        weight.copy_(weight.float() - self.scale * self.B0.float() @ self.A0.float())
+
+    def saved_A_B(self):
+        """(A, B) of the adapter as saved: plain LoRA of rank 2r on the pretrained W0."""
+        A = torch.cat([self.lora_A.weight, self.A0])
+        B = torch.cat([self.lora_B.weight, -self.B0], dim=1)
+        return A, B
+
 
 def count_per_rank(model, paths):
     """Trainable numbers per unit of rank on these Linear paths: the sum of d_in + d_out."""

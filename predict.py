@@ -5,19 +5,13 @@
 Writes `ID,Label` rows, IDs 0..N-1 in input order. If the input has a `label` column too, prints
 the accuracy and, per class, precision, recall, F1 and the confusion matrix.
 """
-import argparse
 import csv
-import itertools
-import os
-import signal
-import sys
 
 import torch
 from torch import nn
 
 from checkpoint import load_model
-from data import DataError, one_line, pad_batch, read_texts, sorted_batches, tokenize, warn
-from data import is_index, write_atomically
+from data import pad_batch, read_texts, sorted_batches, tokenize, write_atomically
 
 
 @torch.inference_mode()
@@ -55,6 +49,67 @@ def predict(args, device, amp_dtype):
     return predicted, labels, config["labels"]
 
 
+def cast_frozen_linears(model, dtype):
+    """Keep frozen nn.Linear layers in the autocast dtype: autocast runs every Linear in `dtype`
+    anyway, and casting the frozen weights once saves copying them at every step."""
+    if dtype is not None:
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and not module.weight.requires_grad:
+                module.to(dtype)
+    return model
+
+
+# --- operations: not needed to follow the method --------------------------------------------------
+# The command line and the paths it may write; the device and its precision (train.py's too); the
+# report on labelled inputs; the one-line error exit.
+
+# what only the operations use is imported here, where they start
+import argparse
+import itertools
+import os
+import signal
+import sys
+
+from data import DataError, is_index, one_line, warn
+
+def main(argv=None):
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that no temporary file is left
+    args = parse_args(argv)
+    device = pick_device()
+    try:
+        predicted, labels, names = predict(args, device, pick_precision(device, args.precision))
+    except DataError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted: nothing was written", code=130)
+    except torch.OutOfMemoryError:
+        fail(f"out of memory on {device} at --batch-size {args.batch_size} (peak "
+             f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB); use a smaller --batch-size",
+             code=1)
+    print(f"wrote {len(predicted)} predictions to {args.out}")
+    if labels is not None:
+        report_classes(predicted, labels, names, picture_beside(args.out), args.input)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help=".pkl (a datasets.Dataset or pandas DataFrame, also compressed), "
+                                 ".csv, .jsonl or .parquet with a `text` column")
+    p.add_argument("--checkpoint", default="checkpoint", help="folder written by train.py --out")
+    p.add_argument("--out", default="submission.csv", help="CSV to write (ID,Label)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="auto: bf16 where the GPU or CPU computes it natively, else fp16 on CUDA, "
+                        "else fp32")
+    p.error = fail  # one line, exit code 2
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        fail(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_out(args)
+    return args
+
+
 def pick_device():
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -81,63 +136,22 @@ def pick_precision(device, precision="auto"):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
-def cast_frozen_linears(model, dtype):
-    """Keep frozen nn.Linear layers in the autocast dtype: autocast runs every Linear in `dtype`
-    anyway, and casting the frozen weights once saves copying them at every step."""
-    if dtype is not None:
-        for module in model.modules():
-            if isinstance(module, nn.Linear) and not module.weight.requires_grad:
-                module.to(dtype)
-    return model
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", help=".pkl (a datasets.Dataset or pandas DataFrame, also compressed), "
-                                 ".csv, .jsonl or .parquet with a `text` column")
-    p.add_argument("--checkpoint", default="checkpoint", help="folder written by train.py --out")
-    p.add_argument("--out", default="submission.csv", help="CSV to write (ID,Label)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="auto: bf16 where the GPU or CPU computes it natively, else fp16 on CUDA, "
-                        "else fp32")
-    p.error = fail  # one line, exit code 2
-    args = p.parse_args(argv)
-    if args.batch_size < 1:
-        fail(f"--batch-size must be at least 1, got {args.batch_size}")
-    check_out(args)
-    return args
-
-
-# --- operations: not needed to follow the method --------------------------------------------------
-# The paths the command may write, the one-line error exit, and the report on labelled inputs.
-
-def main(argv=None):
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that no temporary file is left
-    args = parse_args(argv)
-    device = pick_device()
-    try:
-        predicted, labels, names = predict(args, device, pick_precision(device, args.precision))
-    except DataError as e:
-        fail(str(e))
-    except torch.OutOfMemoryError:
-        fail(f"out of memory on {device} at --batch-size {args.batch_size} (peak "
-             f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB); use a smaller --batch-size",
-             code=1)
-    print(f"wrote {len(predicted)} predictions to {args.out}")
-    if labels is not None:
-        report_classes(predicted, labels, names, picture_beside(args.out), args.input)
-
-
 def check_out(args):
     """Refuse, before any work, an --out that would replace the input, a checkpoint file or a
     folder."""
+    if "\0" in args.out + args.checkpoint:
+        fail("--out or --checkpoint holds a NUL byte; give the real path")
+    if "\0" in args.input:  # the reader says so, in its own words
+        return
     out = os.path.realpath(args.out)
     if os.path.isdir(out):
         fail(f"--out {args.out} is a folder; give the CSV file to write, e.g. --out submission.csv")
-    if os.path.exists(args.input) and out == os.path.realpath(args.input):
-        fail(f"--out {args.out} is the input file; give another name, e.g. --out submission.csv")
+    source = os.path.realpath(args.input)
+    if os.path.exists(args.input) and os.path.commonpath([out, source]) == source:
+        fail(f"--out {args.out} is the input (or inside it); give another name, e.g. --out "
+             "submission.csv")
+    if not os.path.isdir(os.path.dirname(out)):
+        fail(f"--out {args.out}: its folder does not exist; create it, or write elsewhere")
     folder = os.path.realpath(args.checkpoint)
     if os.path.commonpath([out, folder]) == folder:
         fail(f"--out {args.out} is inside the checkpoint folder {args.checkpoint}; write the "
@@ -149,9 +163,11 @@ def report_classes(predicted, labels, names, picture, source):
     labels = labels_as_classes(labels, names, source)
     if labels is None:
         return
-    confusion = confusion_matrix(predicted, labels, len(names))
-    correct = int(confusion.diag().sum())
+    correct = int((predicted == labels).sum())
     print(f"accuracy {correct / len(labels):.4f} ({correct}/{len(labels)})")
+    if len(names) > 50:  # a matrix of K x K cells: readable, and cheap, only for a few classes
+        return
+    confusion = confusion_matrix(predicted, labels, len(names))
     print(class_report(confusion, names))
     if plot_confusion(confusion, names, picture):
         print(f"confusion matrix: {picture}")
@@ -166,13 +182,15 @@ def confusion_matrix(predicted, labels, num_labels):
 def class_report(confusion, names):
     """Per class: precision (of what we called it), recall (of what it was), F1, rows; then the
     confusion matrix."""
-    hits, called, actual = (c.double() for c in (confusion.diag(), confusion.sum(0), confusion.sum(1)))
+    hits = confusion.diag().double()
+    called, actual = confusion.sum(0).double(), confusion.sum(1).double()
     precision, recall = hits / called.clamp(min=1), hits / actual.clamp(min=1)
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
     names = [one_line(n) for n in names]
     width = max(10, *(len(n) for n in names))
     lines = [f"{'class':<{width}} {'precision':>9} {'recall':>7} {'F1':>6} {'rows':>7}"]
-    for n, p, r, f, a in zip(names, precision.tolist(), recall.tolist(), f1.tolist(), actual.tolist()):
+    rows = zip(names, precision.tolist(), recall.tolist(), f1.tolist(), actual.tolist())
+    for n, p, r, f, a in rows:
         lines.append(f"{n:<{width}} {p:>9.4f} {r:>7.4f} {f:>6.4f} {int(a):>7}")
     lines += ["", "confusion (rows: true class, columns: predicted)",
               f"{'':<{width}} " + " ".join(f"{n[:8]:>8}" for n in names)]

@@ -15,7 +15,7 @@ import zipfile
 import torch
 import torch.distributed as dist
 
-from data import DataError, short, write_atomically
+from data import DataError, printable, short, write_atomically
 
 LAST_STATE = "last_state.pt"
 LAST_STATE_FORMAT = 3  # 3: flags compared by their bounded reprs, sizes checked before loading
@@ -40,20 +40,30 @@ def save_run(args, parts, loop_state, rank, world):
 def load_run(args, parts, rank, world):
     """(step, best_acc, best, bad_evals): a fresh run's (and a fresh metrics.jsonl), or with
     --resume the saved run's, loaded into the model, optimizer, schedule and scaler."""
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        metrics = os.path.join(args.out, METRICS_FILE)
+        if os.path.lexists(metrics) and (os.path.islink(metrics) or not os.path.isfile(metrics)):
+            raise DataError(f"{args.out}: its {METRICS_FILE} is not a plain file (a link, a pipe); "
+                            "give a new --out folder")
+        if not args.resume:
+            open(metrics, "w").close()
     if not args.resume:
-        if rank == 0:
-            os.makedirs(args.out, exist_ok=True)
-            open(os.path.join(args.out, METRICS_FILE), "w").close()
         return 0, -1.0, None, 0
     model, optimizer, scheduler, scaler = parts
     state = read_state(args, model, world)
-    model.load_state_dict(state["trained"], strict=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"][rank]["cpu"])  # this process's own stream
-    if state["rng"][rank]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["rng"][rank]["cuda"])
+    try:  # a state of the right structure whose parts do not fit: one line too
+        model.load_state_dict(state["trained"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"][rank]["cpu"])  # this process's own stream
+        if state["rng"][rank]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["rng"][rank]["cuda"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise DataError(f"{args.out}: the saved training state does not fit this run "
+                        f"({type(e).__name__}: {short(e, 100)}); run without --resume to start "
+                        "afresh") from None
     if rank == 0:
         print(f"resumed from {args.out} at step {state['step']} (best val accuracy so far "
               f"{max(state['best_acc'], 0):.4f})")
@@ -71,10 +81,12 @@ def read_state(args, model, world):
     trained = trained_tensors(model)
     most = 64 * sum(t.numel() * 4 for t in trained.values()) + 2**26  # tensors, Adam, best, RNG
     try:
+        if os.path.islink(path) or os.path.getsize(path) > most:
+            raise ValueError(f"a link, or over {most:,} bytes: more than a state of this model holds")
         with zipfile.ZipFile(path) as archive:  # torch.save's format: sizes are in its directory
-            unpacked = sum(member.file_size for member in archive.infolist())
-        if os.path.getsize(path) > most or unpacked > most:
-            raise ValueError(f"over {most:,} bytes, more than a state of this model holds")
+            members = archive.infolist()
+            if len(members) > 10_000 or sum(m.file_size for m in members) > most:
+                raise ValueError(f"over {most:,} bytes unpacked: more than a state of this model holds")
         state = torch.load(path, weights_only=True, map_location="cpu")  # data, never code
     except Exception as e:
         raise DataError(f"{args.out}: the saved training state is unreadable "
@@ -84,13 +96,15 @@ def read_state(args, model, world):
                         f"train.py; {fix}")
     check_structure(args, state, trained, world)
     saved, now = state["args"], flags_of(args)
-    changed = [f"--{k.replace('_', '-')} was {saved.get(k)}, now {now.get(k)}"
+    changed = [f"--{printable(k, 30).replace('_', '-')} was {printable(saved.get(k), 80)}, "
+               f"now {printable(now.get(k), 80)}"
                for k in sorted(set(saved) | set(now), key=str)[:100]
                if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
     if len(state["rng"]) != world:
         changed.append(f"{len(state['rng'])} processes, now {world}")
     if changed:
-        raise DataError(f"--resume needs the flags of the run it continues: {'; '.join(changed[:5])}")
+        raise DataError("--resume needs the flags of the run it continues: "
+                        + "; ".join(changed[:5]))
     return state
 
 
@@ -99,6 +113,15 @@ def check_structure(args, state, trained, world):
     kinds = {"step": int, "best_acc": float, "bad_evals": int, "trained": dict, "args": dict,
              "optimizer": dict, "scheduler": dict, "scaler": dict, "rng": list}
     wrong = [k for k, kind in kinds.items() if not isinstance(state.get(k), kind)]
+    if not wrong and (state["step"] < 0 or state["bad_evals"] < 0
+                      or not all(isinstance(k, str) for k in state["args"])):
+        wrong.append("step, patience or flags")
+    best = state.get("best")
+    if best is not None and not (isinstance(best, dict) and {"tensors", "val_loss", "predicted"}
+                                 <= set(best) and isinstance(best["tensors"], dict)
+                                 and all(n in trained and t.shape == trained[n].shape
+                                         for n, t in best["tensors"].items())):
+        wrong.append("best")
     saved = state.get("trained") if isinstance(state.get("trained"), dict) else {}
     if set(saved) != set(trained) or any(not isinstance(saved[n], torch.Tensor)
                                          or saved[n].shape != t.shape for n, t in trained.items()):

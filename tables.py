@@ -25,7 +25,8 @@ Rows are what a person sees:
 - Parquet: the footer's row count and sizes are checked against the file's size before reading.
 - A save_to_disk folder: only plain-named regular files inside it are read, by pyarrow.ipc.
 - Every format: a `text` or `label` column named twice, and a text that is not a string, are
-  refused. Only regular files are read, and never more bytes than their size says.
+  refused. Only regular files are read, and never more bytes than their size says (at most
+  LIMITS["max_bytes"], 2 GiB).
 
 Contained. Each file is read in a child process (`python -I tables.py LIMITS PATH`; pickles, CSV
 and JSON lines with `-S` too, the standard library only) under a memory and a CPU-time limit
@@ -67,13 +68,15 @@ import subprocess
 import sys
 
 # What the child may spend: CPU seconds and bytes of memory, each a fixed part plus a part per
-# byte read (after decompression); the wall clock allows twice the CPU time, plus a margin.
+# byte read (after decompression); the wall clock allows twice the CPU time, plus a margin. A
+# file is read whole, so one over max_bytes is refused before it is opened for reading (a sparse
+# file, or a /proc file, may say it holds a terabyte).
 LIMITS = {"cpu_s": 10.0, "cpu_s_per_mb": 2.0, "memory": 2**30, "memory_per_byte": 64,
-          "wall_margin_s": 10.0}
+          "wall_margin_s": 10.0, "max_bytes": 2**31}
 EXPANSION = 16  # a compressed file may expand to this many times its size (at least 4 MiB)
 REPLY_PER_BYTE = 16  # characters of text sent back per byte read: the Budget's limit
 KINDS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet", ".pkl": "pickle"}
-NEEDS_PYARROW = {"parquet": "pyarrow.parquet", "folder": "pyarrow.ipc"}  # site-packages: no -S
+NEEDS_PYARROW = ("parquet", "folder")  # their children need site-packages: no -S
 NAMES = {"csv": "CSV file", "jsonl": "JSON lines file", "parquet": "parquet file",
          "folder": "datasets.save_to_disk folder", "pickle": "table pickle"}
 FIX = ("re-save it with ds.to_parquet('test.parquet') or df.to_csv('test.csv', index=False), or "
@@ -117,7 +120,7 @@ def kind_of(path):
 def read_in_child(path, kind, columns, limits):
     """What the child `python tables.py LIMITS PATH` answers, or NotReadable: one line."""
     try:
-        most = bytes_to_read(path, kind)
+        most = bytes_to_read(path, kind, limits)
     except Refused as e:
         raise not_readable(path, str(e), e.fix) from None
     wall_s = 2 * cpu_seconds(most, limits) + limits["wall_margin_s"]
@@ -160,18 +163,27 @@ def one_line(text):
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)[:2000])
 
 
-def bytes_to_read(path, kind):
+def bytes_to_read(path, kind, limits):
     """What the wall clock scales with: a file's size (16 times it, when it may be compressed),
     or the sizes of the regular files in a folder and its subfolders."""
     if kind == "folder":
-        return folder_bytes(path)
+        return not_too_large(folder_bytes(path), limits)
     with open_regular(path) as f:
-        size, head = os.fstat(f.fileno()).st_size, f.read(8)
+        size, head = not_too_large(os.fstat(f.fileno()).st_size, limits), f.read(8)
     compressed = kind == "parquet" or (kind == "pickle" and compression_of(head))
     return decompressed_cap(size) if compressed else size
 
 
+def not_too_large(size, limits):
+    most = limits.get("max_bytes", LIMITS["max_bytes"])
+    if size > most:
+        raise Refused(f"it says it holds {size:,} bytes, over the {most:,} read here",
+                      fix="split it, or raise tables.LIMITS['max_bytes']")
+    return size
+
+
 def folder_bytes(folder, depth=1):
+    """The sizes of the regular files in `folder` and, `depth` levels down, its subfolders."""
     total = 0
     try:
         with os.scandir(folder) as entries:
@@ -217,10 +229,11 @@ def open_regular(path, follow=True):
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(path, flags if follow else flags | getattr(os, "O_NOFOLLOW", 0))
-    except OSError as e:
+    except (OSError, ValueError) as e:  # (ValueError: a NUL in the path)
         if not follow and os.path.islink(path):
             raise Refused("it is a symbolic link", fix="keep only the folder's own files") from None
-        raise Refused(f"cannot open it ({e.strerror})", fix="check the path") from None
+        why = getattr(e, "strerror", None) or short(e)
+        raise Refused(f"cannot open it ({why})", fix="check the path") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise Refused("it is not a regular file (a folder, pipe or device)",
@@ -234,8 +247,6 @@ def child_main(limits_json, path):
     limits = json.loads(limits_json)
     kind, columns, texts = limits["kind"], tuple(limits["columns"]), []
     try:
-        if kind in NEEDS_PYARROW:  # imported before any limit is set: the limits count from here
-            __import__(NEEDS_PYARROW[kind])
         texts, labels, warnings = READERS[kind](path, limits, columns)
         reply = {"labels": labels, "warnings": warnings}
     except Refused as e:
@@ -293,7 +304,7 @@ def read_files(paths, limits, follow=True):
     for path in paths:
         with named(path, follow), open_regular(path, follow) as f:
             sizes.append(os.fstat(f.fileno()).st_size)
-    limit_resources(sum(sizes), limits)
+    limit_resources(not_too_large(sum(sizes), limits), limits)
     for path, size in zip(paths, sizes):
         with named(path, follow):
             read.append(read_at_most(path, size, follow))
@@ -457,22 +468,26 @@ def jsonl_columns(raw, budget):
     keys costs its size, not rows times keys. Bytes that are not UTF-8 become lone surrogates
     (made U+FFFD later, with a warning), as a \\ud800 escape does.
     """
+    import functools
     text, label = budget.wanted
     texts, labels, found = [], [], set()
+    keep_wanted = functools.partial(wanted_keys, budget=budget)
     for number, line in enumerate(raw.decode("utf-8", "surrogateescape").split("\n"), 1):
-        if not line.strip():
+        if not line.strip(" \t\r"):  # JSON's own whitespace: "\x1c" is no blank line
             continue
         try:
-            row = json.loads(line, object_pairs_hook=lambda pairs: wanted_keys(pairs, budget),
-                             parse_int=bounded_int)
+            row = json.loads(line, object_pairs_hook=keep_wanted, parse_int=bounded_int)
         except RecursionError:
             raise Refused(f"line {number} nests values too deeply") from None
         except Refused as e:
             raise Refused(f"line {number} {e}", e.fix) from None
         except ValueError as e:
             raise Refused(f"line {number} is not JSON ({short(e)})") from None
-        if type(row) is not dict:
+        if not isinstance(row, dict):
             raise Refused(f"line {number} is not a JSON object", fix="give one {...} per line")
+        if row.twice:  # the line's own object; one nested in it may repeat its keys
+            raise Refused(f"line {number} names `{row.twice}` twice in one object",
+                          fix="keep one of them")
         budget.take(1)
         found.update(row)
         texts.append(row.get(text))
@@ -485,13 +500,18 @@ def jsonl_columns(raw, budget):
     return checked(texts, labels if label in found else None, budget)
 
 
+class Kept(dict):
+    """An object's wanted keys, and the one it named twice (json would keep the last), if any."""
+    twice = None
+
+
 def wanted_keys(pairs, budget):
-    """An object of only the wanted keys; one named twice is refused (json keeps the last)."""
-    kept = {}
+    """An object of only the wanted keys, noting one named twice."""
+    kept = Kept()
     for key, value in pairs:
         if key in budget.wanted:
             if key in kept:
-                raise Refused(f"names `{key}` twice in one object", fix="keep one of them")
+                kept.twice = key
             kept[key] = value
     return kept
 
@@ -508,7 +528,7 @@ def read_parquet(path, limits, columns):
     """A parquet file's wanted columns. Its footer says how many rows it holds and how large its
     columns are once uncompressed: both are checked against the file's size before a page is read,
     and the limits then scale with the larger of the two."""
-    import pyarrow as pa
+    import pyarrow as pa  # imported before the limits are set: they count from here
     import pyarrow.parquet as pq
     raw = read_files([path], limits)[0]
     # text is charged to the file's bytes; rows to 16 times them: dictionary and run-length
@@ -553,7 +573,6 @@ def arrow_columns(tables, at, budget):
 def read_folder(folder, limits, columns):
     """A save_to_disk folder: its state.json names its Arrow files, each read with pyarrow.ipc
     (datasets would follow any path the folder names); a DatasetDict's `train` split."""
-    import pyarrow as pa
     if os.path.lexists(os.path.join(folder, "dataset_dict.json")):
         splits = json_file(os.path.join(folder, "dataset_dict.json"), limits).get("splits")
         if type(splits) is not list or not all(plain_name(s) for s in splits):
@@ -564,16 +583,20 @@ def read_folder(folder, limits, columns):
                           f"{', '.join(printable(s, 20) for s in splits[:8]) or 'none'})",
                           fix="give the folder of the split you mean, such as FOLDER/test")
         folder = os.path.join(folder, "train")
-        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+        if os.path.islink(folder) or not os.path.isdir(folder):
             raise Refused("its `train` split is not a folder inside it")
     if not os.path.lexists(os.path.join(folder, "state.json")):
         raise Refused("it has no state.json or dataset_dict.json", fix="give a folder that "
                       "ds.save_to_disk wrote, or a .csv, .jsonl, .parquet or .pkl file")
     state = json_file(os.path.join(folder, "state.json"), limits)
-    names = [f.get("filename") if type(f) is dict else None for f in state.get("_data_files") or []]
+    files = state.get("_data_files")
+    files = files if type(files) is list else []
+    names = [f.get("filename") if type(f) is dict else None for f in files]
     if not names or not all(plain_name(n) for n in names) or len(set(names)) < len(names):
         raise Refused(f"its state.json names data files {short(names)}, not plain names of "
                       "its own files")
+    import pyarrow as pa  # imported before the data's limits are set: they count from here
+    import pyarrow.ipc  # noqa: F401
     raws = read_files([os.path.join(folder, n) for n in names], limits, follow=False)
     budget, batches, at = Budget(sum(map(len, raws)), columns), [], None
     for name, raw in zip(names, raws):

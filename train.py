@@ -4,44 +4,29 @@
     python train.py --model DIR --data train.csv ...    # a local model folder and data file
     torchrun --nproc_per_node=4 train.py ...            # several GPUs: one process each (DDP)
 
-The method, as `train()` reads: split a validation set off the labelled texts; load the pretrained
-encoder with a new classification head, put LoRA adapters on its `query` and `value` layers and
-freeze everything else but the head; tokenize every text once. Then, batch after batch, one AdamW
-step on the cross-entropy, the learning rate following its schedule. Every --eval-every steps the
-validation split is scored: a better accuracy keeps the adapter (in memory and on disk), and
---patience evaluations without one end the run. At the end the best adapter is put back.
+`train()` is the method: a validation split; the pretrained encoder with a new head and LoRA on
+`query` and `value`, all else frozen but the head; then one AdamW step on the cross-entropy per
+batch. Every --eval-every steps a better validation accuracy keeps the adapter, and --patience
+evaluations without one stop the run; the best adapter is put back. What a run needs besides
+(the device, torchrun, the log, saving, Ctrl-C) is `run` (class Run, below the operations line).
 """
-import argparse
-import json
 import math
-import os
-import shlex
-import signal
-import sys
-import threading
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
-from checkpoint import checkpoint_tensors, export_peft, load_base_model, save_checkpoint
+from checkpoint import checkpoint_tensors, load_base_model, save_checkpoint
 from data import DataError, length_grouped_batches, load_splits, pad_batch, tokenize
-from lora import TargetError, count_per_rank, inject_lora, largest_rank, parameter_table
-from lora import target_paths
-from predict import cast_frozen_linears, fail, pick_device, pick_precision, predict_logits
-from predict import report_classes
-from resume import METRICS_FILE, load_run, save_run
+from lora import count_per_rank, inject_lora, largest_rank, target_paths
+from predict import cast_frozen_linears, predict_logits
 
 
 def train_step(model, micro_batches, optimizer, scheduler, scaler, args):
-    """One step of the method: for each micro-batch, forward under autocast, cross-entropy and
-    backward (the gradients add up); then clip, one AdamW step, and the schedule's next rate.
-    Returns the loss, left on the device: reading it would wait for the GPU."""
+    """One step: per micro-batch, forward under autocast, cross-entropy, backward (the gradients
+    add up); then clip, AdamW, the next rate. The loss stays on the device (no wait for the GPU)."""
     total = 0.0
     for input_ids, attention_mask, labels, share in micro_batches:
-        with torch.autocast(args.device.type, dtype=args.amp_dtype, enabled=args.amp_dtype is not None):
+        with torch.autocast(input_ids.device.type, args.amp_dtype, args.amp_dtype is not None):
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         loss = F.cross_entropy(logits.float(), labels) * share  # its share of the batch's mean
         scaler.scale(loss).backward()  # the scaler scales only in fp16, where gradients underflow
@@ -57,19 +42,19 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, args):
     return total
 
 
-def micro_batches(tokens, labels, rows, pad_id, rank, world, args):
-    """This process's rows of a batch (torchrun: every world-th), cut into --grad-accum pieces,
-    each padded, on the device, with its share of the batch's loss (times world: DDP averages the
-    processes' gradients). Every process takes as many
-    pieces (an empty one is one row that counts 0), so that DDP's gradient sums line up."""
-    mine = rows[rank::world]
+def micro_batches(tokens, labels, rows, pad_id, run, args):
+    """This process's rows of a batch (torchrun: every world-th) in --grad-accum pieces, padded, on
+    the device, each with its share of the batch's loss (times world: DDP averages processes), as
+    many on every process (an empty piece is one row counted 0), so that DDP's sums line up."""
+    mine = rows[run.rank::run.world]
     pieces = []
     for i in range(args.grad_accum):
         piece = mine[i * len(mine) // args.grad_accum:(i + 1) * len(mine) // args.grad_accum]
-        share = len(piece) * world / len(rows)
+        share = len(piece) * run.world / len(rows)
         piece = piece or rows[:1]
-        input_ids, mask = pad_batch(tokens, piece, pad_id, args.pad_to, args.max_length)
-        pieces.append((*to_device(args.device, input_ids, mask, labels[piece]), share))
+        input_ids, mask = pad_batch(tokens, piece, pad_id, run.pad_to, args.max_length)
+        mask = mask[:, None, None, :].bool()  # SDPA's own form: no asking the GPU about padding
+        pieces.append((*run.to_device(input_ids, mask, labels[piece]), share))
     return pieces
 
 
@@ -90,13 +75,11 @@ SCHEDULES = {  # the rate after warmup, as a share of --lr, at `progress` from 0
 
 
 def lr_factor(schedule, warmup_steps, total_steps):
-    """The rate at each step, as a share of --lr: linear warmup from 0, then SCHEDULES[schedule]."""
-    after_warmup = SCHEDULES[schedule]
-
+    """The rate at a step, a share of --lr: linear warmup from 0, then the chosen SCHEDULES[...]."""
     def factor(step):
         if step < warmup_steps:
             return step / warmup_steps
-        return after_warmup((step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return SCHEDULES[schedule]((step - warmup_steps) / max(1, total_steps - warmup_steps))
     return factor
 
 
@@ -115,9 +98,8 @@ def make_optimizer(model, args, total_steps):
 
 
 def lora_model(args, names):
-    """(model, tokenizer, new, config): the pretrained encoder with a new head for `names`, LoRA
-    on --targets, everything else frozen but the head; `new`, the modules made for the task;
-    `config`, what rebuilds it (saved beside the adapter)."""
+    """(model, tokenizer, new: the modules made for the task, config: what rebuilds it): the encoder
+    with a new head for `names` and LoRA on --targets, all else frozen but the head."""
     model, tokenizer, new = load_base_model(args.model, len(names), args.max_length)
     r, alpha = rank_and_alpha(model, new, args)
     adapted = inject_lora(model, r, alpha, args.dropout, args.targets, skip=new, init=args.init)
@@ -125,7 +107,6 @@ def lora_model(args, names):
         model.get_submodule(path).requires_grad_(True)
     if args.gradient_checkpointing:  # recompute activations in backward: less memory, more time
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    check_budget(model, new, args, r, alpha)
     saved = 2 if args.init == "pissa" else 1  # PiSSA saves plain LoRA of rank 2r (lora.py)
     config = {"base_model": args.model, "r": saved * r, "alpha": saved * alpha, "trained_r": r,
               "init": args.init, "dropout": args.dropout, "targets": adapted,
@@ -166,19 +147,19 @@ def check_finite(loss, what, step, args):
                                  f"is kept in {args.out}")
 
 
-def train(args):
-    rank, world, args.device = start_torchrun(args)  # torchrun: this process of `world`; else 0, 1
-    args.amp_dtype = pick_precision(args.device, args.precision)  # bf16, fp16 or None (fp32)
-    torch.manual_seed(args.seed + rank)  # its own dropout masks (DDP copies rank 0's weights)
+def train(args, run):
+    torch.manual_seed(args.seed + run.rank)  # its own dropout masks (DDP copies rank 0's weights)
+    args.device, args.amp_dtype = run.device, run.amp_dtype  # where, and in bf16, fp16 or fp32
 
     # data and model: labelled texts and a validation split; the encoder with a head and LoRA
     (train_texts, train_y), (val_texts, val_y), names = load_splits(
         args.data, args.val_size, args.seed, args.limit, args.label_names, args.num_labels)
     model, tokenizer, new, config = lora_model(args, names)
+    pad_id = tokenizer.pad_token_id
     train_tokens, train_y = tokenize(tokenizer, train_texts, args.max_length), torch.tensor(train_y)
     val_tokens, val_y = tokenize(tokenizer, val_texts, args.max_length), torch.tensor(val_y)
-    step_model = DistributedDataParallel(model) if world > 1 else model  # DDP averages gradients
-    step_model = torch.compile(step_model, **args.compile_options) if args.compile else step_model
+    run.print_budget(model, new, config)  # where the parameters are; over --max-trainable: refused
+    step_model = run.wrap(model)  # what steps call: DDP's wrapper (torchrun), --compile's
 
     # optimizer, and the loop's state: fresh, or as saved (--resume)
     steps_per_epoch = math.ceil(len(train_tokens) / args.batch_size)
@@ -186,59 +167,49 @@ def train(args):
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
     optimizer, scheduler, scaler = make_optimizer(model, args, total_steps)
     parts = (model, optimizer, scheduler, scaler)  # what a saved run holds, with the loop's state
-    step, best_acc, best, bad_evals = load_run(args, parts, rank, world)
-    pressed = ctrl_c_pressed(world)  # Ctrl-C stops the loop between two steps
-    if rank == 0:
-        print(f"{total_steps:,} steps on {args.device} ({args.amp_dtype or 'fp32'})"
-              + (f" x {world} processes" if world > 1 else ""))
-    bar = tqdm(total=total_steps, initial=step, desc="train", disable=rank != 0)
-    loss_sum = torch.zeros((), device=args.device)
+    step, best_acc, best, bad_evals = run.start(parts, total_steps, steps_per_epoch)
+    first_step, loss_sum = step, torch.zeros((), device=args.device)
     try:
         for epoch in range(step // steps_per_epoch, args.epochs):
-            batches = length_grouped_batches(train_tokens.lengths, args.batch_size, args.seed + epoch)
+            seed = args.seed + epoch  # another order each epoch
+            batches = length_grouped_batches(train_tokens.lengths, args.batch_size, seed)
             for rows in batches[step - epoch * steps_per_epoch:]:  # --resume: those not trained on
-                if bad_evals >= args.patience or pressed.is_set() or step >= total_steps:
+                if bad_evals >= args.patience or run.interrupted() or step >= total_steps:
                     break
-                pieces = micro_batches(train_tokens, train_y, rows, tokenizer.pad_token_id,
-                                       rank, world, args)
+                pieces = micro_batches(train_tokens, train_y, rows, pad_id, run, args)
                 loss_sum += train_step(step_model, pieces, optimizer, scheduler, scaler, args)
                 step += 1
-                bar.update()
                 if step % args.log_every == 0:  # the loop's one host sync: reading the loss
-                    train_loss = loss_sum.item() / min(args.log_every, step - bar.initial)
+                    train_loss = loss_sum.item() / min(args.log_every, step - first_step)
                     check_finite(train_loss, "training loss", step, args)
-                    log(args, bar, step / steps_per_epoch, train_loss=train_loss,
-                        lr=scheduler.get_last_lr()[0])
+                    run.log(step, train_loss=train_loss, lr=scheduler.get_last_lr()[0])
                     loss_sum.zero_()
                 if step % eval_every == 0 or step == total_steps:
-                    if rank == 0:  # torchrun: the main process evaluates, the others follow it
-                        evaluation = evaluate(model, val_tokens, val_y, tokenizer.pad_token_id, args)
-                        check_finite(evaluation[0], "validation loss", step, args)  # before keeping it
-                        if evaluation[1] > best_acc:  # the best so far: keep it
-                            best_acc, bad_evals = evaluation[1], 0
-                            best = keep_best(args, model, new, {**config, "step": step}, evaluation)
+                    if run.rank == 0:  # torchrun: the main process evaluates, the others follow it
+                        val_loss, val_acc, predicted = evaluate(model, val_tokens, val_y, pad_id,
+                                                                args)
+                        check_finite(val_loss, "validation loss", step, args)  # before keeping it
+                        if val_acc > best_acc:  # the best so far: keep it
+                            best_acc, bad_evals = val_acc, 0
+                            best = keep_best(args, model, new, {**config, "step": step},
+                                             (val_loss, val_acc, predicted))
                         else:  # no better: one evaluation less of patience
                             bad_evals += 1
-                        log(args, bar, step / steps_per_epoch, val_loss=evaluation[0],
-                            val_accuracy=evaluation[1], bad_evals=bad_evals)
-                    bad_evals = agree(bad_evals, world)  # torchrun: every process stops together
-                    save_run(args, parts, (step, best_acc, best, bad_evals), rank, world)
+                        run.log(step, val_loss=val_loss, val_accuracy=val_acc, bad_evals=bad_evals)
+                    bad_evals = run.agree(bad_evals)  # torchrun: every process stops together
+                    run.save(parts, (step, best_acc, best, bad_evals))
     except torch.OutOfMemoryError:  # save first: --resume --grad-accum 2 goes on from here
-        save_run(args, parts, (step, best_acc, best, bad_evals), rank, world)
-        longest = train_tokens.lengths[rows].max()
-        raise torch.OutOfMemoryError(f"step {step + 1}, {len(rows)} rows of up to {longest} tokens")
+        run.save(parts, (step, best_acc, best, bad_evals))
+        raise
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is Python's again
-        bar.close()
-    if pressed.is_set():  # Ctrl-C: save the run, and say how to go on
-        save_run(args, parts, (step, best_acc, best, bad_evals), rank, world)
+        run.stop()  # the progress bar closes; Ctrl-C is Python's again
+    if run.interrupted():  # Ctrl-C: save the run; main says how to go on
+        run.save(parts, (step, best_acc, best, bad_evals))
         raise KeyboardInterrupt(f"interrupted at step {step}; the latest state is in {args.out}")
-    if world > 1:  # leave the process group together: one that leaves while another sends aborts
-        dist.barrier()
-        dist.destroy_process_group()
-    if rank == 0:  # restore the best adapter; report its evaluation
+    run.finish()  # torchrun: the processes leave together
+    if run.rank == 0:  # restore the best adapter; report its evaluation
         restore(model, best, step)
-        report(args, best, best_acc, val_y, names, bar)
+        run.report(best, best_acc, val_y, names)
     return model, best_acc
 
 
@@ -248,6 +219,56 @@ def restore(model, best, step):
         raise DataError(f"no evaluation has run yet (step {step}); resume with a larger "
                         "--max-steps or --epochs")
     model.load_state_dict(best["tensors"], strict=False)
+
+
+# --- operations: not needed to follow the method --------------------------------------------------
+# The exit codes and the flags; `Run`: the device, torchrun, Ctrl-C, the log, saving, the report.
+
+# what only the operations use is imported here, where they start
+import argparse
+import json
+import os
+import shlex
+import signal
+import sys
+import threading
+
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from checkpoint import export_peft
+from lora import TargetError, parameter_table
+from predict import fail, pick_device, pick_precision, report_classes
+from resume import LAST_STATE, METRICS_FILE, load_run, save_run
+from checkpoint import ADAPTER_FILE, CONFIG_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
+from data import short
+
+OUR_FILES = {ADAPTER_FILE, CONFIG_FILE, LAST_STATE, METRICS_FILE, "curves.png", "confusion.png",
+             PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE}  # what a run writes: these it may replace
+
+def main(argv=None):
+    """train(), with one line and an exit code for what stops it: 2 bad input, 1 a loss that is no
+    longer a number or out of memory (after saving the run), 130 Ctrl-C (after saving it too)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that no temporary file is left
+    args = parse_args(argv)
+    try:
+        run = Run(args)
+        return train(args, run)
+    except (DataError, TargetError) as e:
+        fail(str(e))
+    except FloatingPointError as e:
+        fail(str(e), code=1)
+    except KeyboardInterrupt as e:
+        argv = sys.argv[1:] if argv is None else argv
+        resume = shlex.join(argv + ([] if "--resume" in argv else ["--resume"]))
+        print(f"{e}. Resume with:\n  python train.py {resume}")
+        sys.exit(130)
+    except torch.OutOfMemoryError:
+        fail(f"out of memory at step {run.saved_at + 1}, a batch of {run.shape} (peak "
+             f"{peak_memory(run.device)}); the run is saved: go on with --resume --grad-accum 2 "
+             "(the same steps in smaller pieces), or add --gradient-checkpointing, or lower "
+             "--max-length or --eval-batch-size", code=1)
 
 
 def parse_args(argv=None):
@@ -272,7 +293,7 @@ def parse_args(argv=None):
     add("--max-trainable", type=at_least(1), default=None, help="refuse more trainable "
         "parameters (the course: 1000000)")
     # optimisation
-    add("--lr", type=positive, default=1e-3, help="peak learning rate of AdamW (docs/experiments.md)")
+    add("--lr", type=positive, default=1e-3, help="AdamW's peak rate (docs/experiments.md)")
     add("--schedule", choices=list(SCHEDULES), default="constant", help="the rate after warmup")
     add("--warmup-ratio", type=fraction, default=0.0, help="share of the steps spent warming up")
     add("--weight-decay", type=float, default=0.01)
@@ -292,36 +313,13 @@ def parse_args(argv=None):
     add("--patience", type=at_least(1), default=3, help="evaluations without a better one")
     add("--limit", type=at_least(1), default=None, help="use only this many rows (quick runs)")
     add("--log-every", type=at_least(1), default=50, help="steps between loss reports")
-    add("--export-peft", metavar="DIR", default=None, help="also write the adapter in PEFT's layout")
+    add("--export-peft", metavar="DIR", default=None, help="also write it in PEFT's layout")
     add("--compile", action="store_true", help="torch.compile the model (CUDA graphs on a GPU)")
     add("--resume", action="store_true", help="continue the run saved in --out (same flags)")
     add("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
         help="auto: bf16 where computed natively, else fp16 on CUDA, else fp32")
     p.error = fail  # one line, exit code 2
     return check_args(p.parse_args(argv))
-
-
-# --- operations: not needed to follow the method --------------------------------------------------
-# The exit codes; the flags' checks; torchrun; Ctrl-C; what a run shows (metrics.jsonl, the report).
-
-def main(argv=None):
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that no temporary file is left
-    args = parse_args(argv)
-    try:
-        train(args)
-    except (DataError, TargetError) as e:
-        fail(str(e))
-    except FloatingPointError as e:
-        fail(str(e), code=1)
-    except KeyboardInterrupt as e:
-        argv = sys.argv[1:] if argv is None else argv
-        resume = shlex.join(argv + ([] if "--resume" in argv else ["--resume"]))
-        print(f"{e}. Resume with:\n  python train.py {resume}")
-        sys.exit(130)
-    except torch.OutOfMemoryError as e:
-        fail(f"out of memory at {e} (peak {peak_memory(args.device)}); the run is saved: go on with "
-             "--resume --grad-accum 2 (the same steps in smaller pieces), or add "
-             "--gradient-checkpointing, or lower --max-length or --eval-batch-size", code=1)
 
 
 def at_least(low):
@@ -359,71 +357,144 @@ def rank_flag(value):
 
 
 def check_args(args):
-    """What argparse's types cannot check alone; and what the device decides (padding, compile)."""
+    """What argparse's types cannot check alone."""
     if args.r == "auto" and args.max_trainable is None:
         fail("--r auto needs --max-trainable N (the budget the rank is fitted to), e.g. "
              "--max-trainable 1000000")
-    if os.path.isfile(args.out):
-        fail(f"--out {args.out} is a file; give a folder for the checkpoint, e.g. --out checkpoint")
-    cuda = torch.cuda.is_available()
-    args.pad_to = 16 if cuda else 1  # a GPU: few shapes (and CUDA graphs); a CPU: no extra work
-    # --compile on a GPU: CUDA graphs, one per padded shape (at most --max-length / 16 of them)
-    args.compile_options = {"mode": "reduce-overhead", "dynamic": False} if cuda else {}
-    torch._dynamo.config.cache_size_limit = max(8, args.max_length // 16 + 1)
+    for flag, folder in (("--out", args.out), ("--export-peft", args.export_peft)):
+        if folder and (os.path.lexists(folder) and not os.path.isdir(folder)
+                       or os.path.islink(folder)):
+            fail(f"{flag} {folder} is a file; give a folder for the checkpoint, e.g. {flag} run")
+        theirs = sorted(set(os.listdir(folder)) - OUR_FILES) if folder and os.path.isdir(folder) \
+            else []
+        if theirs:
+            fail(f"{flag} {folder} holds files that are not a run's ({short(theirs[0], 60)}, ...): "
+                 "nothing there is overwritten; give a new folder")
     return args
 
 
-def start_torchrun(args):
-    """(rank, world, device) from torchrun's environment, after joining its process group;
-    (0, 1, the best device there is) for a plain `python train.py`."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 0, 1, pick_device()
-    if args.batch_size < world:
-        raise DataError(f"--batch-size {args.batch_size} is the global batch; it must be at "
-                        f"least the {world} processes")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if not torch.cuda.is_available():
-        return rank, world, torch.device("cpu")
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return rank, world, torch.device("cuda", torch.cuda.current_device())
+class Run:
+    """What a run needs besides the method: where it computes, its processes (torchrun), Ctrl-C,
+    the progress bar and metrics.jsonl, saving and resuming (resume.py), the final report."""
+
+    def __init__(self, args):
+        self.args, self.step, self.saved_at, self.shape = args, 0, 0, None
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.device = self.join_torchrun() if self.world > 1 else pick_device()
+        self.amp_dtype = pick_precision(self.device, args.precision)
+        cuda = self.device.type == "cuda"
+        self.pad_to = 16 if cuda else 1  # a GPU: few shapes (for CUDA graphs); a CPU: exact
+        self.pressed = threading.Event()
+        if self.world == 1:  # under torchrun, Ctrl-C is torchrun's: every process ends at once
+            signal.signal(signal.SIGINT, self.on_ctrl_c)
+
+    def join_torchrun(self):
+        """This process's device, after joining torchrun's process group."""
+        if self.args.batch_size < self.world:
+            raise DataError(f"--batch-size {self.args.batch_size} is the global batch; it must be "
+                            f"at least the {self.world} processes")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        return torch.device("cuda", torch.cuda.current_device())
+
+    def on_ctrl_c(self, signum, frame):
+        """The loop stops between two steps and the run is saved; a second Ctrl-C stops at once."""
+        self.pressed.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def interrupted(self):
+        return self.pressed.is_set()
+
+    def wrap(self, model):
+        """The module the steps call: DDP averages gradients across processes; --compile fuses
+        kernels (on a GPU with CUDA graphs: one per padded shape, at most --max-length / 16)."""
+        if self.world > 1:
+            cuda = self.device.type == "cuda"
+            model = DistributedDataParallel(model, device_ids=[self.device.index] if cuda else None)
+        if self.args.compile:
+            torch._dynamo.config.cache_size_limit = max(8, self.args.max_length // 16 + 1)
+            options = {"mode": "reduce-overhead", "dynamic": False} if self.pad_to > 1 else {}
+            model = torch.compile(model, **options)
+        return model
+
+    def to_device(self, *tensors):
+        """The tensors on the device: on CUDA from pinned memory, so the copy overlaps the GPU."""
+        self.shape = tuple(tensors[0].shape)
+        if self.device.type == "cuda":
+            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in tensors)
+        return tuple(t.to(self.device) for t in tensors)
+
+    def start(self, parts, total_steps, steps_per_epoch):
+        """The loop's state, fresh or --resume's (resume.load_run); the progress bar starts."""
+        state = load_run(self.args, parts, self.rank, self.world)
+        self.step, self.steps_per_epoch = state[0], steps_per_epoch
+        if self.rank == 0:
+            print(f"{total_steps:,} steps on {self.device} ({self.amp_dtype or 'fp32'})"
+                  + (f" x {self.world} processes" if self.world > 1 else ""))
+        self.bar = tqdm(total=total_steps, initial=self.step, desc="train", disable=self.rank != 0)
+        return state
+
+    def save(self, parts, loop_state):
+        """last_state.pt (resume.save_run); every process takes part (its RNG is saved too)."""
+        save_run(self.args, parts, loop_state, self.rank, self.world)
+        self.saved_at = loop_state[0]
+
+    def log(self, step, **row):
+        """Progress: the bar moves on; a log or evaluation row goes to metrics.jsonl (main
+        process only), and an evaluation is printed."""
+        self.bar.update(step - self.step)
+        self.step = step
+        if self.rank != 0:
+            return
+        row = {"step": step, "epoch": round(step / self.steps_per_epoch, 3), **row,
+               "elapsed_s": round(self.bar.format_dict["elapsed"], 2)}
+        with open(os.path.join(self.args.out, METRICS_FILE), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if "val_accuracy" in row:
+            best = " (best so far, saved)" if row["bad_evals"] == 0 else ""
+            tqdm.write(f"step {step}: val loss {row['val_loss']:.4f}, val accuracy "
+                       f"{row['val_accuracy']:.4f}{best}")
+            if row["bad_evals"] >= self.args.patience:
+                tqdm.write(f"early stop: no better validation accuracy in {self.args.patience} "
+                           "evaluations")
+
+    def agree(self, bad_evals):
+        """The main process's count of evaluations without a better one (it alone evaluates),
+        sent to every process, so that all stop together."""
+        if self.world > 1:
+            verdict = [bad_evals]
+            dist.broadcast_object_list(verdict, src=0)
+            bad_evals = verdict[0]
+        return bad_evals
+
+    def stop(self):
+        self.bar.close() if hasattr(self, "bar") else None
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def finish(self):
+        """Leave the process group together: one that leaves while another still sends aborts."""
+        if self.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+
+    def print_budget(self, model, new, config):
+        print_budget(model, new, self.args, config, self.rank)
+
+    def report(self, best, val_acc, labels, names):
+        report(self.args, best, val_acc, labels, names, self.bar)
 
 
-def agree(bad_evals, world):
-    """The main process's count of evaluations without a better one (it alone evaluates), sent to
-    every process, so that all stop together."""
-    if world > 1:
-        verdict = [bad_evals]
-        dist.broadcast_object_list(verdict, src=0)
-        bad_evals = verdict[0]
-    return bad_evals
-
-
-def ctrl_c_pressed(world):
-    """An Event that Ctrl-C sets: the loop stops between steps and the run is saved (a second
-    Ctrl-C stops at once). Under torchrun, Ctrl-C is torchrun's: every process ends at once."""
-    pressed = threading.Event()
-    if world == 1:
-        def handler(signum, frame):
-            pressed.set()
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGINT, handler)
-    return pressed
-
-
-def to_device(device, *tensors):
-    """The tensors on `device`: on CUDA from pinned memory, so the copy runs beside the GPU's work."""
-    if device.type == "cuda":
-        return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
-    return tuple(t.to(device) for t in tensors)
-
-
-def check_budget(model, new, args, r, alpha):
+def print_budget(model, new, args, config, rank):
     """Print where the parameters are; with --max-trainable, refuse more before any training."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        chosen = f" (--r auto: the largest under {args.max_trainable:,})" if args.r == "auto" else ""
-        saved = " (saved as plain LoRA of rank 2r)" if args.init == "pissa" else ""
-        print(f"LoRA r={r}{chosen}, alpha={alpha:g}, init {args.init}{saved}")
+    r, init = config["trained_r"], config["init"]
+    if rank == 0:
+        auto = args.r == "auto"
+        chosen = f" (--r auto: the largest under {args.max_trainable:,})" if auto else ""
+        saved = " (saved as plain LoRA of rank 2r)" if init == "pissa" else ""
+        alpha = config["alpha"] * r / config["r"]
+        print(f"LoRA r={r}{chosen}, alpha={alpha:g}, init {init}{saved}")
         print(parameter_table(model, new))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if args.max_trainable is not None and trainable > args.max_trainable:
@@ -433,22 +504,6 @@ def check_budget(model, new, args, r, alpha):
                         f"above --max-trainable {args.max_trainable:,}; "
                         + (f"the largest r that fits is {fits}" if fits
                            else "no r fits: the head alone is too large"))
-
-
-def log(args, bar, epoch, **row):
-    """One line of metrics.jsonl (the main process's: the others' bars are off); an evaluation is
-    printed too."""
-    if bar.disable:
-        return
-    step, elapsed = bar.n, round(bar.format_dict["elapsed"], 2)
-    with open(os.path.join(args.out, METRICS_FILE), "a") as f:
-        f.write(json.dumps({"step": step, "epoch": round(epoch, 3), **row, "elapsed_s": elapsed}) + "\n")
-    if "val_accuracy" in row:
-        best = " (best so far, saved)" if row["bad_evals"] == 0 else ""
-        tqdm.write(f"step {step}: val loss {row['val_loss']:.4f}, val accuracy "
-                   f"{row['val_accuracy']:.4f}{best}")
-        if row["bad_evals"] >= args.patience:
-            tqdm.write(f"early stop: no better validation accuracy in {args.patience} evaluations")
 
 
 def report(args, best, val_acc, labels, names, bar):

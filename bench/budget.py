@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, RobertaConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from checkpoint import head_of, made_for_the_task  # noqa: E402
+from checkpoint import head_of  # noqa: E402
 from lora import count_per_rank, largest_rank, target_paths  # noqa: E402
 
 TARGETS = {"query, value": ["query", "value"],
@@ -22,9 +22,10 @@ TARGETS = {"query, value": ["query", "value"],
                ["query", "key", "value", "attention.output.dense"],
            "every pretrained Linear (all-linear)": ["all-linear"]}
 MODELS = {  # the hub configs of roberta-base and sentence-transformers/all-MiniLM-L6-v2
-    "RoBERTa-base": RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, num_labels=4),
-    "all-MiniLM-L6-v2": BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                                   intermediate_size=1536, num_labels=4),
+    "RoBERTa-base": RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
+                                  num_labels=4),
+    "all-MiniLM-L6-v2": BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6,
+                                   num_attention_heads=12, intermediate_size=1536, num_labels=4),
 }
 
 
@@ -32,24 +33,25 @@ def table(name, config, budget):
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
     head = head_of(model)
-    new = {f"{n}.{p}" for n, m in model.named_modules() if m is head for p, _ in m.named_parameters()}
-    skip = made_for_the_task(model, new)
+    new = [n for n, m in model.named_modules() if m is head]  # load_base_model's `new`: the head
     head_count = sum(p.numel() for p in head.parameters())
     total = sum(p.numel() for p in model.parameters())
-    lines = [f"**{name}**: {total:,} parameters; the new head has **{head_count:,}**, which leaves "
-             f"{budget - head_count:,} of {budget:,} for adapters.", "",
-             "| targets | layers | per unit of rank | r=2 | largest r under the budget | trainable at that r |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"**{name}**: {total:,} parameters; the new head has **{head_count:,}**, which "
+             f"leaves {budget - head_count:,} of {budget:,} for adapters.", "",
+             "| targets | layers | per unit of rank | r=2 | largest r under the budget "
+             "| trainable at that r |", "|---|---|---|---|---|---|"]
     for label, targets in TARGETS.items():
-        paths = target_paths(model, targets, skip)
+        paths = target_paths(model, targets, new)
         per_rank = count_per_rank(model, paths)
         r = largest_rank(per_rank, head_count, budget)
-        lines.append(f"| {label} | {len(paths)} | {per_rank:,} | {2 * per_rank:,} | {r} | {head_count + r * per_rank:,} |")
+        lines.append(f"| {label} | {len(paths)} | {per_rank:,} | {2 * per_rank:,} | {r} "
+                     f"| {head_count + r * per_rank:,} |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=int, default=1_000_000)
     args = p.parse_args()
     print("\n\n".join(table(name, config, args.budget) for name, config in MODELS.items()))

@@ -1,50 +1,56 @@
-"""What a training step spends its time on: torch.profiler over 8 real steps (after 3 to warm up).
+"""What a training step spends its time on: torch.profiler over --steps real steps (after 3).
 
-    python bench/profile_step.py --model DIR [--data ../shared/data/agnews_dev_train.csv]
+    python bench/profile_step.py --model DIR --data DATA/agnews_dev_train.csv [--limit 4000]
 
-The reference run's setup at a small scale: 4,000 rows, max length 128, r=2 on query and value,
-dropout 0.05, batch 32, the model in train mode (its own dropout on), on the CPU in fp32.
+The reference run's setup at a small scale: --limit rows, max length 128, r=2 on query and value,
+dropout 0.05, the head trained, batch 32, the model in train mode (its own dropout on), on the CPU
+in fp32; each step is train.py's own (train.micro_batches, train.train_step, make_optimizer).
 """
 import argparse
 import os
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from checkpoint import head_of, load_base_model, load_tokenizer, made_for_the_task  # noqa: E402
-from data import length_grouped_batches, load_splits, pad_batch, tokenize  # noqa: E402
+import train  # noqa: E402
+from checkpoint import load_base_model  # noqa: E402
+from data import length_grouped_batches, load_splits, tokenize  # noqa: E402
 from lora import inject_lora  # noqa: E402
 
-p = argparse.ArgumentParser()
-p.add_argument("--model", required=True)
-p.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                                              "agnews_dev_train.csv"))
+p = argparse.ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--model", required=True, help="a model folder (or hub name)")
+p.add_argument("--data", required=True, help="a text,label CSV")
+p.add_argument("--limit", type=int, default=4000)
+p.add_argument("--steps", type=int, default=8)
 args = p.parse_args()
-(texts, labels), _, _ = load_splits(args.data, 640, 42, 4000)
-tokenizer = load_tokenizer(args.model)
-tokens, labels = tokenize(tokenizer, texts, 128, cache=False), torch.tensor(labels)
-model, new = load_base_model(args.model, 4)
-inject_lora(model, 2, 4, 0.05, ["query", "value"], made_for_the_task(model, new))
-head_of(model).requires_grad_(True)
+flags = train.parse_args(["--max-length", "128", "--precision", "fp32", "--model", args.model])
+run = train.Run(flags)  # train.py's: the padding, the copies to the device
+run.device, run.amp_dtype, run.pad_to = torch.device("cpu"), None, 1
+flags.device, flags.amp_dtype = run.device, run.amp_dtype  # as train.train sets them
+(texts, labels), _, _ = load_splits(args.data, 640, 42, args.limit)
+model, tokenizer, new = load_base_model(args.model, 4, flags.max_length)
+inject_lora(model, 2, 4, 0.05, ["query", "value"], skip=new)
+for path in new:
+    model.get_submodule(path).requires_grad_(True)
 model.train()
-optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+tokens, labels = tokenize(tokenizer, texts, flags.max_length), torch.tensor(labels)
+optimizer, scheduler, scaler = train.make_optimizer(model, flags, total_steps=10**6)
 
 
 def step(rows):
-    input_ids, attention_mask = pad_batch(tokens, rows, tokenizer.pad_token_id)
-    loss = F.cross_entropy(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels[rows])
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    pieces = train.micro_batches(tokens, labels, rows, tokenizer.pad_token_id, run, flags)
+    train.train_step(model, pieces, optimizer, scheduler, scaler, flags)
 
 
-batches = length_grouped_batches(tokens.lengths, 32, seed=42)
+batches = length_grouped_batches(tokens.lengths, flags.batch_size, seed=42)
+batches *= 1 + (3 + args.steps) // len(batches)  # few rows: the epoch again
 for rows in batches[:3]:
     step(rows)
 with profile(activities=[ProfilerActivity.CPU]) as prof:
-    for rows in batches[3:11]:
+    for rows in batches[3:3 + args.steps]:
         step(rows)
-print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))
+print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15,
+                                max_name_column_width=40))

@@ -1,4 +1,4 @@
-"""Where the budget should go: a screen of targets, ranks, inits and rates, then the best on all rows.
+"""Where the budget should go: a screen of targets, ranks, inits and rates; the best on all rows.
 
     python bench/sweep.py screen --model M --data TRAIN.csv --eval EVAL.csv --out sweep [--jobs 4]
     python bench/sweep.py full --model M --data TRAIN.csv --eval EVAL.csv --out sweep [--top 3]
@@ -32,17 +32,19 @@ TARGETS = {"qv": ["query", "value"], "attn": ["query", "key", "value", "attentio
 
 
 def screen_configs(head):
-    """name -> flags: today's defaults, then 2 budgets x 3 target sets x (LoRA at 2 rates, PiSSA at 3), then tricks."""
+    """name -> flags: today's defaults, then 2 budgets x 3 target sets x (LoRA at 2 rates, PiSSA
+    at 3), then tricks."""
     configs = {"default_qv_r2_lora_1e-3": ["--r", "2", "--lr", "1e-3"]}
     for budget in (73_728, 406_332):
         for where, targets in TARGETS.items():
             for init, rates in (("lora", ("1e-3", "2e-3")), ("pissa", ("5e-4", "1e-3", "2e-3"))):
                 for lr in rates:
-                    configs[f"{where}_{budget}_{init}_{lr}"] = ["--targets", *targets, "--r", "auto", "--max-trainable",
-                                                               str(budget + head), "--init", init, "--lr", lr]
+                    configs[f"{where}_{budget}_{init}_{lr}"] = [
+                        "--targets", *targets, "--r", "auto", "--max-trainable",
+                        str(budget + head), "--init", init, "--lr", lr]
     for trick in ("loraplus", "rslora"):
-        configs[f"qv_73728_lora_1e-3+{trick}"] = configs["qv_73728_lora_1e-3"] + [f"--trick={trick}"]
-        configs[f"all_406332_lora_1e-3+{trick}"] = configs["all_406332_lora_1e-3"] + [f"--trick={trick}"]
+        for base in ("qv_73728_lora_1e-3", "all_406332_lora_1e-3"):
+            configs[f"{base}+{trick}"] = configs[base] + [f"--trick={trick}"]
     return configs
 
 
@@ -52,11 +54,11 @@ def run_config(name, flags, args, seed, limit):
     trick = [f for f in flags if f.startswith("--trick=")]
     flags = [f for f in flags if not f.startswith("--trick=")]
     command = [sys.executable, __file__, "one", "--out-dir", out, "--eval", args.eval, *trick, "--",
-               "--model", args.model, "--data", args.data, "--out", out, "--seed", str(seed), "--max-length",
-               str(args.max_length), "--eval-every", "0", *(["--limit", str(limit)] if limit else []), *flags,
-               *args.train_flags]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS":
-                                                                          str(args.threads)})
+               "--model", args.model, "--data", args.data, "--out", out, "--seed", str(seed),
+               "--max-length", str(args.max_length), "--eval-every", "0",
+               *(["--limit", str(limit)] if limit else []), *flags, *args.train_flags]
+    threads = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    result = subprocess.run(command, capture_output=True, text=True, env=threads)
     if result.returncode != 0:
         return [{"name": name, "seed": seed, "error": result.stderr[-2000:]}]
     return [dict(json.loads(line), name=name, seed=seed, rows="4000" if limit else "all")
@@ -73,6 +75,7 @@ def one(argv):
     own, train_argv = p.parse_known_args(argv)
     train_argv = [a for a in train_argv if a != "--"]
     import torch
+    from transformers import AutoTokenizer
     import data
     import predict
     import train
@@ -80,9 +83,10 @@ def one(argv):
     texts, labels = data.read_texts(own.eval)
     start = time.perf_counter()
     for epoch in range(1, own.epochs + 1):
-        args = train.parse_args(train_argv + ["--epochs", str(epoch)] + (["--resume"] if epoch > 1 else []))
-        model, val_acc = train.train(args)
-        tokenizer = train.tokenizer_for(args)
+        resume = ["--resume"] if epoch > 1 else []
+        args = train.parse_args(train_argv + ["--epochs", str(epoch)] + resume)
+        model, val_acc = train.train(args, train.Run(args))
+        tokenizer = AutoTokenizer.from_pretrained(args.model)  # load_base_model's
         tokens = data.tokenize(tokenizer, texts, args.max_length)
         predicted = predict.predict_logits(model, tokens, tokenizer.pad_token_id, 64, args.device,
                                            args.amp_dtype).argmax(-1)
@@ -91,8 +95,9 @@ def one(argv):
         accuracy = (predicted == torch.tensor(labels)).float().mean().item()
         config = json.load(open(os.path.join(own.out_dir, "config.json")))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(json.dumps({"epoch": epoch, "val_accuracy": val_acc, "eval_accuracy": accuracy, "r": config["trained_r"],
-                          "alpha": config["alpha"] / (2 if config["init"] == "pissa" else 1), "trainable": trainable,
+        alpha = config["alpha"] / (2 if config["init"] == "pissa" else 1)
+        print(json.dumps({"epoch": epoch, "val_accuracy": val_acc, "eval_accuracy": accuracy,
+                          "r": config["trained_r"], "alpha": alpha, "trainable": trainable,
                           "wall_s": round(time.perf_counter() - start, 1)}), flush=True)
 
 
@@ -107,7 +112,8 @@ def apply_trick(trick, train):
             b = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_B." in n]
             for group in optimizer.param_groups:
                 group["params"] = [p for p in group["params"] if all(p is not q for q in b)]
-            optimizer.add_param_group({"params": b, "lr": 16 * args.lr, "weight_decay": args.weight_decay,
+            optimizer.add_param_group({"params": b, "lr": 16 * args.lr,
+                                       "weight_decay": args.weight_decay,
                                        "initial_lr": 16 * args.lr})
             scheduler.base_lrs.append(16 * args.lr)
             scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
@@ -116,24 +122,30 @@ def apply_trick(trick, train):
     elif trick == "rslora":  # scale alpha / sqrt(r) instead of alpha / r (Kalajdzievski, 2023)
         real_init = lora.LoRALinear.__init__
 
-        def __init__(self, base, r, alpha, dropout=0.0, init="lora"):
-            real_init(self, base, r, alpha * math.sqrt(r), dropout, init)  # alpha sqrt(r) / r = alpha / sqrt(r)
+        def __init__(self, base, r, alpha, *rest, **options):  # PiSSALinear's too
+            # alpha sqrt(r) / r = alpha / sqrt(r)
+            real_init(self, base, r, alpha * math.sqrt(r), *rest, **options)
         lora.LoRALinear.__init__ = __init__
 
 
 def paired_bootstrap(correct_a, correct_b, rounds=2000, seed=0):
-    """95% interval of mean accuracy(a) - mean accuracy(b), resampling eval rows (paired: same rows for both)."""
+    """95% interval of mean accuracy(a) - mean accuracy(b), resampling eval rows (paired: the
+    same rows for both)."""
     import torch
-    a, b = torch.tensor(correct_a, dtype=torch.float), torch.tensor(correct_b, dtype=torch.float)  # (runs, rows)
-    rows = torch.randint(a.shape[-1], (rounds, a.shape[-1]), generator=torch.Generator().manual_seed(seed))
+    # (runs, rows)
+    a, b = (torch.tensor(c, dtype=torch.float) for c in (correct_a, correct_b))
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randint(a.shape[-1], (rounds, a.shape[-1]), generator=generator)
     diffs = a[:, rows].mean(dim=(0, 2)) - b[:, rows].mean(dim=(0, 2))
-    return (a.mean() - b.mean()).item(), torch.quantile(diffs, 0.025).item(), torch.quantile(diffs, 0.975).item()
+    low, high = torch.quantile(diffs, 0.025).item(), torch.quantile(diffs, 0.975).item()
+    return (a.mean() - b.mean()).item(), low, high
 
 
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "one":
         return one(sys.argv[2:])
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["screen", "full", "report"])
     p.add_argument("--model")
     p.add_argument("--data")
@@ -160,13 +172,16 @@ def main():
         json.dump(data.read_texts(args.eval)[1], f)
     configs = screen_configs(args.head)
     if args.stage == "screen":
-        jobs = [(n, f, 42, args.limit) for n, f in configs.items() if args.only is None or n in args.only]
+        jobs = [(n, f, 42, args.limit) for n, f in configs.items()
+                if args.only is None or n in args.only]
     else:
         chosen = best_of_screen(results, args.top)
-        jobs = [(n, configs[n], s, None) for n in ["default_qv_r2_lora_1e-3", *chosen] for s in args.seeds]
+        jobs = [(n, configs[n], s, None) for n in ["default_qv_r2_lora_1e-3", *chosen]
+                for s in args.seeds]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool, open(results, "a") as log:
         running = [pool.submit(run_config, *job[:2], args, *job[2:]) for job in jobs]
-        for lines in (done.result() for done in concurrent.futures.as_completed(running)):  # each as it ends
+        # each as it ends
+        for lines in (done.result() for done in concurrent.futures.as_completed(running)):
             for line in lines:
                 print(json.dumps(line), flush=True)
                 log.write(json.dumps(line) + "\n")
@@ -179,10 +194,13 @@ def read_results(results):
 
 
 def best_of_screen(results, top):
-    """The `top` screen configurations (not today's defaults, no trick) by eval accuracy at their best epoch."""
+    """The `top` screen configurations (not today's defaults, no trick) by eval accuracy at their
+    best epoch."""
     best = {}
     for r in read_results(results):
-        if r.get("rows") == "4000" and "error" not in r and "+" not in r["name"] and not r["name"].startswith("default"):
+        name = r.get("name", "")
+        if r.get("rows") == "4000" and "error" not in r and "+" not in name \
+                and not name.startswith("default"):
             best[r["name"]] = max(best.get(r["name"], 0), r["eval_accuracy"])
     return sorted(best, key=best.get, reverse=True)[:top]
 
@@ -190,14 +208,17 @@ def best_of_screen(results, top):
 def report(results):
     rows = [r for r in read_results(results) if "error" not in r]
     for kind in ("4000", "all"):
-        print(f"\n{kind} rows: name, seed, r, alpha, trainable, eval accuracy at epochs 1/2/3, val at 3, wall s")
+        print(f"\n{kind} rows: name, seed, r, alpha, trainable, eval accuracy at epochs 1/2/3, "
+              "val at 3, wall s")
         for name in dict.fromkeys(r["name"] for r in rows if r["rows"] == kind):
-            for seed in sorted({r["seed"] for r in rows if r["name"] == name and r["rows"] == kind}):
-                runs = sorted((r for r in rows if r["name"] == name and r["seed"] == seed and r["rows"] == kind),
-                              key=lambda r: r["epoch"])
+            mine = [r for r in rows if r["name"] == name and r["rows"] == kind]
+            for seed in sorted({r["seed"] for r in mine}):
+                runs = sorted((r for r in mine if r["seed"] == seed), key=lambda r: r["epoch"])
                 accs = " / ".join(f"{r['eval_accuracy']:.4f}" for r in runs)
-                print(f"| {name} | {seed} | {runs[-1]['r']} | {runs[-1]['alpha']:g} | {runs[-1]['trainable']:,} | "
-                      f"{accs} | {runs[-1]['val_accuracy']:.4f} | {runs[-1]['wall_s']} |")
+                last = runs[-1]
+                print(f"| {name} | {seed} | {last['r']} | {last['alpha']:g} | "
+                      f"{last['trainable']:,} | {accs} | {last['val_accuracy']:.4f} | "
+                      f"{last['wall_s']} |")
     print_bootstrap(os.path.dirname(results), rows)
 
 
@@ -209,14 +230,17 @@ def print_bootstrap(folder, rows):
     eval_labels = json.load(open(os.path.join(folder, "eval_labels.json")))
 
     def correct(name, epoch):
-        runs = [os.path.join(folder, "runs", f"{name}_seed{s}_all", f"eval_predictions_epoch{epoch}.json")
+        runs = [os.path.join(folder, "runs", f"{name}_seed{s}_all",
+                             f"eval_predictions_epoch{epoch}.json")
                 for s in sorted({r["seed"] for r in full if r["name"] == name})]
         return [[int(p == y) for p, y in zip(json.load(open(path)), eval_labels)] for path in runs]
-    print("\npaired bootstrap against default_qv_r2_lora_1e-3 (eval rows resampled; seeds pooled): diff [95% interval]")
+    print("\npaired bootstrap against default_qv_r2_lora_1e-3 (eval rows resampled; seeds "
+          "pooled): diff [95% interval]")
     for name in dict.fromkeys(r["name"] for r in full if not r["name"].startswith("default")):
         cells = []
         for epoch in (1, 2, 3):
-            diff, low, high = paired_bootstrap(correct(name, epoch), correct("default_qv_r2_lora_1e-3", epoch))
+            diff, low, high = paired_bootstrap(correct(name, epoch),
+                                               correct("default_qv_r2_lora_1e-3", epoch))
             cells.append(f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
