@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 TEXT, LABEL = "text", "label"  # the columns read from every input: rename them here
-CHARS_PER_TOKEN = 64  # a token is shorter in any real text, so the cut keeps every token kept
+CHARS_PER_TOKEN = 64  # tokens of real text are shorter: cutting there changes no token that is kept
 
 
 class Tokens:

@@ -3,10 +3,9 @@
     h = W0 x + (alpha / r) * B A dropout(x)
 
 W0 (d_out x d_in) is the pretrained weight and never changes. A (r x d_in) starts Kaiming-uniform,
-B (d_out x r) starts at zero, so an untrained adapter changes nothing. Only r * (d_in + d_out)
-numbers per layer are learned. After training, W0 + (alpha / r) * B A can be folded into one plain
-weight (`merge`), so inference costs exactly what the original model costs (Hu et al., 2021,
-"LoRA"). Another start, PiSSA (A and B from W0's top singular directions), is `PiSSALinear`.
+B (d_out x r) starts at zero, so an untrained adapter changes nothing; only r * (d_in + d_out)
+numbers a layer learn. After training, W0 + (alpha / r) B A folds into one plain weight (`merge`):
+inference costs what the original model costs (Hu et al., 2021). PiSSA's start is `PiSSALinear`.
 """
 import math
 
@@ -112,9 +111,9 @@ class PiSSALinear(LoRALinear):
 
     By Eckart-Young, the best rank-r approximation of W0 = U S V^T is its top-r SVD. With
     s = alpha / r, B0 = U_r sqrt(S_r / s) and A0 = sqrt(S_r / s) V_r^T make s B0 A0 that
-    approximation, and the residual W0 - s B0 A0 is frozen as the base: before training the model
-    is exactly the pretrained one. Saved, the adapter is plain LoRA on the pretrained W0, of rank
-    2r with alpha 2 alpha: s (B A - B0 A0) = s [B, -B0] [A; A0] (`saved_A_B`).
+    approximation, and the residual W0 - s B0 A0 is frozen as the base: before training (no dropout,
+    fp32) the model computes what the pretrained one does. Saved, the adapter is plain LoRA on the
+    pretrained W0, of rank 2r with alpha 2 alpha: s (B A - B0 A0) = s [B, -B0] [A; A0].
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout=0.0):

@@ -82,11 +82,11 @@ def read_state(args, model, world):
     most = 64 * sum(t.numel() * 4 for t in trained.values()) + 2**26  # tensors, Adam, best, RNG
     try:
         if os.path.islink(path) or os.path.getsize(path) > most:
-            raise ValueError(f"a link, or over {most:,} bytes: more than a state of this model holds")
+            raise ValueError(f"a link, or over {most:,} bytes: more than this model's state holds")
         with zipfile.ZipFile(path) as archive:  # torch.save's format: sizes are in its directory
             members = archive.infolist()
             if len(members) > 10_000 or sum(m.file_size for m in members) > most:
-                raise ValueError(f"over {most:,} bytes unpacked: more than a state of this model holds")
+                raise ValueError(f"over {most:,} bytes unpacked: more than this model's state")
         state = torch.load(path, weights_only=True, map_location="cpu")  # data, never code
     except Exception as e:
         raise DataError(f"{args.out}: the saved training state is unreadable "

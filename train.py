@@ -126,7 +126,7 @@ def rank_and_alpha(model, new, args):
         if r < 1:
             raise DataError(f"--r auto: no rank fits --max-trainable {args.max_trainable:,}: the "
                             f"head alone has {head:,}, and each rank adds {per_rank:,}")
-    return r, 2.0 * r if args.alpha is None else args.alpha
+    return r, (2.0 * r if args.alpha is None else args.alpha)
 
 
 def keep_best(args, model, new, config, evaluation):
@@ -148,6 +148,7 @@ def check_finite(loss, what, step, args):
 
 
 def train(args, run):
+    """The method, start to end: returns the best model (restored) and its validation accuracy."""
     torch.manual_seed(args.seed + run.rank)  # its own dropout masks (DDP copies rank 0's weights)
     args.device, args.amp_dtype = run.device, run.amp_dtype  # where, and in bf16, fp16 or fp32
 
@@ -158,7 +159,7 @@ def train(args, run):
     pad_id = tokenizer.pad_token_id
     train_tokens, train_y = tokenize(tokenizer, train_texts, args.max_length), torch.tensor(train_y)
     val_tokens, val_y = tokenize(tokenizer, val_texts, args.max_length), torch.tensor(val_y)
-    run.print_budget(model, new, config)  # where the parameters are; over --max-trainable: refused
+    run.check_budget(model, new, config)  # prints where the parameters are; refuses too many
     step_model = run.wrap(model)  # what steps call: DDP's wrapper (torchrun), --compile's
 
     # optimizer, and the loop's state: fresh, or as saved (--resume)
@@ -193,7 +194,7 @@ def train(args, run):
                             best_acc, bad_evals = val_acc, 0
                             best = keep_best(args, model, new, {**config, "step": step},
                                              (val_loss, val_acc, predicted))
-                        else:  # no better: one evaluation less of patience
+                        else:  # one evaluation less of patience
                             bad_evals += 1
                         run.log(step, val_loss=val_loss, val_accuracy=val_acc, bad_evals=bad_evals)
                     bad_evals = run.agree(bad_evals)  # torchrun: every process stops together
@@ -265,10 +266,11 @@ def main(argv=None):
         print(f"{e}. Resume with:\n  python train.py {resume}")
         sys.exit(130)
     except torch.OutOfMemoryError:
-        fail(f"out of memory at step {run.saved_at + 1}, a batch of {run.shape} (peak "
-             f"{peak_memory(run.device)}); the run is saved: go on with --resume --grad-accum 2 "
-             "(the same steps in smaller pieces), or add --gradient-checkpointing, or lower "
-             "--max-length or --eval-batch-size", code=1)
+        where = "before training" if run.saved_at is None else \
+            f"at step {run.saved_at + 1}, a batch of {run.shape}; the run is saved: go on with " \
+            "--resume --grad-accum 2 (the same steps in smaller pieces)"
+        fail(f"out of memory {where} (peak {peak_memory(run.device)}); add --grad-accum 2 or "
+             "--gradient-checkpointing, or lower --max-length or --eval-batch-size", code=1)
 
 
 def parse_args(argv=None):
@@ -378,7 +380,7 @@ class Run:
     the progress bar and metrics.jsonl, saving and resuming (resume.py), the final report."""
 
     def __init__(self, args):
-        self.args, self.step, self.saved_at, self.shape = args, 0, 0, None
+        self.args, self.step, self.saved_at, self.shape = args, 0, None, None
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         self.device = self.join_torchrun() if self.world > 1 else pick_device()
         self.amp_dtype = pick_precision(self.device, args.precision)
@@ -479,14 +481,14 @@ class Run:
             dist.barrier()
             dist.destroy_process_group()
 
-    def print_budget(self, model, new, config):
-        print_budget(model, new, self.args, config, self.rank)
+    def check_budget(self, model, new, config):
+        check_budget(model, new, self.args, config, self.rank)
 
     def report(self, best, val_acc, labels, names):
         report(self.args, best, val_acc, labels, names, self.bar)
 
 
-def print_budget(model, new, args, config, rank):
+def check_budget(model, new, args, config, rank):
     """Print where the parameters are; with --max-trainable, refuse more before any training."""
     r, init = config["trained_r"], config["init"]
     if rank == 0:
