@@ -265,6 +265,19 @@ def load_base_for(checkpoint, config, tensors):
         raise DataError(f"{printable(checkpoint, 100)}: {len(unknown):,} of its targets are not "
                         f"layers of {printable(base, 60)}, such as {printable(unknown[0], 40)}; "
                         "pick the checkpoint that goes with it")
+    r = config["r"]  # every adapter the model will make must be in the file, of its shape: then
+    for path in target_paths(model, config["targets"], skip=new):  # what it makes, the file holds
+        layer = model.get_submodule(path)
+        shapes = {".lora_A.weight": (r, layer.in_features),
+                  ".lora_B.weight": (layer.out_features, r)}
+        for end, shape in shapes.items():
+            held = tensors.get(path + end)
+            if held is None or tuple(held.shape) != shape:
+                name = printable(path + end, 80)
+                what = f"it lacks {name}" if held is None else f"{name} does not fit"
+                raise DataError(f"{printable(checkpoint, 100)}: its tensors do not fit "
+                                f"{printable(base, 60)} with r={r}: {what} (of shape {shape}); "
+                                "retrain, or pick the checkpoint that goes with it")
     return model, tokenizer, new
 
 

@@ -10,6 +10,7 @@ import csv
 import importlib.util
 import io
 import json
+import math
 import os
 import pickle
 import random
@@ -2748,3 +2749,72 @@ def test_ctrl_c_while_predicting_is_one_line_and_leaves_no_file(trained, tmp_pat
                       "--out", str(out)])
     assert stop.value.code == 130 and capsys.readouterr().err.strip() == "error: interrupted: nothing was written"
     assert not out.exists() and not list(tmp_path.glob("sub.csv.tmp*"))
+
+
+def test_a_checkpoint_whose_rank_its_file_does_not_hold_is_refused_before_any_adapter_is_made(
+        trained, tmp_path, monkeypatch):
+    folder = checkpoint_variant(trained, tmp_path, "r4096", edit_config=lambda c: c.update(
+        r=4096, targets=["all-linear"]))  # 24 bytes of config asking for gigabytes of adapters
+    monkeypatch.setattr(checkpoint, "inject_lora", lambda *a, **k: pytest.fail("adapters were made"))
+    with pytest.raises(data.DataError) as refused:
+        checkpoint.load_model(folder)
+    assert "do not fit" in str(refused.value) and "with r=4096" in str(refused.value)
+
+
+def test_a_schedule_is_one_entry_and_only_the_chosen_one_is_computed(monkeypatch):
+    def never(progress):
+        raise AssertionError("a schedule not chosen was computed")
+    monkeypatch.setitem(train.SCHEDULES, "inverse_sqrt", lambda progress: 1 / math.sqrt(progress))
+    monkeypatch.setitem(train.SCHEDULES, "never", never)
+    assert train.lr_factor("constant", 0, 100)(0) == 1.0  # 1/sqrt(0) would have raised
+    assert train.lr_factor("inverse_sqrt", 10, 110)(35) == pytest.approx(2.0)
+    assert train.parse_args(["--schedule", "inverse_sqrt"]).schedule == "inverse_sqrt"  # argparse's choices
+
+
+def test_string_labels_train_as_class_names_sorted_or_in_label_names_order(model_dirs, tmp_path, capsys):
+    names = ["World", "Sports", "Business", "Sci/Tech"]
+    rows = [{"text": r["text"], "label": names[r["label"]]} for r in synthetic_rows(80, seed=3)]
+    path = write_csv(tmp_path / "named.csv", rows)
+    for extra, expected in [([], sorted(names)), (["--label-names", *names], names)]:
+        out = tmp_path / f"run{len(extra)}"
+        train.main(["--model", model_dirs["bert"], "--data", path, "--out", str(out), "--max-length", "32",
+                    "--val-size", "10", "--max-steps", "2", "--precision", "fp32", *extra])
+        assert json.load(open(out / "config.json"))["labels"] == expected
+    capsys.readouterr()
+
+
+def test_out_of_memory_while_predicting_is_one_line_naming_the_batch_size(trained, tmp_path, capsys, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(predict, "predict_logits", out_of_memory)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 3 * 2**30)
+    out = tmp_path / "sub.csv"
+    with pytest.raises(SystemExit) as stop:
+        predict.main([write_csv(tmp_path / "in.csv", synthetic_rows(5, 1)), "--checkpoint", trained["out"],
+                      "--out", str(out), "--batch-size", "64"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 1 and len(err.splitlines()) == 1 and "--batch-size 64" in err and \
+        "use a smaller --batch-size" in err and not out.exists(), err
+
+
+def test_sigterm_while_writing_the_submission_leaves_no_file(trained, tmp_path, monkeypatch):
+    import signal
+    real_writer = csv.writer
+
+    class Terminated:  # the submission half written, then SIGTERM (a job scheduler's stop)
+        def __init__(self, f, *args, **kwargs):
+            self.rows = real_writer(f, *args, **kwargs)
+
+        def writerows(self, rows):
+            self.rows.writerows(list(rows)[:2])
+            os.kill(os.getpid(), signal.SIGTERM)
+    source = write_csv(tmp_path / "in.csv", synthetic_rows(5, 1))
+    monkeypatch.setattr(csv, "writer", Terminated)
+    previous = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "sub.csv"
+    try:
+        with pytest.raises(SystemExit) as stop:
+            predict.main([source, "--checkpoint", trained["out"], "--out", str(out)])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stop.value.code == 143 and not out.exists() and not list(tmp_path.glob("sub.csv.tmp*"))

@@ -43,18 +43,18 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, args):
 
 
 def micro_batches(tokens, labels, rows, pad_id, run, args):
-    """This process's rows of a batch (torchrun: every world-th) in --grad-accum pieces, padded, on
-    the device, each with its share of the batch's loss (times world: DDP averages processes), as
-    many on every process (an empty piece is one row counted 0), so that DDP's sums line up."""
+    """This process's rows of a batch (torchrun: every world-th) in --grad-accum padded pieces on
+    the device, each with its share of the loss (x world: DDP averages), as many on each process."""
     mine = rows[run.rank::run.world]
     pieces = []
     for i in range(args.grad_accum):
         piece = mine[i * len(mine) // args.grad_accum:(i + 1) * len(mine) // args.grad_accum]
         share = len(piece) * run.world / len(rows)
-        piece = piece or rows[:1]
+        piece = piece or rows[:1]  # an empty piece: one row counted 0, so that DDP's sums line up
         input_ids, mask = pad_batch(tokens, piece, pad_id, run.pad_to, args.max_length)
         mask = mask[:, None, None, :].bool()  # SDPA's own form: no asking the GPU about padding
-        pieces.append((*run.to_device(input_ids, mask, labels[piece]), share))
+        input_ids, mask, piece_labels = run.to_device(input_ids, mask, labels[piece])
+        pieces.append((input_ids, mask, piece_labels, share))
     return pieces
 
 
