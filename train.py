@@ -157,27 +157,26 @@ def train(args, run):
         args.data, args.val_size, args.seed, args.limit, args.label_names, args.num_labels)
     model, tokenizer, new, config = lora_model(args, names)
     pad_id = tokenizer.pad_token_id
-    train_tokens, train_y = tokenize(tokenizer, train_texts, args.max_length), torch.tensor(train_y)
-    val_tokens, val_y = tokenize(tokenizer, val_texts, args.max_length), torch.tensor(val_y)
+    train_ids, train_y = tokenize(tokenizer, train_texts, args.max_length), torch.tensor(train_y)
+    val_ids, val_y = tokenize(tokenizer, val_texts, args.max_length), torch.tensor(val_y)
     run.check_budget(model, new, config)  # prints where the parameters are; refuses too many
     step_model = run.wrap(model)  # what steps call: DDP's wrapper (torchrun), --compile's
 
-    # optimizer, and the loop's state: fresh, or as saved (--resume)
-    steps_per_epoch = math.ceil(len(train_tokens) / args.batch_size)
+    steps_per_epoch = math.ceil(len(train_ids) / args.batch_size)
     eval_every = args.eval_every or steps_per_epoch  # 0: at each epoch's end
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
     optimizer, scheduler, scaler = make_optimizer(model, args, total_steps)
     parts = (model, optimizer, scheduler, scaler)  # what a saved run holds, with the loop's state
-    step, best_acc, best, bad_evals = run.start(parts, total_steps, steps_per_epoch)
+    step, best_acc, best, bad_evals = run.start(parts, total_steps, steps_per_epoch)  # or resumed
     first_step, loss_sum = step, torch.zeros((), device=args.device)
     try:
         for epoch in range(step // steps_per_epoch, args.epochs):
             seed = args.seed + epoch  # another order each epoch
-            batches = length_grouped_batches(train_tokens.lengths, args.batch_size, seed)
+            batches = length_grouped_batches(train_ids.lengths, args.batch_size, seed)
             for rows in batches[step - epoch * steps_per_epoch:]:  # --resume: those not trained on
                 if bad_evals >= args.patience or run.interrupted() or step >= total_steps:
                     break
-                pieces = micro_batches(train_tokens, train_y, rows, pad_id, run, args)
+                pieces = micro_batches(train_ids, train_y, rows, pad_id, run, args)
                 loss_sum += train_step(step_model, pieces, optimizer, scheduler, scaler, args)
                 step += 1
                 if step % args.log_every == 0:  # the loop's one host sync: reading the loss
@@ -187,8 +186,7 @@ def train(args, run):
                     loss_sum.zero_()
                 if step % eval_every == 0 or step == total_steps:
                     if run.rank == 0:  # torchrun: the main process evaluates, the others follow it
-                        val_loss, val_acc, predicted = evaluate(model, val_tokens, val_y, pad_id,
-                                                                args)
+                        val_loss, val_acc, predicted = evaluate(model, val_ids, val_y, pad_id, args)
                         check_finite(val_loss, "validation loss", step, args)  # before keeping it
                         if val_acc > best_acc:  # the best so far: keep it
                             best_acc, bad_evals = val_acc, 0
@@ -202,11 +200,8 @@ def train(args, run):
     except torch.OutOfMemoryError:  # save first: --resume --grad-accum 2 goes on from here
         run.save(parts, (step, best_acc, best, bad_evals))
         raise
-    finally:
-        run.stop()  # the progress bar closes; Ctrl-C is Python's again
-    if run.interrupted():  # Ctrl-C: save the run; main says how to go on
-        run.save(parts, (step, best_acc, best, bad_evals))
-        raise KeyboardInterrupt(f"interrupted at step {step}; the latest state is in {args.out}")
+    finally:  # the progress bar closes; after Ctrl-C the run is saved and stops here
+        run.stop(parts, (step, best_acc, best, bad_evals))
     run.finish()  # torchrun: the processes leave together
     if run.rank == 0:  # restore the best adapter; report its evaluation
         restore(model, best, step)
@@ -471,9 +466,16 @@ class Run:
             bad_evals = verdict[0]
         return bad_evals
 
-    def stop(self):
-        self.bar.close() if hasattr(self, "bar") else None
+    def stop(self, parts, loop_state):
+        """The progress bar closes and Ctrl-C is Python's again; after Ctrl-C the run is saved and
+        stops (main prints how to go on)."""
+        if hasattr(self, "bar"):
+            self.bar.close()
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self.interrupted():
+            self.save(parts, loop_state)
+            raise KeyboardInterrupt(f"interrupted at step {loop_state[0]}; the latest state is in "
+                                    f"{self.args.out}")
 
     def finish(self):
         """Leave the process group together: one that leaves while another still sends aborts."""
