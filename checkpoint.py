@@ -13,15 +13,17 @@ refuses, in one line, a checkpoint that lacks one of those or holds one that doe
 A checkpoint is a folder: `adapter.safetensors` (the tensors) and `config.json` (how to rebuild).
 """
 import json
+import math
 import os
 
 import transformers
 from safetensors.torch import load_file, save as safetensors_bytes
+import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from data import DataError, printable, short, write_atomically
-from lora import LoRALinear, inject_lora, merge_lora
+from lora import LoRALinear, inject_lora, merge_lora, target_paths
 
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "config.json"
 
@@ -106,15 +108,10 @@ def pretrained(base_model, num_labels, max_length):
                         f"{limit} tokens; use --max-length {limit} or less")
     return tokenizer, model, info
 
+
 # A checkpoint may come from anyone: its files are checked before anything is built from them.
 # config.json by type and range (bounded in size first), a safetensors header (bounded) before
 # any tensor is read, the values after; a PEFT config's options that we do not implement refused.
-import math
-
-import torch
-
-from lora import target_paths
-
 CONFIG_BYTES, HEADER_BYTES = 2**20, 100 * 2**20  # a config, a safetensors header: at most
 MAX_LABELS, MAX_TARGETS, MAX_R = 10_000, 10_000, 4096
 FLOAT_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # the dtypes a checkpoint may hold

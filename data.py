@@ -93,6 +93,7 @@ import os
 import re
 import sys
 
+
 class DataError(ValueError):
     """Bad input (data, flags or a checkpoint); the message says what is wrong and how to fix it."""
 
