@@ -1,43 +1,41 @@
 """A checkpoint holds everything that is not the pretrained base's: a model is the base plus it.
 
-    model, tokenizer, new = load_base_model("roberta-base", num_labels=4)   # a new head
-    ... inject_lora(model, ..., skip=new), train ...
-    save_checkpoint("checkpoint", checkpoint_tensors(model, new), config)
-    model, tokenizer, config = load_model("checkpoint")    # the base + the checkpoint, merged
+    model, tokenizer, task_paths = load_base_model("roberta-base", num_labels=4)   # a new head
+    ... inject_lora(model, ..., skip=task_paths), train ...
+    save_checkpoint("checkpoint", model, task_paths, config)
+    model, tokenizer, config = load_model("checkpoint")    # the base + the checkpoint
 
-What "not the base's" means (`checkpoint_tensors`): every LoRA adapter (as plain LoRA: see
-lora.LoRALinear.saved_A_B); the whole state of every module made for the task (`new`: the head,
-whatever `head_of` finds, trained or frozen, and any module holding a tensor transformers reports
-as newly initialized); and every other tensor that trains. `load_model` rebuilds the base and
-refuses, in one line, a checkpoint that lacks one of those or holds one that does not fit.
-A checkpoint is a folder: `adapter.safetensors` (the tensors) and `config.json` (how to rebuild).
+What "not the base's" means (`checkpoint_tensors`): every LoRA adapter (as plain LoRA: a PiSSA
+adapter as lora.PiSSALinear.as_plain_lora gives it); the whole state of every module made for the
+task (`task_paths`: the head, whatever `head_of` finds, trained or frozen, and any module holding
+a tensor transformers reports as newly initialized); and every other tensor that trains.
+`load_model` rebuilds the base and refuses, in one line, a checkpoint that lacks one of those or
+holds one that does not fit. A checkpoint is a folder: `adapter.safetensors` (the tensors) and
+`config.json` (how to rebuild).
 """
 import json
 import math
 import os
 
+import torch
 import transformers
 from safetensors.torch import load_file, save as safetensors_bytes
-import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from data import DataError, printable, short, write_atomically
-from lora import LoRALinear, inject_lora, merge_lora, target_paths
+from data import InputError, printable, short, write_atomically
+from lora import PiSSALinear, inject_lora, target_paths
 
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "config.json"
 
 
 def load_base_model(base_model, num_labels, max_length=None):
-    """(model, tokenizer, new): the pretrained encoder in fp32 with a head for `num_labels`, its
-    tokenizer, and `new`, the paths of the modules made for the task (the head first)."""
-    transformers.logging.set_verbosity_error()  # "newly initialized": on purpose, listed in `new`
-    tokenizer, model, info = pretrained(base_model, num_labels, max_length)
-    mismatched = [k[0] if isinstance(k, tuple) else k for k in info["mismatched_keys"]]
-    missing = list(info["missing_keys"]) + mismatched
-    head = next(n for n, m in model.named_modules() if m is head_of(model))
-    new = [head] + sorted({n.rpartition(".")[0] for n in missing if not n.startswith(head + ".")})
-    return model.float(), tokenizer, new  # fp32: adapters and AdamW's state train in fp32
+    """(model, tokenizer, task_paths): the pretrained model in fp32 with a new head for
+    `num_labels`, its tokenizer, and the paths of the modules made for the task (the head first)."""
+    tokenizer, model, initialized = pretrained(base_model, num_labels, max_length)
+    head = next(path for path, module in model.named_modules() if module is head_of(model))
+    others = {name.rpartition(".")[0] for name in initialized if not name.startswith(head + ".")}
+    return model.float(), tokenizer, [head, *sorted(others)]  # fp32: what trains, trains in fp32
 
 
 def head_of(model):
@@ -45,53 +43,53 @@ def head_of(model):
     for name in ("classifier", "score"):
         if isinstance(getattr(model, name, None), nn.Module):
             return getattr(model, name)
-    raise DataError(f"{type(model).__name__} has no `classifier` or `score` head to train")
+    raise InputError(f"{type(model).__name__} has no `classifier` or `score` head to train")
 
 
-def checkpoint_tensors(model, new):
-    """{name: tensor}: the adapters (as plain LoRA), the whole state of each module in `new`,
-    and every other tensor that trains."""
+def checkpoint_tensors(model, task_paths):
+    """{name: tensor}: the adapters (as plain LoRA), the whole state of each module made for the
+    task, and every other tensor that trains."""
     tensors = {n: t for n, t in model.state_dict().items()  # buffers too
-               if any(n.startswith(path + ".") for path in new)}
+               if any(n.startswith(path + ".") for path in task_paths)}
     tensors.update({n: p for n, p in model.named_parameters() if p.requires_grad})
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):  # saved as plain LoRA, whatever its start
-            tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = module.saved_A_B()
+        if isinstance(module, PiSSALinear):  # saved as plain LoRA of rank 2r
+            tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = \
+                module.as_plain_lora()
     return {name: t.detach() for name, t in tensors.items()}
 
 
-def save_checkpoint(folder, tensors, config):
-    """adapter.safetensors (tensors), then config.json, into `folder`, each written atomically."""
+def save_checkpoint(folder, model, task_paths, config):
+    """adapter.safetensors (checkpoint_tensors) and config.json into `folder`, each written
+    atomically. A PiSSA adapter is saved as plain LoRA of rank 2r and alpha 2 alpha (the same
+    alpha / r); `trained_r` keeps the rank it trained at."""
+    config = {**config, "trained_r": config["r"]}
+    if config["init"] == "pissa":
+        config.update(r=2 * config["r"], alpha=2 * config["alpha"])
     os.makedirs(folder, exist_ok=True)
-    save_tensors(os.path.join(folder, ADAPTER_FILE), tensors)
+    save_tensors(os.path.join(folder, ADAPTER_FILE), checkpoint_tensors(model, task_paths))
     write_atomically(os.path.join(folder, CONFIG_FILE), lambda f: json.dump(config, f, indent=2))
 
 
 def load_model(checkpoint, device="cpu"):
-    """(model, tokenizer, config) from a checkpoint folder of train.py's (or a PEFT adapter).
-
-    The base is rebuilt as in training (the pretrained encoder, a new head, LoRA on the same
-    layers), the checkpoint's tensors are loaded on top, and each adapter is folded into its
-    weight, W0 + (alpha/r) B A: inference then costs exactly what the base model costs.
-    """
+    """(model, tokenizer, config) from a checkpoint folder of train.py's (or a PEFT adapter): the
+    base rebuilt as in training (the pretrained model, a new head, LoRA on the same layers), with
+    the checkpoint's tensors loaded on top. Adapters stay beside their weights, as in training, so
+    that predictions are what validation measured (lora.merge_lora folds them in)."""
     config, tensors = read_checkpoint(checkpoint)
-    model, tokenizer, new = load_base_for(checkpoint, config, tensors)
-    try:
-        inject_lora(model, config["r"], config["alpha"], targets=config["targets"], skip=new)
-    except ValueError as e:  # targets this base does not have
-        raise DataError(f"{checkpoint}: does not fit {config['base_model']} ({e}); pick the "
-                        "checkpoint that goes with it") from None
-    check_fits(checkpoint, config, tensors, model.state_dict(), new)
+    model, tokenizer, task_paths = load_base_for(checkpoint, config, tensors)
+    inject_lora(model, config["r"], config["alpha"], targets=config["targets"], skip=task_paths)
+    check_fits(checkpoint, config, tensors, model.state_dict(), task_paths)
     model.load_state_dict(tensors, strict=False)
-    merge_lora(model)
     return model.requires_grad_(False).to(device).eval(), tokenizer, config
 
 
-# --- files: ours and PEFT's -----------------------------------------------------------------
+# --- operations: reading and checking files, ours and PEFT's ------------------------------------
 
 def pretrained(base_model, num_labels, max_length):
-    """(tokenizer, model, loading info) of a hub name or folder, or one line; a --max-length above
-    the model's limit is refused."""
+    """(tokenizer, model, names of the tensors it initialized anew) of a hub name or folder, or
+    one line; a --max-length above the model's limit is refused."""
+    transformers.logging.set_verbosity_error()  # "newly initialized": on purpose, in task_paths
     transformers.logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_model)
@@ -99,14 +97,16 @@ def pretrained(base_model, num_labels, max_length):
             base_model, num_labels=num_labels, output_loading_info=True, attn_implementation="sdpa",
             ignore_mismatched_sizes=True)  # a head of another size is replaced by a new one
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot load the model {short(base_model, 100)} ({short(e, 120)}); give a "
-                        "hub name, or offline a local model folder (--model DIR) with "
-                        "HF_HUB_OFFLINE=1") from None
+        raise InputError(f"cannot load the model {short(base_model, 100)} ({short(e, 120)}); give a "
+                         "hub name, or offline a local model folder (--model DIR) with "
+                         "HF_HUB_OFFLINE=1") from None
     limit = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else 512
     if max_length is not None and max_length > limit:
-        raise DataError(f"--max-length {max_length} is above {short(base_model, 100)}'s limit of "
-                        f"{limit} tokens; use --max-length {limit} or less")
-    return tokenizer, model, info
+        raise InputError(f"--max-length {max_length} is above {short(base_model, 100)}'s limit of "
+                         f"{limit} tokens; use --max-length {limit} or less")
+    # mismatched keys come as (name, shape in the file, shape in the model)
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in info["mismatched_keys"]]
+    return tokenizer, model, list(info["missing_keys"]) + mismatched
 
 
 # A checkpoint may come from anyone: its files are checked before anything is built from them.
@@ -151,9 +151,9 @@ def check_config(config, where, names=None):
         shown = (names or {}).get(field, field)
         if field not in config:
             if field in REQUIRED:
-                raise DataError(f"{where}: lacks `{shown}`, {what}; retrain, or fix that file")
+                raise InputError(f"{where}: lacks `{shown}`, {what}; retrain, or fix that file")
         elif not right(config[field]):
-            raise DataError(f"{where}: `{shown}` must be {what}, not {short(config[field], 40)}")
+            raise InputError(f"{where}: `{shown}` must be {what}, not {short(config[field], 40)}")
     return config
 
 
@@ -163,20 +163,20 @@ def read_json(path):
     where = printable(path, 100)
     try:
         if os.path.getsize(path) > CONFIG_BYTES:
-            raise DataError(f"{where}: above {CONFIG_BYTES // 2**20} MiB, too big for a config")
+            raise InputError(f"{where}: above {CONFIG_BYTES // 2**20} MiB, too big for a config")
         with open(path, "rb") as f:
             value = json.loads(f.read(CONFIG_BYTES + 1))
     except RecursionError:
-        raise DataError(f"{where}: not JSON (nested too deep)") from None
+        raise InputError(f"{where}: not JSON (nested too deep)") from None
     except ValueError as e:  # a JSON syntax error, not UTF-8, or an int of over 4,300 digits
-        if isinstance(e, DataError):
+        if isinstance(e, InputError):
             raise
         why = "an integer of over 4,300 digits" if "digits" in str(e) else short(e, 80)
-        raise DataError(f"{where}: not JSON ({why})") from None
+        raise InputError(f"{where}: not JSON ({why})") from None
     except OSError as e:
-        raise DataError(f"{where}: cannot read it ({short(e, 80)})") from None
+        raise InputError(f"{where}: cannot read it ({short(e, 80)})") from None
     if not isinstance(value, dict):
-        raise DataError(f"{where}: holds {type(value).__name__}, not a JSON object {{...}}")
+        raise InputError(f"{where}: holds {type(value).__name__}, not a JSON object {{...}}")
     return value
 
 
@@ -189,45 +189,45 @@ def check_header(path):
     ints and its bytes, shape times dtype size, within the file; one line otherwise."""
     where = printable(path, 100)
     if not os.path.isfile(path):  # missing, a folder, a pipe
-        raise DataError(f"{where}: not a file of tensors; retrain, or pick another checkpoint")
+        raise InputError(f"{where}: not a file of tensors; retrain, or pick another checkpoint")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         length = int.from_bytes(f.read(8), "little")
         if size < 8 or length > min(HEADER_BYTES, size - 8):
-            raise DataError(f"{where}: not a safetensors file (its header length {length:,} is "
-                            f"above {HEADER_BYTES // 2**20} MiB or beyond the file)")
+            raise InputError(f"{where}: not a safetensors file (its header length {length:,} is "
+                             f"above {HEADER_BYTES // 2**20} MiB or beyond the file)")
         try:
             header = json.loads(f.read(length))
         except (RecursionError, ValueError) as e:
-            raise DataError(f"{where}: not a safetensors file (its header is not JSON: "
-                            f"{short(e, 60)})") from None
+            raise InputError(f"{where}: not a safetensors file (its header is not JSON: "
+                             f"{short(e, 60)})") from None
     if not isinstance(header, dict):
-        raise DataError(f"{where}: not a safetensors file (its header is not a JSON object)")
+        raise InputError(f"{where}: not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
     if len(header) > MAX_TENSORS:
-        raise DataError(f"{where}: {len(header):,} tensors, more than any adapter holds "
-                        f"({MAX_TENSORS:,}); not a checkpoint")
+        raise InputError(f"{where}: {len(header):,} tensors, more than any adapter holds "
+                         f"({MAX_TENSORS:,}); not a checkpoint")
     data_size, total, shapes = size - 8 - length, 0, {}
     for name, entry in header.items():
         entry = entry if isinstance(entry, dict) else {}
         dtype, shape, span = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if dtype not in FLOAT_BYTES:
-            raise DataError(f"{where}: tensor {printable(name, 60)} is {short(dtype, 20)}, not a "
-                            "floating dtype (F16, BF16, F32, F64)")
+            raise InputError(f"{where}: tensor {printable(name, 60)} is {short(dtype, 20)}, not a "
+                             "floating dtype (F16, BF16, F32, F64)")
         if not (isinstance(shape, list) and len(shape) <= 8
                 and all(is_int(n) and n >= 0 for n in shape)):
-            raise DataError(f"{where}: tensor {printable(name, 60)} has shape {short(shape, 40)}, "
-                            "not a list of at most 8 non-negative integers")
+            raise InputError(f"{where}: tensor {printable(name, 60)} has shape {short(shape, 40)}, "
+                             "not a list of at most 8 non-negative integers")
         fits = isinstance(span, list) and len(span) == 2 and all(map(is_int, span)) and \
             0 <= span[0] <= span[1] <= data_size
         if not fits or math.prod(shape) * FLOAT_BYTES[dtype] != span[1] - span[0]:
-            raise DataError(f"{where}: tensor {printable(name, 60)}'s data_offsets "
-                            f"{short(span, 40)} are beyond the file or not its shape's size")
+            raise InputError(f"{where}: tensor {printable(name, 60)}'s data_offsets "
+                             f"{short(span, 40)} are beyond the file or not its shape's size")
         total += span[1] - span[0]
         shapes[name] = shape
     if total > data_size:
-        raise DataError(f"{where}: its tensors hold {total:,} bytes, more than the file's "
-                        f"{data_size:,}; not a safetensors file")
+        raise InputError(f"{where}: its tensors hold {total:,} bytes, more than the file's "
+                         f"{data_size:,}; not a safetensors file")
     return shapes
 
 
@@ -238,12 +238,12 @@ def read_tensors(path):
     try:
         tensors = load_file(path)
     except Exception as e:  # the library's own checks (overlapping tensors, and the like)
-        raise DataError(f"{printable(path, 100)}: not a safetensors file ({short(e, 80)})") \
+        raise InputError(f"{printable(path, 100)}: not a safetensors file ({short(e, 80)})") \
             from None
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
-            raise DataError(f"{printable(path, 100)}: tensor {printable(name, 60)} holds NaN or "
-                            "inf; retrain, or pick another checkpoint")
+            raise InputError(f"{printable(path, 100)}: tensor {printable(name, 60)} holds NaN or "
+                             "inf; retrain, or pick another checkpoint")
     return tensors
 
 
@@ -252,18 +252,18 @@ def load_base_for(checkpoint, config, tensors):
     adapter is made, targets this base lacks. Names are printed bounded and escaped."""
     base = config["base_model"]
     try:
-        model, tokenizer, new = load_base_model(base, len(config["labels"]))
-    except DataError as e:  # its message names the base in full
-        raise DataError(str(e).replace(base, printable(base, 60))) from None
-    linears = target_paths(model, ["all-linear"], skip=new)
+        model, tokenizer, task_paths = load_base_model(base, len(config["labels"]))
+    except InputError as e:  # its message names the base in full
+        raise InputError(str(e).replace(base, printable(base, 60))) from None
+    linears = target_paths(model, ["all-linear"], skip=task_paths)
     unknown = [t for t in config["targets"] if t != "all-linear"
                and not any(p == t or p.endswith("." + t) for p in linears)]
     if unknown:
-        raise DataError(f"{printable(checkpoint, 100)}: {len(unknown):,} of its targets are not "
-                        f"layers of {printable(base, 60)}, such as {printable(unknown[0], 40)}; "
-                        "pick the checkpoint that goes with it")
+        raise InputError(f"{printable(checkpoint, 100)}: {len(unknown):,} of its targets are not "
+                         f"layers of {printable(base, 60)}, such as {printable(unknown[0], 40)}; "
+                         "pick the checkpoint that goes with it")
     r = config["r"]  # every adapter the model will make must be in the file, of its shape: then
-    for path in target_paths(model, config["targets"], skip=new):  # what it makes, the file holds
+    for path in target_paths(model, config["targets"], skip=task_paths):  # what it makes, the file holds
         layer = model.get_submodule(path)
         shapes = {".lora_A.weight": (r, layer.in_features),
                   ".lora_B.weight": (layer.out_features, r)}
@@ -272,27 +272,27 @@ def load_base_for(checkpoint, config, tensors):
             if held is None or tuple(held.shape) != shape:
                 name = printable(path + end, 80)
                 what = f"it lacks {name}" if held is None else f"{name} does not fit"
-                raise DataError(f"{printable(checkpoint, 100)}: its tensors do not fit "
-                                f"{printable(base, 60)} with r={r}: {what} (of shape {shape}); "
-                                "retrain, or pick the checkpoint that goes with it")
-    return model, tokenizer, new
+                raise InputError(f"{printable(checkpoint, 100)}: its tensors do not fit "
+                                 f"{printable(base, 60)} with r={r}: {what} (of shape {shape}); "
+                                 "retrain, or pick the checkpoint that goes with it")
+    return model, tokenizer, task_paths
 
 
-def check_fits(checkpoint, config, tensors, state, new):
+def check_fits(checkpoint, config, tensors, state, task_paths):
     """One line if the checkpoint lacks an adapter or a new module's tensor, or holds a tensor
     that is not the model's or not of its shape."""
-    needed = {n for n in state if ".lora_" in n or any(n.startswith(p + ".") for p in new)}
+    needed = {n for n in state if ".lora_" in n or any(n.startswith(p + ".") for p in task_paths)}
     lacking = sorted(needed - set(tensors))
     foreign = sorted(n for n, t in tensors.items() if n not in state or state[n].shape != t.shape)
     if lacking or foreign:
         what = f"it lacks {printable(lacking[0], 80)}" if lacking else \
             f"{printable(foreign[0], 80)} does not fit"
         more = len(lacking) + len(foreign) - 1
-        raise DataError(f"{printable(checkpoint, 100)}: its tensors do not fit "
-                        f"{printable(config['base_model'], 60)} with r={config['r']}, "
-                        f"{len(config['labels'])} labels: {what}"
-                        + (f" and {more} more" if more else "")
-                        + "; retrain, or pick the checkpoint that goes with it")
+        raise InputError(f"{printable(checkpoint, 100)}: its tensors do not fit "
+                         f"{printable(config['base_model'], 60)} with r={config['r']}, "
+                         f"{len(config['labels'])} labels: {what}"
+                         + (f" and {more} more" if more else "")
+                         + "; retrain, or pick the checkpoint that goes with it")
 
 
 def read_checkpoint(checkpoint):
@@ -303,9 +303,9 @@ def read_checkpoint(checkpoint):
     config_path = os.path.join(checkpoint, CONFIG_FILE)
     adapter_path = os.path.join(checkpoint, ADAPTER_FILE)
     if not (os.path.isfile(config_path) and os.path.isfile(adapter_path)):
-        raise DataError(f"{printable(checkpoint, 100)}: not a checkpoint folder (needs "
-                        f"{CONFIG_FILE} and {ADAPTER_FILE}, or a PEFT {PEFT_CONFIG_FILE}); pass "
-                        "the --out folder of a finished train.py run")
+        raise InputError(f"{printable(checkpoint, 100)}: not a checkpoint folder (needs "
+                         f"{CONFIG_FILE} and {ADAPTER_FILE}, or a PEFT {PEFT_CONFIG_FILE}); pass "
+                         "the --out folder of a finished train.py run")
     config = check_config(read_json(config_path), printable(config_path, 100))
     return config, read_tensors(adapter_path)
 
@@ -376,8 +376,8 @@ def read_peft_adapter(folder):
     peft_config = read_json(config_path)
     unsupported = unsupported_peft_options(peft_config)
     if unsupported:
-        raise DataError(f"{where}: only plain LoRA adapters load here; this one has "
-                        f"{', '.join(unsupported)}")  # our names, and values via short
+        raise InputError(f"{where}: only plain LoRA adapters load here; this one has "
+                         f"{', '.join(unsupported)}")  # our names, and values via short
     config = {ours: peft_config[theirs] for ours, theirs in
               {"r": "r", **PEFT_NAMES}.items() if theirs in peft_config}
     check_config({**config, "labels": ["0"], "max_length": 512}, where, PEFT_NAMES)
@@ -390,8 +390,8 @@ def read_peft_adapter(folder):
                    if k.startswith(("classifier.", "score.")) and t.dim() == 2]
     if not head_widths or not 1 <= min(head_widths) <= MAX_LABELS:
         found = f"one of {min(head_widths):,} rows" if head_widths else "none"
-        raise DataError(f"{printable(folder, 100)}: needs a trained classifier head of 1 to "
-                        f"{MAX_LABELS:,} rows (labels) in modules_to_save, has {found}")
+        raise InputError(f"{printable(folder, 100)}: needs a trained classifier head of 1 to "
+                         f"{MAX_LABELS:,} rows (labels) in modules_to_save, has {found}")
     config.update(labels=[str(i) for i in range(min(head_widths))], max_length=512,
                   targets=sorted(config["targets"]))
     return config, tensors

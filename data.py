@@ -1,14 +1,20 @@
 """What a batch is: a few texts' token ids, padded only as far as the longest of them.
 
 Every text is tokenized once, truncated and not padded. All the token ids live in one flat int32
-array, text i at ids[starts[i]:starts[i + 1]] (`Tokens`): 4 bytes a token, where a Python list
-of ints takes about 36. A batch is a list of row numbers; `pad_batch` pads those rows to the longest
-among them (dynamic padding) and gives the attention mask that hides the padding. Training batches
-are cut from groups of rows of similar length, so that little padding is computed, then shuffled;
-evaluation and prediction batches are simply sorted by length.
+array, text i at ids[starts[i]:starts[i + 1]] (`Tokens`): 4 bytes a token, where the tokenizer's
+own lists take about 240 (docs/speed.md). A batch is a list of row numbers; `pad_batch` pads those
+rows to the longest among them (dynamic padding) and gives the attention mask that hides the
+padding. Training batches are cut from groups of rows of similar length, so that little padding is
+computed, then shuffled; evaluation and prediction batches are simply sorted by length.
 """
 import itertools
+import math
+import numbers
+import os
 import random
+import re
+import reprlib
+import sys
 
 import numpy as np
 import torch
@@ -65,37 +71,38 @@ def length_grouped_batches(lengths, batch_size, seed, group_batches=64):
     return batches
 
 
+def training_batches(lengths, batch_size, seed, epochs):
+    """Every epoch's batches, one after another; each epoch in another order (seed + epoch)."""
+    for epoch in range(epochs):
+        yield from length_grouped_batches(lengths, batch_size, seed + epoch)
+
+
 def sorted_batches(lengths, batch_size):
     """Batches of row numbers sorted longest first: least padding, and any memory error first."""
     rows = np.argsort(-np.asarray(lengths), kind="stable").tolist()
     return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
-def pad_batch(tokens, rows, pad_id, multiple=1, max_length=None):
-    """(input_ids, attention_mask) of tokens[rows]: int64, padded on the right to the longest row,
-    rounded up to a multiple of `multiple` (fewer shapes for a GPU) but never past max_length."""
+def pad_batch(tokens, rows, pad_id, multiple=1, max_length=math.inf):
+    """(input_ids, attention_mask) of tokens[rows], int64: each row padded on the right to the
+    longest, whose length is rounded up to a multiple of `multiple` (fewer shapes for a GPU) but
+    not past max_length."""
     lengths = tokens.lengths[rows]
-    width = -(-int(lengths.max()) // multiple) * multiple
-    width = max(int(lengths.max()), min(width, max_length or width))
-    positions = np.arange(width)
-    mask = positions < lengths[:, None]
-    index = np.minimum(tokens.starts[rows][:, None] + positions, max(len(tokens.ids) - 1, 0))
-    input_ids = np.where(mask, tokens.ids[index], pad_id)
-    return torch.from_numpy(input_ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
+    longest = int(lengths.max())
+    width = min(math.ceil(longest / multiple) * multiple, max(longest, max_length))
+    mask = np.arange(width) < lengths[:, None]  # True on each row's own tokens
+    input_ids = np.full(mask.shape, pad_id, dtype=np.int64)
+    input_ids[mask] = np.concatenate([tokens[i] for i in rows])  # row by row, left to right
+    return torch.from_numpy(input_ids), torch.from_numpy(mask.astype(np.int64))
 
 
 # --- operations: not needed to follow the method --------------------------------------------------
 # Reading tables (hub names, files, folders) and checking their labels; messages and safe writes.
 
-# what only the operations use is imported here, where they start
-import numbers
-import os
-import re
-import sys
 
-
-class DataError(ValueError):
-    """Bad input (data, flags or a checkpoint); the message says what is wrong and how to fix it."""
+class InputError(ValueError):
+    """Bad input of any kind (data, flags, a checkpoint, the environment): the message says what is
+    wrong and how to fix it, in one line."""
 
 
 def load_splits(source, val_size, seed, limit=None, names=None, num_labels=None):
@@ -113,7 +120,7 @@ def labelled_rows(source, names, num_labels):
     string labels are class names (in `names` order, or sorted)."""
     texts, labels, found_names = read_table(source)
     if labels is None:
-        raise DataError(f"{source}: no `{LABEL}` column; training needs a label for every text")
+        raise InputError(f"{source}: no `{LABEL}` column; training needs a label for every text")
     names, labels = name_classes(names or found_names, num_labels, labels, source)
     return clean_texts(texts, source), labels, names
 
@@ -125,9 +132,9 @@ def split_rows(count, val_size, seed, limit):
     if limit is not None:
         rows = np.random.default_rng(seed).permutation(len(rows))[:limit]
     if not 0 < val_size < len(rows):
-        raise DataError(f"--val-size {val_size} must be above 0 and below the {len(rows)} rows used"
-                        + (f" (--limit {limit})" if limit is not None else "")
-                        + "; lower it or use more rows")
+        raise InputError(f"--val-size {val_size} must be above 0 and below the {len(rows)} rows used"
+                         + (f" (--limit {limit})" if limit is not None else "")
+                         + "; lower it or use more rows")
     return rows[np.random.default_rng(seed).permutation(len(rows))].tolist()
 
 
@@ -147,7 +154,7 @@ def read_table(source, missing_ok=False):
         try:
             texts, labels, notes = tables.read_table(source, columns=(TEXT, LABEL))
         except tables.NotReadable as e:
-            raise DataError(str(e)) from None
+            raise InputError(str(e)) from None
         for note in notes:
             warn(f"{source}: {note}")
         names = None
@@ -156,11 +163,11 @@ def read_table(source, missing_ok=False):
         texts, labels = columns_of(table, source)
         names = class_names(table)
     if not texts:
-        raise DataError(f"{source}: no rows; give a file with at least one text")
+        raise InputError(f"{source}: no rows; give a file with at least one text")
     missing = next((i for i, text in enumerate(texts) if text is None), None)
     if missing is not None and not missing_ok:
-        raise DataError(f"{source}: row {missing} has no text (a missing value); fill it in (an "
-                        "empty string is fine) or drop that row")
+        raise InputError(f"{source}: row {missing} has no text (a missing value); fill it in (an "
+                         "empty string is fine) or drop that row")
     return texts, labels, names
 
 
@@ -174,9 +181,9 @@ def read_dataset(source):
     try:
         return datasets.load_dataset(source, split="train")
     except Exception as e:  # offline, a typo in the name, or the hub down: all end the same way
-        raise DataError(f"cannot load the dataset '{source}' from the Hugging Face hub "
-                        f"({short(e, 120)}); offline, give a local file (--data train.csv with "
-                        "text,label columns) and a local --model folder, with HF_HUB_OFFLINE=1") \
+        raise InputError(f"cannot load the dataset '{source}' from the Hugging Face hub "
+                         f"({short(e, 120)}); offline, give a local file (--data train.csv with "
+                         "text,label columns) and a local --model folder, with HF_HUB_OFFLINE=1") \
             from None
 
 
@@ -184,8 +191,8 @@ def columns_of(table, source):
     """(texts, labels or None) of the TEXT and LABEL columns of a hub Dataset."""
     if TEXT not in table.column_names:
         listed = ", ".join(printable(n) for n in table.column_names[:20])
-        raise DataError(f"{source}: no `{TEXT}` column (columns: {listed or 'none'}); rename the "
-                        f"column that holds the texts to `{TEXT}` (or set data.TEXT)")
+        raise InputError(f"{source}: no `{TEXT}` column (columns: {listed or 'none'}); rename the "
+                         f"column that holds the texts to `{TEXT}` (or set data.TEXT)")
     labels = list(table[LABEL]) if LABEL in table.column_names else None
     return list(table[TEXT]), labels
 
@@ -227,17 +234,17 @@ def name_classes(names, num_labels, labels, source):
         index = {name: i for i, name in enumerate(names)}
         unknown = next((i for i, y in enumerate(labels) if y not in index), None)
         if unknown is not None:
-            raise DataError(f"{source}: row {unknown} has label {short(labels[unknown])}, not one "
-                            f"of the {len(names)} class names; fix that row or --label-names")
+            raise InputError(f"{source}: row {unknown} has label {short(labels[unknown])}, not one "
+                             f"of the {len(names)} class names; fix that row or --label-names")
         labels = [index[y] for y in labels]
     num_labels = num_labels or (len(names) if names else count_classes(labels, source))
     if names and len(names) != num_labels:
-        raise DataError(f"{len(names)} class names ({short(names)}) for {num_labels} labels; give "
-                        "one --label-names name per class (and --num-labels, if given, to match)")
+        raise InputError(f"{len(names)} class names ({short(names)}) for {num_labels} labels; give "
+                         "one --label-names name per class (and --num-labels, if given, to match)")
     for i, label in enumerate(labels):
         if not is_index(label) or not 0 <= label < num_labels:
-            raise DataError(f"{source}: row {i} has label {short(label)}, outside "
-                            f"0..{num_labels - 1}; fix that row or set --num-labels")
+            raise InputError(f"{source}: row {i} has label {short(label)}, outside "
+                             f"0..{num_labels - 1}; fix that row or set --num-labels")
     return [str(n) for n in names] if names else [str(i) for i in range(num_labels)], labels
 
 
@@ -251,10 +258,17 @@ def count_classes(labels, source):
     if all(is_index(y) for y in found) and found == set(range(len(found))):
         return len(found)
     shown = ", ".join(short(y, 20) for y in sorted(found, key=lambda y: (str(type(y)), y))[:10])
-    raise DataError(f"{source}: labels must be the integers 0..K-1, found {len(found)} distinct: "
-                    f"{shown}{', ...' if len(found) > 10 else ''}; map them to 0..K-1 (AG News' "
-                    "original CSV numbers its classes 1-4: subtract 1), or pass --num-labels K "
-                    "if some classes are absent")
+    raise InputError(f"{source}: labels must be the integers 0..K-1, found {len(found)} distinct: "
+                     f"{shown}{', ...' if len(found) > 10 else ''}; map them to 0..K-1 (AG News' "
+                     "original CSV numbers its classes 1-4: subtract 1), or pass --num-labels K "
+                     "if some classes are absent")
+
+
+def to_device(device, *tensors):
+    """The tensors on the device: on CUDA from pinned memory, so that the copy overlaps the GPU."""
+    if device.type == "cuda":
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+    return tuple(t.to(device) for t in tensors)
 
 
 def write_atomically(path, write, mode="w"):
@@ -278,7 +292,6 @@ def one_line(message):
 
 def short(value, width=60):
     """A repr of bounded cost, safe to print: a few levels and items deep, at most `width` long."""
-    import reprlib
     bounded = reprlib.Repr()
     bounded.maxlevel, bounded.maxtuple, bounded.maxlist, bounded.maxdict = 3, 4, 4, 4
     bounded.maxstring = bounded.maxother = bounded.maxlong = width

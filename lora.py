@@ -5,9 +5,10 @@
 W0 (d_out x d_in) is the pretrained weight and never changes. A (r x d_in) starts Kaiming-uniform,
 B (d_out x r) starts at zero, so an untrained adapter changes nothing; only r * (d_in + d_out)
 numbers a layer learn. After training, W0 + (alpha / r) B A folds into one plain weight (`merge`):
-inference costs what the original model costs (Hu et al., 2021). PiSSA's start is `PiSSALinear`.
+inference costs what the original model costs (Hu et al., 2021).
 """
 import math
+import re
 
 import torch
 from torch import nn
@@ -48,28 +49,54 @@ class LoRALinear(nn.Module):
             self.base.weight += self.delta_weight().to(self.base.weight.dtype)
             self.merged = True
 
-    def saved_A_B(self):
-        """(A, B) of the adapter as saved (PiSSALinear saves more)."""
-        return self.lora_A.weight, self.lora_B.weight
 
-
-def inject_lora(model, r, alpha, dropout=0.0, targets=("query", "value"), skip=(), init="lora"):
-    """Freeze the whole model, then wrap each target nn.Linear in a trainable LoRALinear, in place.
+def inject_lora(model, r, alpha, dropout=0.0, targets=None, skip=(), layer=LoRALinear):
+    """Freeze the whole model, then wrap each target nn.Linear (target_paths) in a trainable
+    `layer` (LoRALinear, or a subclass with another start), in place.
 
     `skip`: paths of modules made for the task (the new head), never adapted. Returns the paths.
     """
     paths = target_paths(model, targets, skip)
     model.requires_grad_(False)  # freeze all; the adapters made below are new, so they train
-    kind = PiSSALinear if init == "pissa" else LoRALinear
     for path in paths:
         parent, _, child = path.rpartition(".")
-        layer = kind(model.get_submodule(path), r, alpha, dropout)
-        setattr(model.get_submodule(parent), child, layer)
+        adapted = layer(model.get_submodule(path), r, alpha, dropout)
+        setattr(model.get_submodule(parent), child, adapted)
     return paths
 
 
+# the attention's query and value projections as each family names them: the default targets; a
+# fused query-key-value layer (ModernBERT's Wqkv) is adapted whole where it is all there is
+QUERY_VALUE = [("query", "value"), ("q_proj", "v_proj"), ("query_proj", "value_proj"),
+               ("q_lin", "v_lin"), ("Wqkv",), ("qkv",)]
+
+
+def target_paths(model, targets=None, skip=()):
+    """The paths that `targets` name: dotted suffixes of module paths ("query",
+    "attention.output.dense"), "all-linear" for every adaptable nn.Linear, or None: the first pair
+    of QUERY_VALUE that the model has."""
+    paths = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
+             and not any(name == s or name.startswith(s + ".") for s in skip)]
+    if targets is not None and "all-linear" in targets:
+        return paths
+    named = lambda path, t: path == t or path.endswith("." + t)  # noqa: E731
+    has = lambda pair: all(any(named(p, t) for p in paths) for t in pair)  # noqa: E731
+    targets = targets or next(filter(has, QUERY_VALUE), QUERY_VALUE[0])
+    chosen = [p for p in paths if any(named(p, t) for t in targets)]
+    missing = [t for t in targets if not any(named(p, t) for p in chosen)]
+    if missing:  # list each layer's suffixes: the path after its layer number, and its last name
+        known = {re.sub(r".*\.\d+\.", "", p) for p in paths} | {p.rsplit(".")[-1] for p in paths}
+        raise TargetError(f"unknown LoRA target(s) {', '.join(missing)}; targets are dotted "
+                          "suffixes of the paths of this model's pretrained Linear layers: "
+                          f"{', '.join(sorted(known))}, or all-linear")
+    return chosen
+
+
+# --- operations: not needed to follow the method --------------------------------------------------
+# The whole model merged; PiSSA, another start for A and B; the budget: how many numbers train.
+
 def merge_lora(model):
-    """Merge every adapter and put plain nn.Linear layers back. Returns model."""
+    """Merge every adapter and put plain nn.Linear layers back: the model that ships. Returns it."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             module.merge()
@@ -77,34 +104,6 @@ def merge_lora(model):
             setattr(model.get_submodule(parent), child, module.base)
     return model
 
-
-def target_paths(model, targets, skip=()):
-    """The paths that `targets` name: dotted suffixes of module paths ("query",
-    "attention.output.dense"), or "all-linear" for every adaptable nn.Linear."""
-    paths = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
-             and not any(name == s or name.startswith(s + ".") for s in skip)]
-    if "all-linear" in targets:
-        return paths
-    named = lambda path, t: path == t or path.endswith("." + t)  # noqa: E731
-    chosen = [p for p in paths if any(named(p, t) for t in targets)]
-    missing = [t for t in targets if not any(named(p, t) for p in chosen)]
-    if missing:
-        known = sorted({p.rsplit(".", 1)[-1] for p in paths} | {layer_relative(p) for p in paths})
-        raise TargetError(f"unknown LoRA target(s) {', '.join(missing)}; targets are dotted "
-                          "suffixes of the paths of this model's pretrained Linear layers: "
-                          f"{', '.join(known)}, or all-linear")
-    return chosen
-
-
-def layer_relative(path):
-    """"encoder.layer.3.attention.self.query" -> "attention.self.query" (after the layer number)."""
-    parts = path.split(".")
-    numbers = [i for i, p in enumerate(parts) if p.isdigit()]
-    return ".".join(parts[numbers[-1] + 1:]) if numbers else path
-
-
-# --- operations: not needed to follow the method --------------------------------------------------
-# PiSSA, another start for A and B; the budget: how many numbers train.
 
 class PiSSALinear(LoRALinear):
     """LoRA started where W0 itself is largest (Meng et al., 2024, "PiSSA").
@@ -131,13 +130,13 @@ class PiSSALinear(LoRALinear):
         root = (S[:self.r] / self.scale).sqrt()
         self.lora_B.weight.copy_(U[:, :self.r] * root)
         self.lora_A.weight.copy_(root[:, None] * Vh[:self.r])
-        # B0 and A0 are kept to save the adapter as plain LoRA (saved_A_B)
+        # B0 and A0 are kept to save the adapter as plain LoRA (as_plain_lora)
         self.register_buffer("B0", self.lora_B.weight.detach().clone(), persistent=False)
         self.register_buffer("A0", self.lora_A.weight.detach().clone(), persistent=False)
         weight.copy_(weight.float() - self.scale * self.B0.float() @ self.A0.float())
 
-    def saved_A_B(self):
-        """(A, B) of the adapter as saved: plain LoRA of rank 2r on the pretrained W0."""
+    def as_plain_lora(self):
+        """(A, B) of plain LoRA of rank 2r on the pretrained W0, with the same alpha / r."""
         A = torch.cat([self.lora_A.weight, self.A0])
         B = torch.cat([self.lora_B.weight, -self.B0], dim=1)
         return A, B

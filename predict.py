@@ -5,32 +5,38 @@
 Writes `ID,Label` rows, IDs 0..N-1 in input order. If the input has a `label` column too, prints
 the accuracy and, per class, precision, recall, F1 and the confusion matrix.
 """
+import argparse
 import csv
+import itertools
+import os
+import signal
+import sys
 
 import torch
-from torch import nn
 
 from checkpoint import load_model
-from data import pad_batch, read_texts, sorted_batches, tokenize, write_atomically
+from data import InputError, is_index, one_line, pad_batch, read_texts, sorted_batches, to_device
+from data import tokenize, warn, write_atomically
 
 
 @torch.inference_mode()
 def predict_logits(model, tokens, pad_id, batch_size, device, amp_dtype=None):
     """Logits (N, num_labels) for every text of `tokens`, in input order, in fp32 on the CPU.
 
-    Batches are sorted by length so each one pads little; answers go back to their input rows.
-    The model is left in the mode it was in.
+    Batches are sorted by length so each one pads little; the answers go back to their input rows
+    at the end, so that no batch waits for the one before. The model is left in its mode.
     """
     was_training = model.training
     model.eval()  # no dropout
-    logits = torch.empty(len(tokens), model.config.num_labels, device=device)
-    for rows in sorted_batches(tokens.lengths, batch_size):
-        input_ids, attention_mask = pad_batch(tokens, rows, pad_id)
+    batches, outputs = sorted_batches(tokens.lengths, batch_size), []
+    for rows in batches:
+        input_ids, attention_mask = to_device(device, *pad_batch(tokens, rows, pad_id))
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
-        logits[torch.tensor(rows, device=device)] = out.logits.float()
+            outputs.append(model(input_ids=input_ids, attention_mask=attention_mask).logits)
     model.train(was_training)
-    return logits.cpu()
+    logits = torch.empty(len(tokens), model.config.num_labels)
+    logits[list(itertools.chain(*batches))] = torch.cat(outputs).float().cpu()
+    return logits
 
 
 def predict(args, device, amp_dtype):
@@ -38,9 +44,7 @@ def predict(args, device, amp_dtype):
     order; the submission written to args.out."""
     texts, labels = read_texts(args.input)  # bad input is found before the model is loaded
     model, tokenizer, config = load_model(args.checkpoint, device)
-    model = cast_frozen_linears(model, amp_dtype)
-    max_length = min(config["max_length"], tokenizer.model_max_length)
-    tokens = tokenize(tokenizer, texts, max_length)
+    tokens = tokenize(tokenizer, texts, min(config["max_length"], tokenizer.model_max_length))
     logits = predict_logits(model, tokens, tokenizer.pad_token_id, args.batch_size, device,
                             amp_dtype)
     predicted = logits.argmax(-1)
@@ -49,28 +53,9 @@ def predict(args, device, amp_dtype):
     return predicted, labels, config["labels"]
 
 
-def cast_frozen_linears(model, dtype):
-    """Keep frozen nn.Linear layers in the autocast dtype: autocast runs every Linear in `dtype`
-    anyway, and casting the frozen weights once saves copying them at every step."""
-    if dtype is not None:
-        for module in model.modules():
-            if isinstance(module, nn.Linear) and not module.weight.requires_grad:
-                module.to(dtype)
-    return model
-
-
 # --- operations: not needed to follow the method --------------------------------------------------
 # The command line and the paths it may write; the device and its precision (train.py's too); the
 # report on labelled inputs; the one-line error exit.
-
-# what only the operations use is imported here, where they start
-import argparse
-import itertools
-import os
-import signal
-import sys
-
-from data import DataError, is_index, one_line, warn
 
 def main(argv=None):
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that no temporary file is left
@@ -78,7 +63,7 @@ def main(argv=None):
     device = pick_device()
     try:
         predicted, labels, names = predict(args, device, pick_precision(device, args.precision))
-    except DataError as e:
+    except InputError as e:
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted: nothing was written", code=130)

@@ -1,13 +1,15 @@
 """A run, saved and resumed: `last_state.pt` in --out holds everything --resume needs.
 
-    save_run(args, (model, optimizer, scheduler, scaler), (step, best_acc, best, bad_evals), ...)
-    step, best_acc, best, bad_evals = load_run(args, parts, rank, world)   # fresh, or as saved
+    save_run(args, (model, optimizer, scheduler, scaler), (step, best_acc, best, bad_evals))
+    step, best_acc, best, bad_evals = load_run(args, parts, total_steps)   # as saved
 
 What is saved: the trained tensors as they train (rank r), the loop's state (the step, the best
 accuracy, the best tensors with their evaluation, the patience used), the optimizer, schedule and
-scaler, every process's random state (its dropout stream), and the flags. A resumed run continues
-exactly: it ends with the same tensors as a run never stopped. The file is read as data
-(`weights_only`), its size bounded first, its structure and flags checked before anything is used.
+scaler, every process's random state (its dropout stream), and the flags. Resumed with the same
+flags on the same device, a run ends with the tensors a run never stopped ends with, bit for bit
+on a CPU (tested). --grad-accum, --compile and --eval-batch-size may change on resume; the steps
+are then the same up to rounding. The file is read as data (`weights_only`), its size bounded
+first, its structure and flags checked before anything is used.
 """
 import os
 import zipfile
@@ -15,7 +17,7 @@ import zipfile
 import torch
 import torch.distributed as dist
 
-from data import DataError, printable, short, write_atomically
+from data import InputError, printable, short, write_atomically
 
 LAST_STATE = "last_state.pt"
 LAST_STATE_FORMAT = 3  # 3: flags compared by their bounded reprs, sizes checked before loading
@@ -24,60 +26,60 @@ RESUMABLE_CHANGES = {"resume", "epochs", "max_steps", "patience", "log_every", "
 METRICS_FILE = "metrics.jsonl"
 
 
-def save_run(args, parts, loop_state, rank, world):
+def save_run(args, parts, loop_state):
     """last_state.pt, written atomically by the main process (every process sends its RNG)."""
+    state = run_state(args, parts, loop_state, rng_states(args.world))
+    if args.rank == 0:
+        write_atomically(os.path.join(args.out, LAST_STATE), lambda f: torch.save(state, f),
+                         mode="wb")
+
+
+def run_state(args, parts, loop_state, rngs):
     (model, optimizer, scheduler, scaler), (step, best_acc, best, bad_evals) = parts, loop_state
-    rngs = rng_states(world)
-    if rank != 0:
-        return
-    state = {"format": LAST_STATE_FORMAT, "step": step, "best_acc": best_acc, "best": best,
-             "bad_evals": bad_evals, "trained": trained_tensors(model), "args": flags_of(args),
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict(), "rng": rngs}
-    write_atomically(os.path.join(args.out, LAST_STATE), lambda f: torch.save(state, f), mode="wb")
+    return {"format": LAST_STATE_FORMAT, "step": step, "best_acc": best_acc, "best": best,
+            "bad_evals": bad_evals, "trained": trained_tensors(model), "args": flags_of(args),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rngs}
 
 
-def load_run(args, parts, rank, world):
-    """(step, best_acc, best, bad_evals): a fresh run's (and a fresh metrics.jsonl), or with
-    --resume the saved run's, loaded into the model, optimizer, schedule and scaler."""
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        metrics = os.path.join(args.out, METRICS_FILE)
-        if os.path.lexists(metrics) and (os.path.islink(metrics) or not os.path.isfile(metrics)):
-            raise DataError(f"{args.out}: its {METRICS_FILE} is not a plain file (a link, a pipe); "
-                            "give a new --out folder")
-        if not args.resume:
-            open(metrics, "w").close()
-    if not args.resume:
-        return 0, -1.0, None, 0
-    model, optimizer, scheduler, scaler = parts
-    state = read_state(args, model, world)
-    try:  # a state of the right structure whose parts do not fit: one line too
-        model.load_state_dict(state["trained"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"][rank]["cpu"])  # this process's own stream
-        if state["rng"][rank]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["rng"][rank]["cuda"])
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
-        raise DataError(f"{args.out}: the saved training state does not fit this run "
-                        f"({type(e).__name__}: {short(e, 100)}); run without --resume to start "
-                        "afresh") from None
-    if rank == 0:
+def load_run(args, parts, total_steps):
+    """(step, best_acc, best, bad_evals) of the run saved in --out, whose tensors, optimizer,
+    schedule, scaler and random streams are loaded into `parts` and this process."""
+    state = read_state(args, parts[0], total_steps)
+    put_back(args, parts, state)
+    if args.rank == 0:
         print(f"resumed from {args.out} at step {state['step']} (best val accuracy so far "
               f"{max(state['best_acc'], 0):.4f})")
     return state["step"], state["best_acc"], state["best"], state["bad_evals"]
 
 
+def put_back(args, parts, state):
+    """The saved tensors, optimizer, schedule, scaler and this process's random streams."""
+    model, optimizer, scheduler, scaler = parts
+    try:  # a state of the right structure whose parts do not fit: one line too
+        model.load_state_dict(state["trained"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"][args.rank]["cpu"])  # this process's own stream
+        if state["rng"][args.rank]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["rng"][args.rank]["cuda"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise InputError(f"{args.out}: the saved training state does not fit this run "
+                         f"({type(e).__name__}: {short(e, 100)}); run without --resume to start "
+                         "afresh") from None
+
+
 # --- checks: the file is as save_run wrote it, for this model, with these flags -----------------
 
-def read_state(args, model, world):
-    """The saved state, after checking its size, its structure and the flags."""
+def read_state(args, model, total_steps):
+    """The saved state, after checking its size, its structure and the flags; refused too if it
+    has no step left to take and no evaluation has run (nothing to restore)."""
+    world = args.world
     path = os.path.join(args.out, LAST_STATE)
     fix = "run without --resume to start afresh"
     if not os.path.isfile(path):
-        raise DataError(f"{args.out}: no saved training state to resume; {fix}")
+        raise InputError(f"{args.out}: no saved training state to resume; {fix}")
     trained = trained_tensors(model)
     most = 64 * sum(t.numel() * 4 for t in trained.values()) + 2**26  # tensors, Adam, best, RNG
     try:
@@ -89,11 +91,11 @@ def read_state(args, model, world):
                 raise ValueError(f"over {most:,} bytes unpacked: more than this model's state")
         state = torch.load(path, weights_only=True, map_location="cpu")  # data, never code
     except Exception as e:
-        raise DataError(f"{args.out}: the saved training state is unreadable "
-                        f"({type(e).__name__}: {short(e, 100)}); {fix}") from None
+        raise InputError(f"{args.out}: the saved training state is unreadable "
+                         f"({type(e).__name__}: {short(e, 100)}); {fix}") from None
     if not isinstance(state, dict) or state.get("format") != LAST_STATE_FORMAT:
-        raise DataError(f"{args.out}: the saved training state was written by another version of "
-                        f"train.py; {fix}")
+        raise InputError(f"{args.out}: the saved training state was written by another version of "
+                         f"train.py; {fix}")
     check_structure(args, state, trained, world)
     saved, now = state["args"], flags_of(args)
     changed = [f"--{printable(k, 30).replace('_', '-')} was {printable(saved.get(k), 80)}, "
@@ -103,8 +105,11 @@ def read_state(args, model, world):
     if len(state["rng"]) != world:
         changed.append(f"{len(state['rng'])} processes, now {world}")
     if changed:
-        raise DataError("--resume needs the flags of the run it continues: "
-                        + "; ".join(changed[:5]))
+        raise InputError("--resume needs the flags of the run it continues: "
+                         + "; ".join(changed[:5]))
+    if state["best"] is None and state["step"] >= total_steps:
+        raise InputError(f"{args.out}: no evaluation has run yet (step {state['step']}); resume "
+                         "with a larger --max-steps or --epochs")
     return state
 
 
@@ -130,8 +135,8 @@ def check_structure(args, state, trained, world):
                              for r in state["rng"]):
         wrong.append("rng")
     if wrong:
-        raise DataError(f"{args.out}: the saved training state is not one train.py wrote for this "
-                        f"model ({', '.join(wrong)}); run without --resume to start afresh")
+        raise InputError(f"{args.out}: the saved training state is not one train.py wrote for this "
+                         f"model ({', '.join(wrong)}); run without --resume to start afresh")
 
 
 def trained_tensors(model):
@@ -141,7 +146,7 @@ def trained_tensors(model):
 def flags_of(args):
     """The flags as saved: short reprs, so that comparing them costs what a flag is long."""
     return {k: short(v, 200) for k, v in vars(args).items()
-            if k not in ("device", "amp_dtype", "pad_to", "compile_options")}
+            if k not in ("device", "amp_dtype", "rank", "world")}
 
 
 def rng_states(world):

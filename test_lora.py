@@ -210,14 +210,14 @@ def test_pissa_starts_on_the_top_singular_directions_and_leaves_the_model_unchan
     ids = torch.randint(5, 40, (3, 12))
     before, weights = model(input_ids=ids).logits, {n: m.weight.clone() for n, m in model.named_modules()
                                                      if isinstance(m, nn.Linear)}
-    inject_lora(model, r=4, alpha=8, targets=["all-linear"], skip={"classifier"}, init="pissa")
+    inject_lora(model, r=4, alpha=8, targets=["all-linear"], skip={"classifier"}, layer=PiSSALinear)
     torch.testing.assert_close(model.eval()(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
     for path, layer in ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)):
         U, S, Vh = torch.linalg.svd(weights[path])
         top = U[:, :4] @ torch.diag(S[:4]) @ Vh[:4]  # Eckart-Young: the best rank-4 approximation of W0
         torch.testing.assert_close(layer.delta_weight(), top, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(layer.base.weight + layer.delta_weight(), weights[path], rtol=1e-5, atol=1e-6)
-        A, B = layer.saved_A_B()  # saved: s (B A - B0 A0), plain LoRA of rank 2r, zero before training
+        A, B = layer.as_plain_lora()  # saved: s (B A - B0 A0), plain LoRA of rank 2r, zero before training
         assert A.shape == (8, layer.base.in_features) and B.shape == (layer.base.out_features, 8)
         torch.testing.assert_close(B @ A, torch.zeros_like(B @ A), rtol=0, atol=1e-5)
 
@@ -231,7 +231,7 @@ def test_pissa_takes_the_svd_in_fp32_and_merges_like_lora(monkeypatch):
     nn.init.normal_(layer.lora_B.weight)  # as if trained
     x = torch.randn(5, 16)
     unmerged = layer(x)
-    A, B = layer.saved_A_B()
+    A, B = layer.as_plain_lora()
     pretrained = layer.base.weight + layer.scale * layer.B0 @ layer.A0  # W0, as the base model holds it
     torch.testing.assert_close(unmerged, x @ (pretrained + (6 / 3) * B @ A).T + layer.base.bias, rtol=1e-5, atol=1e-5)
     layer.merge()
@@ -412,7 +412,8 @@ def trained(model_dirs, tmp_path_factory):
         "--eval-every", "20", "--patience", "5", "--max-length", "64", "--log-every", "10",
         "--precision", "fp32", "--export-peft", str(folder / "peft")])
     with contextlib.redirect_stdout(report):
-        model, val_acc = train.train(args, train.Run(args))
+        train.start_process(args)
+        model, val_acc = train.train(args)
     return {"out": out, "model": model, "val_acc": val_acc, "folder": folder, "report": report.getvalue(), "args": args,
             "peft": str(folder / "peft"), "steps_per_epoch": -(-1000 // 32)}
 
@@ -491,12 +492,28 @@ def test_a_run_stops_after_patience_evaluations_without_improvement(model_dirs, 
     assert "early stop: no better validation accuracy in 2 evaluations" in log
 
 
+def schedule_of(name, warmup_ratio, total_steps):
+    """The rate at each step, a share of --lr, as train.make_optimizer's scheduler gives it."""
+    layer = nn.Linear(2, 2)
+    args = SimpleNamespace(lr=1.0, weight_decay=0.0, schedule=name, warmup_ratio=warmup_ratio,
+                           device=torch.device("cpu"), amp_dtype=None)
+    optimizer, scheduler, _ = train.make_optimizer(layer, args, total_steps)
+    rates = []
+    for _ in range(total_steps + 1):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
 def test_the_schedule_warms_up_from_zero_then_decays_to_zero_at_the_last_step():
-    linear, cosine = train.lr_factor("linear", 10, 100), train.lr_factor("cosine", 10, 100)
-    assert linear(0) == 0 and linear(5) == 0.5 and linear(10) == 1.0  # warmup: 0 -> 1 over 10 steps
-    assert linear(55) == 0.5 and linear(100) == 0.0  # then linearly to 0 at the last step
-    assert cosine(10) == 1.0 and abs(cosine(55) - 0.5) < 1e-12 and cosine(100) == 0.0
-    assert train.lr_factor("constant", 0, 100)(0) == train.lr_factor("constant", 0, 100)(99) == 1.0
+    linear, cosine = schedule_of("linear", 0.1, 100), schedule_of("cosine", 0.1, 100)
+    assert linear[0] == 0 and linear[5] == 0.5 and linear[10] == 1.0  # warmup: 0 -> 1 over 10 steps
+    assert linear[55] == pytest.approx(0.5) and linear[100] == 0.0  # then linearly to 0 at the last step
+    assert cosine[10] == 1.0 and abs(cosine[55] - 0.5) < 1e-12 and cosine[100] == 0.0
+    assert set(schedule_of("constant", 0.0, 100)) == {1.0}
+    constant = schedule_of("constant", 0.2, 100)  # constant warms up too, then holds
+    assert constant[10] == 0.5 and set(constant[20:]) == {1.0}
 
 
 def tiny_run_argv(model_dir, train_csv, out, *extra):
@@ -587,15 +604,15 @@ def tiny_step(amp_dtype, scaler=None, steps=1):
         nn.init.normal_(m.lora_B.weight, std=0.1)  # as after some training: every gradient non-zero
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in trainable.items()}
-    model = predict.cast_frozen_linears(model, amp_dtype).train()
+    model.train()
     args = SimpleNamespace(amp_dtype=amp_dtype, max_grad_norm=1.0, lr=1e-3, weight_decay=0.01, schedule="constant",
-                           warmup_ratio=0.0, device=torch.device("cpu"))
+                           warmup_ratio=0.0, device=torch.device("cpu"), world=1)
     optimizer, scheduler, default_scaler = train.make_optimizer(model, args, total_steps=10)
     grads, adamw_step = {}, optimizer.step
     optimizer.step = lambda *a, **k: grads or grads.update({n: p.grad.clone() for n, p in trainable.items()}) \
         or adamw_step(*a, **k)  # the first step's gradients, unscaled, as AdamW gets them
-    batch = [(torch.randint(5, 60, (8, 16)), torch.ones(8, 16, dtype=torch.long), torch.arange(8) % 4, 1.0)]
-    losses = [train.train_step(model, batch, optimizer, scheduler, scaler or default_scaler, args).item()
+    batch = [(torch.randint(5, 60, (8, 16)), torch.ones(8, 16, dtype=torch.long), torch.arange(8) % 4)]
+    losses = [train.train_step(model, batch, 8, optimizer, scheduler, scaler or default_scaler, args).item()
               for _ in range(steps)]
     return losses, grads, before, {n: p.detach() for n, p in trainable.items()}
 
@@ -624,23 +641,6 @@ def test_the_fp16_path_scales_the_loss_and_steps_like_fp32():
         assert not torch.equal(after[name], before[name]), name
         assert cosine(fp16_grads[name], fp32_grads[name]) > 0.99, name
         assert 0.8 < fp16_grads[name].norm() / fp32_grads[name].norm() < 1.25, name  # unscaled before AdamW
-
-
-def test_cast_frozen_linears_stores_frozen_weights_in_the_autocast_dtype_with_the_same_outputs():
-    model = tiny_model("roberta")
-    inject_lora(model, 4, 8)
-    for m in adapters_of(model):
-        nn.init.normal_(m.lora_B.weight, std=0.1)
-    ids = torch.randint(5, 60, (4, 12))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = model(input_ids=ids).logits
-        cast = predict.cast_frozen_linears(model, torch.bfloat16)
-        torch.testing.assert_close(cast(input_ids=ids).logits, expected, rtol=0, atol=0)
-    layer = model.roberta.encoder.layer[0].attention.self.query
-    assert layer.base.weight.dtype == torch.bfloat16 and model.roberta.encoder.layer[0].output.dense.weight.dtype \
-        == torch.bfloat16
-    assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.float32  # what trains stays fp32
-    assert predict.cast_frozen_linears(tiny_model("bert"), None).bert.pooler.dense.weight.dtype == torch.float32
 
 
 def test_compile_traces_the_step_model_without_graph_breaks_and_once_per_shape(no_dropout_model):
@@ -717,8 +717,9 @@ def test_out_of_memory_is_one_line_after_saving_the_run_and_resume_takes_grad_ac
         train.main(tiny_run_argv(model_dirs["roberta"], train_csv, out, "--epochs", "1"))
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 1
-    assert err[-1].startswith("error: out of memory at step 6, a batch of (16, ") and \
-        "--resume --grad-accum 2" in err[-1] and "--gradient-checkpointing" in err[-1], err[-1]
+    assert err[-1].startswith("error: out of memory at step 6 (peak ") and sum("error" in e for e in err) == 1, err
+    assert f"the run is saved in {out}: go on with --resume and one of --grad-accum 2, --gradient-checkpointing" \
+        in err[-1]
     assert torch.load(os.path.join(out, "last_state.pt"), weights_only=True)["step"] == 5  # saved first
     monkeypatch.setattr(train, "train_step", real)
     train.main(tiny_run_argv(model_dirs["roberta"], train_csv, out, "--epochs", "1", "--resume",
@@ -749,7 +750,8 @@ def test_a_training_step_reads_nothing_back_from_the_device():
     proxies = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(proxies)
     counted = proxies.step_counts()  # one step of a 12-layer model, batch 32, LoRA on query and value
-    assert counted["host_syncs_a_step"] == 0, counted  # the loss is read at log steps only
+    assert counted["host_syncs_a_step"] == 0, counted  # ours: the loss is read at log steps only
+    assert counted["host_syncs_in_the_model"] <= 1, counted  # transformers': does the batch pad at all?
     assert counted["ops_a_step"] < 2900, counted  # 2,587 measured: a regression (more launches) shows
 
 
@@ -777,7 +779,7 @@ def test_an_epoch_of_the_dev_rows_has_few_shapes_and_little_padding_on_a_gpu():
 def test_load_model_predicts_like_the_trained_model(trained, model_dirs):
     texts = [r["text"] for r in synthetic_rows(50, seed=9)]
     model, tokenizer, config = checkpoint.load_model(trained["out"])
-    assert not adapters_of(model)  # merged for inference
+    assert len(adapters_of(model)) == 4  # beside their weights, as validation computed them
     ids = data.tokenize(tokenizer, texts, config["max_length"])
     cpu = torch.device("cpu")
     merged = predict.predict_logits(model, ids, tokenizer.pad_token_id, 16, cpu)
@@ -1118,6 +1120,7 @@ def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_best_adapter(m
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert stop.value.code == 1
     assert err.startswith("error: the training loss became nan by step 2; lower --lr (now 1e+30)")
+    assert err.endswith("no evaluation has kept an adapter yet")  # the file there is the first run's, not this one's
     # the diverged model never replaced the good adapter: the file is byte for byte the first run's
     assert open(os.path.join(out, "adapter.safetensors"), "rb").read() == best
 
@@ -1250,13 +1253,10 @@ def torchrun(argv, nproc=2):
                           capture_output=True, text=True, env=env, timeout=300)
 
 
-def batch_args(grad_accum, device="cpu"):
-    return SimpleNamespace(grad_accum=grad_accum, max_length=64, device=torch.device(device))
-
-
-def cpu_run(rank=0, world=1):
-    """What micro_batches asks of train.Run: this process, the padding, the device (the CPU here)."""
-    return SimpleNamespace(rank=rank, world=world, pad_to=1, to_device=lambda *tensors: tensors)
+def batch_args(grad_accum, rank=0, world=1):
+    """What micro_batches reads of train's args: the pieces, this process, the device (the CPU here)."""
+    return SimpleNamespace(grad_accum=grad_accum, rank=rank, world=world, max_length=64, device=torch.device("cpu"),
+                           compile=False)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -1268,11 +1268,15 @@ def test_a_global_batch_is_split_so_that_ddps_average_is_the_whole_batchs_gradie
     losses = torch.rand(37, dtype=torch.float64)  # one loss a row; DDP averages the processes' gradients
     for size in (1, 2, 5, 16, 37):
         rows = list(range(size))
-        pieces = [p for rank in range(world)
-                  for p in train.micro_batches(tokens, row_ids, rows, 0, cpu_run(rank, world), batch_args(accum))]
-        assert len(pieces) == world * accum  # every process takes as many pieces, so DDP's sums line up
-        assert sorted(r for _, _, held, share in pieces if share for r in held.tolist()) == rows  # once each
-        averaged = sum(share * losses[held].mean() for _, _, held, share in pieces) / world
+        pieces = {rank: list(train.micro_batches(tokens, row_ids, rows, 0, batch_args(accum, rank, world)))
+                  for rank in range(world)}
+        assert all(len(p) == accum for p in pieces.values())  # as many on each process: DDP's sums line up
+        held = [labels for p in pieces.values() for _, _, labels in p]
+        assert all(len(h) > 0 for h in held)
+        copies = math.ceil(world * accum / size)  # a batch with fewer rows than pieces is repeated whole
+        assert sorted(torch.cat(held).tolist()) == sorted(rows * copies)
+        # train_step's loss: each piece's sum over the batch's rows, x world; DDP averages over processes
+        averaged = sum(losses[h].sum() * world / (size * copies) for h in held) / world
         assert abs(averaged - losses[rows].mean()) < 1e-12, (world, size)
 
 
@@ -1289,14 +1293,13 @@ def test_grad_accum_gives_the_gradients_of_the_whole_batch(no_dropout_model):
     grads = {}
     for accum in (1, 3, 13):
         args = SimpleNamespace(amp_dtype=None, max_grad_norm=0, lr=1e-3, weight_decay=0.01, schedule="constant",
-                               warmup_ratio=0.0, device=torch.device("cpu"), grad_accum=accum, pad_to=1,
-                               max_length=64)
+                               warmup_ratio=0.0, **vars(batch_args(accum)))
         optimizer, scheduler, scaler = train.make_optimizer(model, args, total_steps=10)
         optimizer.step = lambda *a, accum=accum, **k: grads.setdefault(accum, {
             n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-        pieces = train.micro_batches(tokens, labels, rows, 1, cpu_run(), args)
+        pieces = list(train.micro_batches(tokens, labels, rows, 1, args))
         assert len(pieces) == accum
-        train.train_step(model.train(), pieces, optimizer, scheduler, scaler, args)
+        train.train_step(model.train(), pieces, len(rows), optimizer, scheduler, scaler, args)
     for accum in (3, 13):
         for name, grad in grads[1].items():
             torch.testing.assert_close(grads[accum][name], grad, rtol=1e-5, atol=1e-6)
@@ -1491,7 +1494,7 @@ def test_compressed_pickles_are_recognised_by_their_bytes(tmp_path, suffix):
 
 
 def refusal(path):
-    with pytest.raises(data.DataError) as refused:
+    with pytest.raises(data.InputError) as refused:
         data.read_texts(str(path))
     return str(refused.value)
 
@@ -2348,8 +2351,7 @@ def valid(tmp_path_factory):
     config = {"base_model": str(root / "base"), "labels": CLASS_NAMES, "r": 2, "alpha": 4.0,
               "trained_r": 2, "init": "lora", "dropout": 0.0, "targets": ["query", "value"],
               "max_length": 64}
-    checkpoint.save_checkpoint(str(root / "ours"), checkpoint.checkpoint_tensors(model, new),
-                               config)
+    checkpoint.save_checkpoint(str(root / "ours"), model, new, config)
     checkpoint.export_peft(str(root / "ours"), str(root / "peft"))
     return {"ours": str(root / "ours"), "peft": str(root / "peft"),
             "model": merge_lora(model).eval()}
@@ -2550,7 +2552,7 @@ def corrupted_copy(valid, tmp_path, case_id):
 def test_a_malformed_checkpoint_is_refused_in_one_bounded_line(valid, tmp_path, case_id):
     folder = corrupted_copy(valid, tmp_path, case_id)
     start = time.perf_counter()
-    with pytest.raises(data.DataError) as refused:
+    with pytest.raises(data.InputError) as refused:
         checkpoint.load_model(folder)
     seconds = time.perf_counter() - start
     message = str(refused.value)
@@ -2572,7 +2574,7 @@ def test_a_checkpoint_that_would_allocate_gigabytes_is_refused_first(valid, tmp_
               "    before = peak()\n"
               "    try:\n"
               "        checkpoint.load_model(folder)\n"
-              "    except data.DataError:\n"
+              "    except data.InputError:\n"
               "        print(peak() - before)\n")
     done = subprocess.run([sys.executable, "-c", script, *folders], cwd=HERE, capture_output=True,
                           text=True, timeout=120)
@@ -2695,7 +2697,7 @@ def test_a_peft_adapter_without_a_weights_file_is_one_line(trained, tmp_path, ca
         path.mkdir()
     elif weights == "a pipe":
         os.mkfifo(path)  # opening it would wait for a writer forever
-    with pytest.raises(data.DataError) as refused:
+    with pytest.raises(data.InputError) as refused:
         checkpoint.load_model(str(folder))
     assert "not a file of tensors" in str(refused.value)
 
@@ -2708,7 +2710,7 @@ def test_a_header_of_20000_empty_tensors_is_refused_at_once(trained, tmp_path):
     header += b" " * (-len(header) % 8)
     (folder / "adapter.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
     start = time.perf_counter()
-    with pytest.raises(data.DataError) as refused:
+    with pytest.raises(data.InputError) as refused:
         checkpoint.load_model(str(folder))
     assert "more than any adapter holds" in str(refused.value) and time.perf_counter() - start < 10
 
@@ -2756,19 +2758,17 @@ def test_a_checkpoint_whose_rank_its_file_does_not_hold_is_refused_before_any_ad
     folder = checkpoint_variant(trained, tmp_path, "r4096", edit_config=lambda c: c.update(
         r=4096, targets=["all-linear"]))  # 24 bytes of config asking for gigabytes of adapters
     monkeypatch.setattr(checkpoint, "inject_lora", lambda *a, **k: pytest.fail("adapters were made"))
-    with pytest.raises(data.DataError) as refused:
+    with pytest.raises(data.InputError) as refused:
         checkpoint.load_model(folder)
     assert "do not fit" in str(refused.value) and "with r=4096" in str(refused.value)
 
 
-def test_a_schedule_is_one_entry_and_only_the_chosen_one_is_computed(monkeypatch):
-    def never(progress):
-        raise AssertionError("a schedule not chosen was computed")
-    monkeypatch.setitem(train.SCHEDULES, "inverse_sqrt", lambda progress: 1 / math.sqrt(progress))
-    monkeypatch.setitem(train.SCHEDULES, "never", never)
-    assert train.lr_factor("constant", 0, 100)(0) == 1.0  # 1/sqrt(0) would have raised
-    assert train.lr_factor("inverse_sqrt", 10, 110)(35) == pytest.approx(2.0)
-    assert train.parse_args(["--schedule", "inverse_sqrt"]).schedule == "inverse_sqrt"  # argparse's choices
+def test_every_schedule_is_transformers_own_and_argparse_offers_them():
+    for name in train.SCHEDULES:  # each one runs, starts from 0 after warmup and never exceeds --lr
+        rates = schedule_of(name, 0.1, 50)
+        assert rates[0] == 0 and rates[5] == 1.0 and max(rates) == 1.0, name
+        assert train.parse_args(["--schedule", name]).schedule == name
+    assert schedule_of("inverse_sqrt", 0.1, 50)[20] == pytest.approx(1 / math.sqrt(20 / 5))
 
 
 def test_string_labels_train_as_class_names_sorted_or_in_label_names_order(model_dirs, tmp_path, capsys):

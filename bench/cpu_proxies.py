@@ -4,7 +4,9 @@
     python bench/cpu_proxies.py --data DATA/agnews_dev_train.csv [--tokenizer DIR]
 
 Each op dispatched is roughly one kernel launch on a GPU (fused kernels there make it fewer);
-a host sync (`_local_scalar_dense`, `is_nonzero`) stalls the CPU until the GPU catches up.
+a host sync (`_local_scalar_dense`, `is_nonzero`) stalls the CPU until the GPU catches up. Syncs
+are counted apart inside the model's forward: transformers reads, from the 2D attention mask, whether
+a batch has padding at all (none under torch.compile, which traces it away).
 Lengths come from --tokenizer if given, else from words and marks (+2), close to RoBERTa's.
 """
 import argparse
@@ -27,13 +29,18 @@ from lora import inject_lora  # noqa: E402
 
 
 class Count(TorchDispatchMode):
-    def __init__(self):
+    """Ops dispatched, and host syncs inside the model's forward (transformers') or outside it."""
+    def __init__(self, model):
         super().__init__()
-        self.calls = {}
+        self.calls, self.syncs, self.in_forward = {}, {"model": 0, "ours": 0}, False
+        model.register_forward_pre_hook(lambda *a: setattr(self, "in_forward", True))
+        model.register_forward_hook(lambda *a: setattr(self, "in_forward", False))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         self.calls[name] = self.calls.get(name, 0) + 1
+        if name in ("_local_scalar_dense", "is_nonzero"):
+            self.syncs["model" if self.in_forward else "ours"] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -50,16 +57,15 @@ def step_counts(batch=32, length=57):
                          np.concatenate([[0], np.cumsum(lengths)]))
     args = SimpleNamespace(amp_dtype=None, max_grad_norm=1.0, lr=1e-3, weight_decay=0.01,
                            schedule="constant", warmup_ratio=0.0, device=torch.device("cpu"),
-                           grad_accum=1, max_length=512)
-    run = SimpleNamespace(rank=0, world=1, pad_to=16, to_device=lambda *t: t)
+                           grad_accum=1, max_length=512, rank=0, world=1, compile=False)
     optimizer, scheduler, scaler = train.make_optimizer(model, args, 10)
-    pieces = train.micro_batches(tokens, torch.arange(batch) % 4, list(range(batch)), 1, run, args)
-    train.train_step(model.train(), pieces, optimizer, scheduler, scaler, args)  # warm-up
-    with Count() as counted:
-        train.train_step(model, pieces, optimizer, scheduler, scaler, args)
-    syncs = counted.calls.get("_local_scalar_dense", 0) + counted.calls.get("is_nonzero", 0)
-    return {"ops_a_step": sum(counted.calls.values()), "host_syncs_a_step": syncs,
-            "batch": [batch, pieces[0][0].shape[1]]}
+    rows = list(range(batch))
+    pieces = list(train.micro_batches(tokens, torch.arange(batch) % 4, rows, 1, args))
+    train.train_step(model.train(), pieces, batch, optimizer, scheduler, scaler, args)  # warm-up
+    with Count(model) as counted:
+        train.train_step(model, pieces, batch, optimizer, scheduler, scaler, args)
+    return {"ops_a_step": sum(counted.calls.values()), "host_syncs_a_step": counted.syncs["ours"],
+            "host_syncs_in_the_model": counted.syncs["model"], "batch": [batch, pieces[0][0].shape[1]]}
 
 
 def epoch_shapes(path, tokenizer=None):
