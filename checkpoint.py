@@ -60,15 +60,21 @@ def checkpoint_tensors(model, task_paths):
 
 
 def save_checkpoint(folder, model, task_paths, config):
-    """adapter.safetensors (checkpoint_tensors) and config.json into `folder`, each written
-    atomically. A PiSSA adapter is saved as plain LoRA of rank 2r and alpha 2 alpha (the same
-    alpha / r); `trained_r` keeps the rank it trained at."""
+    """adapter.safetensors (checkpoint_tensors) and config.json (as_saved) into `folder`, each
+    written atomically."""
+    os.makedirs(folder, exist_ok=True)
+    save_tensors(os.path.join(folder, ADAPTER_FILE), checkpoint_tensors(model, task_paths))
+    write_atomically(os.path.join(folder, CONFIG_FILE),
+                     lambda f: json.dump(as_saved(config), f, indent=2))
+
+
+def as_saved(config):
+    """The config as saved: a PiSSA adapter is saved as plain LoRA of rank 2r and alpha 2 alpha
+    (the same alpha / r); `trained_r` keeps the rank it trained at."""
     config = {**config, "trained_r": config["r"]}
     if config["init"] == "pissa":
         config.update(r=2 * config["r"], alpha=2 * config["alpha"])
-    os.makedirs(folder, exist_ok=True)
-    save_tensors(os.path.join(folder, ADAPTER_FILE), checkpoint_tensors(model, task_paths))
-    write_atomically(os.path.join(folder, CONFIG_FILE), lambda f: json.dump(config, f, indent=2))
+    return config
 
 
 def load_model(checkpoint, device="cpu"):

@@ -1,11 +1,9 @@
 """What a batch is: a few texts' token ids, padded only as far as the longest of them.
 
-Every text is tokenized once, truncated and not padded. All the token ids live in one flat int32
-array, text i at ids[starts[i]:starts[i + 1]] (`Tokens`): 4 bytes a token, where the tokenizer's
-own lists take about 240 (docs/speed.md). A batch is a list of row numbers; `pad_batch` pads those
-rows to the longest among them (dynamic padding) and gives the attention mask that hides the
-padding. Training batches are cut from groups of rows of similar length, so that little padding is
-computed, then shuffled; evaluation and prediction batches are simply sorted by length.
+Every text is tokenized once, truncated, not padded, into one flat int32 array (`Tokens`): 4 bytes
+a token, where the tokenizer's own lists take about 240 (docs/speed.md). A batch is a list of row
+numbers; `pad_batch` pads them to the longest (dynamic padding) and masks the padding. Training
+batches come from groups of rows of similar length, shuffled; evaluation's are sorted by length.
 """
 import itertools
 import math

@@ -1,9 +1,8 @@
-"""How we answer: rebuild the base model, load the trained adapter, fold it in, label every text.
+"""How we answer: the base model and the trained adapter, rebuilt as in training, label each text.
 
     python predict.py test.pkl [--checkpoint checkpoint] [--out submission.csv] [--batch-size 64]
 
-Writes `ID,Label` rows, IDs 0..N-1 in input order. If the input has a `label` column too, prints
-the accuracy and, per class, precision, recall, F1 and the confusion matrix.
+Writes `ID,Label` rows, IDs 0..N-1 in input order; a labelled input's accuracy is printed too.
 """
 import argparse
 import csv

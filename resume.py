@@ -46,10 +46,7 @@ def load_run(args, parts, total_steps):
     """(step, best_acc, best, bad_evals) of the run saved in --out, whose tensors, optimizer,
     schedule, scaler and random streams are loaded into `parts` and this process."""
     state = read_state(args, parts[0], total_steps)
-    put_back(args, parts, state)
-    if args.rank == 0:
-        print(f"resumed from {args.out} at step {state['step']} (best val accuracy so far "
-              f"{max(state['best_acc'], 0):.4f})")
+    put_back(args, parts, state)  # and says so
     return state["step"], state["best_acc"], state["best"], state["bad_evals"]
 
 
@@ -68,6 +65,9 @@ def put_back(args, parts, state):
         raise InputError(f"{args.out}: the saved training state does not fit this run "
                          f"({type(e).__name__}: {short(e, 100)}); run without --resume to start "
                          "afresh") from None
+    if args.rank == 0:
+        print(f"resumed from {args.out} at step {state['step']} (best val accuracy so far "
+              f"{max(state['best_acc'], 0):.4f})")
 
 
 # --- checks: the file is as save_run wrote it, for this model, with these flags -----------------

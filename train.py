@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import get_scheduler
 
@@ -38,8 +37,9 @@ from resume import LAST_STATE, METRICS_FILE, load_run, save_run
 
 
 def lora_model(args, names):
-    """(model, tokenizer, task_paths, config): the pretrained model with a new head for `names`
-    and LoRA on --targets, all else frozen but the head; config is what rebuilds it."""
+    """(model, step_model, tokenizer, task_paths, config): the pretrained model with a new head for
+    `names` and LoRA on --targets, all else frozen but the head; what the training steps call
+    (DDP's wrapper under torchrun, compiled with --compile); config, what rebuilds the model."""
     model, tokenizer, task_paths = load_base_model(args.model, len(names), args.max_length)
     r, alpha = rank_and_alpha(model, task_paths, args)  # --r auto: the largest under a budget
     layer = PiSSALinear if args.init == "pissa" else LoRALinear  # PiSSA: another start (lora.py)
@@ -49,7 +49,13 @@ def lora_model(args, names):
     config = {"base_model": args.model, "r": r, "alpha": alpha, "init": args.init,
               "dropout": args.dropout, "targets": targets, "max_length": args.max_length,
               "labels": names}
-    return model.to(args.device).train(), tokenizer, task_paths, config  # train(): dropout on
+    check_budget(model, task_paths, config, args)  # prints where the parameters are
+    model = step_model = model.to(args.device).train()  # train(): dropout on
+    if args.world > 1:  # torchrun: DDP averages the processes' gradients in each backward
+        step_model = torch.nn.parallel.DistributedDataParallel(model)
+    if args.compile:  # fused kernels; on a GPU, CUDA graphs where --grad-accum allows them
+        step_model = torch.compile(step_model, **compile_options(args))
+    return model, step_model, tokenizer, task_paths, config
 
 
 def make_optimizer(model, args, total_steps):
@@ -67,11 +73,11 @@ def make_optimizer(model, args, total_steps):
 
 
 def micro_batches(tokens, labels, rows, pad_id, args):
-    """The batch `rows` as --grad-accum pieces (input_ids, attention_mask, labels) on the device.
+    """The batch `rows` as --grad-accum pieces (input_ids, attention_mask, labels) on the device,
+    padded exactly on a CPU, on a GPU to multiples of 8 (of 16 with --compile: fewer CUDA graphs).
     torchrun: the batch is cut in grad_accum x world pieces, and each process takes its share."""
     count = args.grad_accum * args.world
     rows = rows * math.ceil(count / len(rows))  # fewer rows than pieces: the batch repeated whole
-    # padded widths: exact on a CPU; on a GPU multiples of 8, or of 16 for fewer CUDA graphs
     multiple = 1 if args.device.type == "cpu" else 16 if args.compile else 8
     for piece in np.array_split(rows, count)[args.rank::args.world]:
         input_ids, attention_mask = pad_batch(tokens, piece, pad_id, multiple, args.max_length)
@@ -109,21 +115,14 @@ def evaluate(model, tokens, labels, pad_id, args):
 
 
 def train(args):
-    """The method, start to end: returns the best model (restored) and its validation accuracy.
-    main() has set where this process runs: args.device, args.amp_dtype (bf16, fp16, or None for
-    fp32), and under torchrun, which starts a process per GPU, args.rank of args.world."""
+    """The method, start to end: the best model (restored) and its validation accuracy. Where this
+    process runs is main()'s: args.device, args.amp_dtype, and under torchrun args.rank of .world."""
     torch.manual_seed(args.seed + args.rank)  # each process its own dropout; DDP copies rank 0's
     (train_texts, train_y), (val_texts, val_y), names = load_splits(
         args.data, args.val_size, args.seed, args.limit, args.label_names, args.num_labels)
-    model, tokenizer, task_paths, config = lora_model(args, names)
+    model, step_model, tokenizer, task_paths, config = lora_model(args, names)
     train_tokens, train_y = tokenize(tokenizer, train_texts, args.max_length), torch.tensor(train_y)
     val_tokens, val_y = tokenize(tokenizer, val_texts, args.max_length), torch.tensor(val_y)
-    check_budget(model, task_paths, config, args)  # prints where the parameters are
-    step_model = model  # what the training steps call
-    if args.world > 1:  # torchrun: DDP averages the processes' gradients in each backward
-        step_model = DistributedDataParallel(model)
-    if args.compile:  # fused kernels; on a GPU, CUDA graphs where --grad-accum allows them
-        step_model = torch.compile(step_model, **compile_options(args))
     steps_per_epoch = math.ceil(len(train_tokens) / args.batch_size)
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
     optimizer, scheduler, scaler = make_optimizer(model, args, total_steps)
@@ -396,22 +395,24 @@ def stop_now():
 
 
 def start_log(args, steps_per_epoch, total_steps, kept):
-    """log(step, **row): a row of metrics.jsonl in --out (emptied first, unless --resume), and an
-    evaluation printed. A loss that is no longer a number ends the run (FloatingPointError),
-    saying whether an evaluation kept an adapter (`kept`: one did before this process)."""
+    """log(step, **row): a row of metrics.jsonl (emptied first, unless --resume) and an evaluation
+    printed; a loss that is no longer a number ends the run, saying whether an adapter was kept."""
     path, started = open_log(args, total_steps), time.time()
 
     def log(step, **row):
         nonlocal kept
-        check_finite(row, step, kept, args)
-        kept = kept or row.get("bad_evals") == 0
-        if args.rank == 0:
-            row = {"step": step, "epoch": round(step / steps_per_epoch, 3), **row,
-                   "elapsed_s": round(time.time() - started, 2)}
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            print_evaluation(row, args)
+        kept = check_finite(row, step, kept, args)
+        write_row(args, path, {"step": step, "epoch": round(step / steps_per_epoch, 3), **row,
+                               "elapsed_s": round(time.time() - started, 2)})
     return log
+
+
+def write_row(args, path, row):
+    """The row appended to metrics.jsonl, and an evaluation's printed: by the main process."""
+    if args.rank == 0:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print_evaluation(row, args)
 
 
 def open_log(args, total_steps):
@@ -440,13 +441,15 @@ def print_evaluation(row, args):
 
 
 def check_finite(row, step, kept, args):
-    """A loss that is no longer a number ends the run: nothing after it would mean anything."""
+    """A loss that is no longer a number ends the run: nothing after it would mean anything.
+    Returns whether an adapter is kept, with this row's evaluation."""
     for key, what in (("train_loss", "training loss"), ("val_loss", "validation loss")):
         if key in row and not math.isfinite(row[key]):
             raise FloatingPointError(
                 f"the {what} became {row[key]} by step {step}; lower --lr (now {args.lr:g}) or use "
                 "--precision fp32; " + (f"the best adapter so far is kept in {args.out}" if kept
                                         else "no evaluation has kept an adapter yet"))
+    return kept or row.get("bad_evals") == 0
 
 
 def rank_and_alpha(model, task_paths, args):
@@ -488,14 +491,18 @@ def refuse_over_budget(model, r, args):
 
 
 def report(args, best, val_acc, labels, names, bar):
-    """The restored adapter's evaluation (kept from when it was the best: the validation split is
-    not scored again), the files written beside it, and the speed."""
+    """The restored adapter's evaluation, kept from when it was the best (the validation split is
+    not scored again); the files written beside it; the speed."""
+    report_evaluation(args, best, val_acc, labels, names)
+    report_files_and_speed(args, bar)
+
+
+def report_evaluation(args, best, val_acc, labels, names):
     low, high = bootstrap_interval(best["predicted"] == labels, args.seed)
     print(f"restored the best adapter: val loss {best['val_loss']:.4f}, val accuracy {val_acc:.4f} "
           f"(95% bootstrap interval {low:.4f}-{high:.4f}, {len(labels)} rows) -> {args.out}")
     report_classes(best["predicted"], labels.tolist(), names,
                    os.path.join(args.out, "confusion.png"), "the validation split")
-    report_files_and_speed(args, bar)
 
 
 def report_files_and_speed(args, bar):
