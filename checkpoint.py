@@ -103,8 +103,8 @@ def pretrained(base_model, num_labels, max_length):
             base_model, num_labels=num_labels, output_loading_info=True, attn_implementation="sdpa",
             ignore_mismatched_sizes=True)  # a head of another size is replaced by a new one
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot load the model {short(base_model, 100)} ({short(e, 120)}); give a "
-                         "hub name, or offline a local model folder (--model DIR) with "
+        raise InputError(f"cannot load the model {short(base_model, 100)} ({short(e, 120)}); give "
+                         "a hub name, or offline a local model folder (--model DIR) with "
                          "HF_HUB_OFFLINE=1") from None
     limit = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else 512
     if max_length is not None and max_length > limit:
@@ -268,8 +268,8 @@ def load_base_for(checkpoint, config, tensors):
         raise InputError(f"{printable(checkpoint, 100)}: {len(unknown):,} of its targets are not "
                          f"layers of {printable(base, 60)}, such as {printable(unknown[0], 40)}; "
                          "pick the checkpoint that goes with it")
-    r = config["r"]  # every adapter the model will make must be in the file, of its shape: then
-    for path in target_paths(model, config["targets"], skip=task_paths):  # what it makes, the file holds
+    r = config["r"]  # every adapter the model will make must be in the file, of its shape
+    for path in target_paths(model, config["targets"], skip=task_paths):
         layer = model.get_submodule(path)
         shapes = {".lora_A.weight": (r, layer.in_features),
                   ".lora_B.weight": (layer.out_features, r)}

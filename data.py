@@ -130,7 +130,8 @@ def split_rows(count, val_size, seed, limit):
     if limit is not None:
         rows = np.random.default_rng(seed).permutation(len(rows))[:limit]
     if not 0 < val_size < len(rows):
-        raise InputError(f"--val-size {val_size} must be above 0 and below the {len(rows)} rows used"
+        raise InputError(f"--val-size {val_size} must be above 0 and below the {len(rows)} rows "
+                         "used"
                          + (f" (--limit {limit})" if limit is not None else "")
                          + "; lower it or use more rows")
     return rows[np.random.default_rng(seed).permutation(len(rows))].tolist()

@@ -115,8 +115,8 @@ def evaluate(model, tokens, labels, pad_id, args):
 
 
 def train(args):
-    """The method, start to end: the best model (restored) and its validation accuracy. Where this
-    process runs is main()'s: args.device, args.amp_dtype, and under torchrun args.rank of .world."""
+    """The method, start to end: the best model (restored) and its validation accuracy. Where it
+    runs is main()'s: args.device, args.amp_dtype, and under torchrun args.rank of args.world."""
     torch.manual_seed(args.seed + args.rank)  # each process its own dropout; DDP copies rank 0's
     (train_texts, train_y), (val_texts, val_y), names = load_splits(
         args.data, args.val_size, args.seed, args.limit, args.label_names, args.num_labels)
@@ -472,7 +472,8 @@ def largest_rank_that_fits(model, task_paths, args):
 def check_budget(model, task_paths, config, args):
     """Print where the parameters are; with --max-trainable, refuse more before any training."""
     if args.rank == 0:
-        chosen = f" (--r auto: the largest under {args.max_trainable:,})" if args.r == "auto" else ""
+        auto = args.r == "auto"
+        chosen = f" (--r auto: the largest under {args.max_trainable:,})" if auto else ""
         print(f"LoRA r={config['r']}{chosen}, alpha={config['alpha']:g}, init {config['init']}")
         print(parameter_table(model, task_paths))
     refuse_over_budget(model, config["r"], args)
