@@ -94,25 +94,86 @@ def load_model(checkpoint, device="cpu"):
 
 def pretrained(base_model, num_labels, max_length):
     """(tokenizer, model, names of the tensors it initialized anew) of a hub name or folder, or
-    one line; a --max-length above the model's limit is refused."""
+    one line. SDPA attention where the model has it, its own where not (transformers' choice); a
+    tokenizer without a pad token pads with its end-of-text token (decoders: the `score` head reads
+    the last token that is not padding). A local folder is checked first (check_base_folder), the
+    model and tokenizer after (check_fit)."""
     transformers.logging.set_verbosity_error()  # "newly initialized": on purpose, in task_paths
     transformers.logging.disable_progress_bar()
+    where = printable(base_model, 100)
     try:
+        if os.path.isdir(base_model):
+            check_base_folder(base_model, num_labels)
         tokenizer = AutoTokenizer.from_pretrained(base_model)
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            base_model, num_labels=num_labels, output_loading_info=True, attn_implementation="sdpa",
+            base_model, num_labels=num_labels, output_loading_info=True,
             ignore_mismatched_sizes=True)  # a head of another size is replaced by a new one
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot load the model {short(base_model, 100)} ({short(e, 120)}); give "
-                         "a hub name, or offline a local model folder (--model DIR) with "
+    except InputError:
+        raise
+    except Exception as e:  # a missing folder, a typo, no network, files that are not weights
+        raise InputError(f"cannot load the model {where} ({type(e).__name__}: {short(e, 120)}); "
+                         "give a hub name, or offline a local model folder (--model DIR) with "
                          "HF_HUB_OFFLINE=1") from None
-    limit = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else 512
-    if max_length is not None and max_length > limit:
-        raise InputError(f"--max-length {max_length} is above {short(base_model, 100)}'s limit of "
-                         f"{limit} tokens; use --max-length {limit} or less")
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # no new embedding row: nothing more to save
+    model.config.pad_token_id = tokenizer.pad_token_id
     # mismatched keys come as (name, shape in the file, shape in the model)
     mismatched = [k[0] if isinstance(k, tuple) else k for k in info["mismatched_keys"]]
+    check_fit(where, tokenizer, model, max_length, mismatched)
     return tokenizer, model, list(info["missing_keys"]) + mismatched
+
+
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
+
+
+def check_base_folder(folder, num_labels):
+    """Refuse a folder whose config describes a model larger than its weight files can hold (at
+    least a byte a parameter): a 1 MB folder saying 64 layers of width 4096 would make transformers
+    allocate 52 GB. The model is counted on the meta device, where nothing is allocated."""
+    where = printable(folder, 100)
+    read_json(os.path.join(folder, CONFIG_FILE))  # its size bounded before transformers reads it
+    config = transformers.AutoConfig.from_pretrained(folder, num_labels=num_labels)
+    with torch.device("meta"):
+        described = AutoModelForSequenceClassification.from_config(config)
+    head = sum(p.numel() for p in head_of(described).parameters())
+    needed = sum(p.numel() for p in described.parameters()) - head
+    files = [entry for entry in os.scandir(folder) if entry.name.endswith(WEIGHT_FILES)]
+    held = sum(min(f.stat().st_size, f.stat().st_blocks * 512) for f in files)  # sparse: unheld
+    if held < needed:
+        raise InputError(f"{where}: its config describes a model of {needed:,} parameters, but its "
+                         f"weight files hold {held:,} bytes; not a model folder (pick the base "
+                         "model the checkpoint was trained on)")
+
+
+def check_fit(where, tokenizer, model, max_length, mismatched):
+    """One line unless the tokenizer, embeddings, positions and weights fit one another: every
+    token id has an embedding row, --max-length fits the position table and the tokenizer's
+    limit, there is a token to pad with, and only the head's weights differ from the config."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise InputError(f"{where}: its tokenizer has {len(tokenizer):,} tokens, its embedding "
+                         f"table {rows:,} rows; the tokenizer is not this model's")
+    if tokenizer.pad_token_id is None:
+        raise InputError(f"{where}: its tokenizer has no pad token and no end-of-text token to pad "
+                         "with; set one (tokenizer.pad_token) and save it")
+    foreign = [k for k in mismatched if not k.startswith(("classifier", "score"))]
+    if foreign:
+        raise InputError(f"{where}: its weights do not fit its config ({printable(foreign[0], 60)} "
+                         "has another shape); not a model folder")
+    limit = min(tokenizer.model_max_length, position_slots(model))
+    tokenizer.model_max_length = limit = limit if limit < 1_000_000 else 512  # what predict cuts at
+    if max_length is not None and max_length > limit:
+        raise InputError(f"max length {max_length} is above {where}'s limit of {limit} tokens; "
+                         f"use --max-length {limit} or less, or the base the checkpoint names")
+
+
+def position_slots(model):
+    """How many positions the model's absolute position table holds (RoBERTa's first two are
+    taken), or a huge number where positions are relative or rotary."""
+    table = getattr(getattr(model.base_model, "embeddings", None), "position_embeddings", None)
+    if not isinstance(table, nn.Embedding):
+        return 10**9
+    return table.num_embeddings - (0 if table.padding_idx is None else table.padding_idx + 1)
 
 
 # A checkpoint may come from anyone: its files are checked before anything is built from them.
@@ -258,7 +319,8 @@ def load_base_for(checkpoint, config, tensors):
     adapter is made, targets this base lacks. Names are printed bounded and escaped."""
     base = config["base_model"]
     try:
-        model, tokenizer, task_paths = load_base_model(base, len(config["labels"]))
+        model, tokenizer, task_paths = load_base_model(base, len(config["labels"]),
+                                                       config["max_length"])
     except InputError as e:  # its message names the base in full
         raise InputError(str(e).replace(base, printable(base, 60))) from None
     linears = target_paths(model, ["all-linear"], skip=task_paths)
@@ -398,6 +460,6 @@ def read_peft_adapter(folder):
         found = f"one of {min(head_widths):,} rows" if head_widths else "none"
         raise InputError(f"{printable(folder, 100)}: needs a trained classifier head of 1 to "
                          f"{MAX_LABELS:,} rows (labels) in modules_to_save, has {found}")
-    config.update(labels=[str(i) for i in range(min(head_widths))], max_length=512,
-                  targets=sorted(config["targets"]))
+    config.update(labels=[str(i) for i in range(min(head_widths))], max_length=None,
+                  targets=sorted(config["targets"]))  # max_length: the base's own
     return config, tensors

@@ -43,7 +43,7 @@ def predict(args, device, amp_dtype):
     order; the submission written to args.out."""
     texts, labels = read_texts(args.input)  # bad input is found before the model is loaded
     model, tokenizer, config = load_model(args.checkpoint, device)
-    tokens = tokenize(tokenizer, texts, min(config["max_length"], tokenizer.model_max_length))
+    tokens = tokenize(tokenizer, texts, config["max_length"] or tokenizer.model_max_length)
     logits = predict_logits(model, tokens, tokenizer.pad_token_id, args.batch_size, device,
                             amp_dtype)
     predicted = logits.argmax(-1)

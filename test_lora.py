@@ -1050,6 +1050,117 @@ def test_a_peft_adapter_predicts_here_as_it_does_in_peft(model_dirs, tmp_path):
     assert [int(r[1]) for r in read_submission(out)[1:]] == expected.argmax(-1).tolist()
 
 
+# --- any sequence classifier on the hub: seven families, each saved as a hub checkpoint is ----------
+
+def family_config(family, vocab_size):
+    """A tiny config of the family: 2 layers (3 for ModernBERT: one local-attention layer)."""
+    from transformers import (DebertaV2Config, DistilBertConfig, LlamaConfig, ModernBertConfig, Qwen2Config)
+    shared = dict(vocab_size=vocab_size, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                  max_position_embeddings=128, num_hidden_layers=2)
+    decoder = dict(num_key_value_heads=1, bos_token_id=0, eos_token_id=2)
+    return {"bert": lambda: tiny_config("bert", vocab_size),
+            "roberta": lambda: tiny_config("roberta", vocab_size),
+            "distilbert": lambda: DistilBertConfig(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=2,
+                                                   hidden_dim=64, max_position_embeddings=128, pad_token_id=1),
+            "deberta-v2": lambda: DebertaV2Config(**shared, pad_token_id=1, relative_attention=True,
+                                                  position_buckets=16, pos_att_type=["p2c", "c2p"]),
+            "modernbert": lambda: ModernBertConfig(**{**shared, "num_hidden_layers": 3}, pad_token_id=1,
+                                                   bos_token_id=0, eos_token_id=2, cls_token_id=0, sep_token_id=2,
+                                                   local_attention=4, global_attn_every_n_layers=2),
+            "llama": lambda: LlamaConfig(**shared, **decoder),
+            "qwen2": lambda: Qwen2Config(**shared, **decoder)}[family]()
+
+
+# the adapted layers each family's default targets must give: query and value, or the fused qkv
+FAMILY_TARGETS = {"bert": ["attention.self.query", "attention.self.value"],
+                  "roberta": ["attention.self.query", "attention.self.value"],
+                  "distilbert": ["attention.q_lin", "attention.v_lin"],
+                  "deberta-v2": ["attention.self.query_proj", "attention.self.value_proj"],
+                  "modernbert": ["attn.Wqkv"],
+                  "llama": ["self_attn.q_proj", "self_attn.v_proj"], "qwen2": ["self_attn.q_proj", "self_attn.v_proj"]}
+
+
+def save_bpe_tokenizer(folder):
+    """A byte-level BPE tokenizer trained on this file's words, with Qwen's end-of-text token as its pad token."""
+    from tokenizers import decoders, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator([" ".join(FILLER + [w for ws in KEYWORDS for w in ws])], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                            model_max_length=128).save_pretrained(folder)
+    return tok.get_vocab_size()
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    """A folder per family as the hub holds it: encoders saved *ForMaskedLM, decoders *ForCausalLM; Llama's tokenizer
+    without a pad token (as Llama's own has none), Qwen2's a byte-level BPE (transformers reads it as Qwen2's)."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    dirs = {}
+    for family in FAMILY_TARGETS:
+        folder = tmp_path_factory.mktemp(family)
+        if family == "qwen2":
+            vocab_size = save_bpe_tokenizer(folder)
+        else:
+            save_tokenizer(folder)
+            vocab_size = len(SPECIALS) + len(FILLER) + 20
+        if family == "llama":  # no pad token, as Llama's tokenizer has none
+            config_path = folder / "tokenizer_config.json"
+            config = json.loads(config_path.read_text())
+            config.pop("pad_token")
+            config_path.write_text(json.dumps(config))
+        torch.manual_seed(0)
+        kind = AutoModelForCausalLM if family in ("llama", "qwen2") else AutoModelForMaskedLM
+        kind.from_config(family_config(family, vocab_size)).save_pretrained(folder)
+        dirs[family] = str(folder)
+    return dirs
+
+
+@pytest.mark.parametrize("family", list(FAMILY_TARGETS))
+def test_every_family_trains_on_its_query_and_value_and_padding_changes_no_answer(family_dirs, tmp_path, capsys,
+                                                                                  family):
+    rows = synthetic_rows(48, seed=21)
+    out, peft_dir = tmp_path / "run", tmp_path / "peft"
+    train.main(["--model", family_dirs[family], "--data", write_csv(tmp_path / "t.csv", rows), "--out", str(out),
+                "--val-size", "16", "--max-steps", "3", "--batch-size", "8", "--max-length", "64", "--lr", "5e-2",
+                "--r", "auto", "--max-trainable", "5000", "--export-peft", str(peft_dir), "--precision", "fp32"])
+    printed = capsys.readouterr().out
+    config = json.load(open(out / "config.json"))
+    layer = lambda path: re.sub(r".*\.\d+\.", "", path)  # noqa: E731  (the path after its layer number)
+    assert sorted({layer(t) for t in config["targets"]}) == FAMILY_TARGETS[family]
+    per_layer = len(FAMILY_TARGETS[family])
+    assert len(config["targets"]) == per_layer * (3 if family == "modernbert" else 2)  # every layer, nothing else
+    model, tokenizer, _ = checkpoint.load_model(str(out))
+    per_rank = sum(m.base.in_features + m.base.out_features for m in adapters_of(model))
+    trainable = int(printed.split("trainable in total")[1].split()[0].replace(",", ""))
+    assert trainable <= 5000 < trainable + per_rank  # --r auto: the largest rank under the budget
+    # padding never changes an answer: one text at a time (no padding) against batches of 64, padded
+    texts = [r["text"] for r in synthetic_rows(30, seed=22)]
+    tokens = data.tokenize(tokenizer, texts, 64)
+    assert len(set(tokens.lengths.tolist())) > 10  # the batch of 64 pads most rows
+    alone = predict.predict_logits(model, tokens, tokenizer.pad_token_id, 1, torch.device("cpu"))
+    padded = predict.predict_logits(model, tokens, tokenizer.pad_token_id, 64, torch.device("cpu"))
+    torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-5)
+    assert alone.std(0).min() > 1e-4  # the answers differ from text to text: the check means something
+    written = tmp_path / "sub.csv"
+    predict.main([write_csv(tmp_path / "in.csv", [{"text": t} for t in texts], columns=("text",)),
+                  "--checkpoint", str(out), "--out", str(written), "--batch-size", "64", "--precision", "fp32"])
+    assert [int(r[1]) for r in read_submission(written)[1:]] == alone.argmax(-1).tolist()
+    # the PEFT export predicts the same in PEFT itself, and read back here
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForSequenceClassification
+    base = AutoModelForSequenceClassification.from_pretrained(family_dirs[family], num_labels=4)
+    base.config.pad_token_id = tokenizer.pad_token_id
+    theirs = peft.PeftModel.from_pretrained(base, str(peft_dir)).eval()
+    ids, mask = data.pad_batch(tokens, list(range(len(texts))), tokenizer.pad_token_id)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids, attention_mask=mask).logits, alone, rtol=1e-4, atol=1e-5)
+    imported, _, _ = checkpoint.load_model(str(peft_dir))
+    torch.testing.assert_close(predict.predict_logits(imported, tokens, tokenizer.pad_token_id, 64,
+                                                      torch.device("cpu")), alone, rtol=1e-4, atol=1e-5)
+
+
 # --- operations: nothing lost, nothing let in, torchrun ------------------------------------------------
 
 def test_ctrl_c_then_resume_ends_exactly_like_an_uninterrupted_run(model_dirs, tmp_path, capsys, on_cpu):
@@ -1212,7 +1323,7 @@ BAD_TRAINING = {  # name: (flags, what the one line says)
                           "dotted suffixes of the paths of this model's pretrained Linear layers: "
                           "attention.output.dense, attention.self.key"),
     "an unknown init": (lambda d, rows: ["--init", "gaussian"], "argument --init: invalid choice: 'gaussian'"),
-    "max length above the model's": (lambda d, rows: ["--max-length", "4096"], "--max-length 4096 is above"),
+    "max length above the model's": (lambda d, rows: ["--max-length", "4096"], "max length 4096 is above"),
     "no such data file": (lambda d, rows: ["--data", str(d / "missing.csv")], "No such file"),
     "no such model": (lambda d, rows: ["--model", str(d / "no_model")], "cannot load the model"),
     "a bogus flag": (lambda d, rows: ["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
