@@ -2647,8 +2647,90 @@ CASES = {
     "peft-head-0-rows": (edit_tensors(peft_head(0, 32), "peft"), "has one of 0 rows"),
     "peft-head-1e9-rows": (edit_tensors(peft_head(10**9, 0), "peft"), "1,000,000,000 rows"),
 }
+def base_folder(corrupt_base):
+    """A corruption of the base folder the checkpoint names: the checkpoint ships its own copy of
+    the base (base_model is a path into it), and that copy is corrupted."""
+    def corrupt(folder):
+        path = os.path.join(folder, checkpoint.CONFIG_FILE)
+        config = json.load(open(path))
+        copy = os.path.join(folder, "base")
+        shutil.copytree(config["base_model"], copy)
+        corrupt_base(copy)
+        with open(path, "w") as f:
+            json.dump({**config, "base_model": copy}, f)
+    return "ours", corrupt
+
+
+def base_config(**changes):
+    return base_folder(edit_json("config.json", **changes))
+
+
+def base_saved_with(**changes):
+    """A base whose weights were saved from a model of another config (then its config put back,
+    unless `keep`): weights that are not what the config says, or a consistent smaller model."""
+    keep = changes.pop("keep", False)
+
+    def corrupt(copy):
+        config = json.load(open(os.path.join(copy, "config.json")))
+        other = RobertaConfig(**{**config, **changes})
+        RobertaForSequenceClassification(other).base_model.save_pretrained(copy)
+        if not keep:
+            with open(os.path.join(copy, "config.json"), "w") as f:
+                json.dump(config, f)
+    return base_folder(corrupt)
+
+
+def base_without_pad_or_eos(copy):
+    path = os.path.join(copy, "tokenizer_config.json")
+    config = json.load(open(path))
+    for key in ("pad_token", "eos_token"):
+        config.pop(key, None)
+    with open(path, "w") as f:
+        json.dump(config, f)
+
+
+class RunsACommand:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def base_pickled_weights(copy):
+    """model.safetensors replaced by a pytorch_model.bin, of the weights' size, that runs a command
+    when unpickled (a file `ran` would appear beside it)."""
+    size = os.path.getsize(os.path.join(copy, "model.safetensors"))
+    os.remove(os.path.join(copy, "model.safetensors"))
+    command = RunsACommand(f"touch {os.path.join(copy, 'ran')}")
+    with open(os.path.join(copy, "pytorch_model.bin"), "wb") as f:
+        pickle.dump((command, b"\0" * size), f)
+
+
+def base_sparse_weights(copy):
+    """A config of 1.2 billion parameters beside a 5 GB weight file that holds nothing (sparse)."""
+    edit_json("config.json", num_hidden_layers=24, hidden_size=2048, intermediate_size=8192,
+              num_attention_heads=16)(copy)
+    with open(os.path.join(copy, "model.safetensors"), "r+b") as f:
+        f.truncate(5 * 2**30)
+
+
+BASE_CASES = {
+    "base-config-1.2B": (base_config(num_hidden_layers=24, hidden_size=2048, intermediate_size=8192,
+                                     num_attention_heads=16), "describes a model of 1,2"),
+    "base-sparse-weights": (base_folder(base_sparse_weights), "weight files hold"),
+    "base-tokenizer-beyond-embeddings": (base_saved_with(vocab_size=30, keep=True), "embedding table 30 rows"),
+    "base-fewer-positions": (base_saved_with(max_position_embeddings=40, keep=True), "limit of 38 tokens"),
+    "base-weights-of-other-shapes": (base_saved_with(intermediate_size=48), "do not fit its config"),
+    "base-no-pad-no-eos": (base_folder(base_without_pad_or_eos), "no pad token and no end-of-text"),
+    "base-pickled-weights": (base_folder(base_pickled_weights), "UnpicklingError"),
+}
+CASES.update(BASE_CASES)
+
+
 # allocating these would take gigabytes (terabytes for PEFT's r): their peak memory is measured
-ALLOCATION_CASES = ["r-1e7", "labels-3M", "peft-r-1e9", "peft-head-1e9-rows"]
+ALLOCATION_CASES = ["r-1e7", "labels-3M", "peft-r-1e9", "peft-head-1e9-rows", "base-config-1.2B",
+                    "base-sparse-weights"]
 
 
 def corrupted_copy(valid, tmp_path, case_id):
@@ -2671,6 +2753,7 @@ def test_a_malformed_checkpoint_is_refused_in_one_bounded_line(valid, tmp_path, 
     assert seconds < 3, seconds
     assert len(message) <= 400, message[:500]
     assert message.isprintable(), message  # no newline, no escape code: each shown escaped
+    assert not os.path.exists(os.path.join(folder, "base", "ran"))  # a pickled base ran nothing
 
 
 def test_a_checkpoint_that_would_allocate_gigabytes_is_refused_first(valid, tmp_path):
