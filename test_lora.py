@@ -302,7 +302,16 @@ def test_length_grouped_batches_cover_every_row_once_with_little_padding():
     assert all(len(b) <= 32 for b in batches)
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     assert 1 - sum(lengths) / padded < 0.10
-    assert batches != data.length_grouped_batches(lengths, 32, seed=2)  # a new order each epoch
+    assert batches != data.length_grouped_batches(lengths, 32, seed=2)  # another seed, another order
+
+
+def test_each_epoch_of_a_run_has_its_own_order_and_every_row_once():
+    lengths = [random.Random(1).randint(5, 60) for _ in range(300)]
+    run = list(data.training_batches(lengths, 16, seed=4, epochs=3))
+    epochs = [run[i * 19:(i + 1) * 19] for i in range(3)]  # 300 rows / 16: 19 batches an epoch
+    assert len(run) == 57 and all(sorted(i for b in e for i in b) == list(range(300)) for e in epochs)
+    assert epochs[0] != epochs[1] != epochs[2] != epochs[0]
+    assert run == list(data.training_batches(lengths, 16, seed=4, epochs=3))  # the seed fixes them all
 
 
 def tokens_of(lists):
@@ -594,7 +603,7 @@ def test_the_best_recipe_is_one_command_that_takes_its_paths_from_the_environmen
         "attention.output.dense", "attention.self.key", "attention.self.query", "attention.self.value"]
 
 
-def tiny_step(amp_dtype, scaler=None, steps=1):
+def tiny_step(amp_dtype, scaler=None, steps=1, max_grad_norm=1.0):
     """(losses, gradients of the first step, tensors before, after) of train_step on the tiny RoBERTa."""
     torch.manual_seed(0)
     model = tiny_model("roberta")
@@ -605,8 +614,8 @@ def tiny_step(amp_dtype, scaler=None, steps=1):
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in trainable.items()}
     model.train()
-    args = SimpleNamespace(amp_dtype=amp_dtype, max_grad_norm=1.0, lr=1e-3, weight_decay=0.01, schedule="constant",
-                           warmup_ratio=0.0, device=torch.device("cpu"), world=1)
+    args = SimpleNamespace(amp_dtype=amp_dtype, max_grad_norm=max_grad_norm, lr=1e-3, weight_decay=0.01,
+                           schedule="constant", warmup_ratio=0.0, device=torch.device("cpu"), world=1)
     optimizer, scheduler, default_scaler = train.make_optimizer(model, args, total_steps=10)
     grads, adamw_step = {}, optimizer.step
     optimizer.step = lambda *a, **k: grads or grads.update({n: p.grad.clone() for n, p in trainable.items()}) \
@@ -619,6 +628,39 @@ def tiny_step(amp_dtype, scaler=None, steps=1):
 
 def cosine(a, b):
     return nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+def test_max_grad_norm_clips_what_adamw_gets_and_0_clips_nothing():
+    norm = lambda grads: torch.cat([g.flatten() for g in grads.values()]).norm().item()  # noqa: E731
+    _, free, _, _ = tiny_step(None, max_grad_norm=0)
+    _, clipped, _, _ = tiny_step(None, max_grad_norm=1e-3)
+    assert norm(free) > 0.01 and norm(clipped) == pytest.approx(1e-3, rel=1e-3)
+    for name in free:  # the same direction, scaled down
+        assert cosine(clipped[name], free[name]) > 0.9999, name
+
+
+def test_weight_decay_shrinks_matrices_only_never_biases_or_norms():
+    model = tiny_model("roberta")
+    inject_lora(model, 2, 4, skip=["classifier"])
+    model.classifier.requires_grad_(True)
+    model.roberta.encoder.layer[0].output.LayerNorm.requires_grad_(True)  # a norm, as a user might train
+    args = SimpleNamespace(lr=1.0, weight_decay=0.5, schedule="constant", warmup_ratio=0.0,
+                           device=torch.device("cpu"), amp_dtype=None)
+    optimizer, _, _ = train.make_optimizer(model, args, total_steps=10)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in trained.items()}
+    for p in trained.values():
+        p.grad = torch.zeros_like(p)  # no gradient: AdamW moves a tensor by its decay alone
+    optimizer.step()
+    for name, p in trained.items():
+        expected = before[name] * 0.5 if p.dim() >= 2 else before[name]  # 1 - lr * weight decay
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-7, msg=name)
+    assert any(p.dim() < 2 for p in trained.values()) and any(p.dim() >= 2 for p in trained.values())
+    for p in trained.values():
+        p.grad = torch.ones_like(p)
+    moved = {n: p.detach().clone() for n, p in trained.items()}
+    optimizer.step()  # with a gradient, every trained tensor moves: none was left out of AdamW
+    assert all(not torch.equal(p, moved[n]) for n, p in trained.items())
 
 
 def test_a_bf16_training_step_on_cpu_moves_the_adapters_as_fp32_does():
