@@ -29,6 +29,7 @@ METRICS_FILE = "metrics.jsonl"
 def save_run(args, parts, loop_state):
     """last_state.pt, written atomically by the main process (every process sends its RNG)."""
     state = run_state(args, parts, loop_state, rng_states(args.world))
+    args.saved_at = loop_state[0]  # what --resume would go on from (main says so if a run stops)
     if args.rank == 0:
         write_atomically(os.path.join(args.out, LAST_STATE), lambda f: torch.save(state, f),
                          mode="wb")
@@ -47,6 +48,7 @@ def load_run(args, parts, total_steps):
     schedule, scaler and random streams are loaded into `parts` and this process."""
     state = read_state(args, parts[0], total_steps)
     put_back(args, parts, state)  # and says so
+    args.saved_at = state["step"]
     return state["step"], state["best_acc"], state["best"], state["bad_evals"]
 
 
@@ -146,7 +148,7 @@ def trained_tensors(model):
 def flags_of(args):
     """The flags as saved: short reprs, so that comparing them costs what a flag is long."""
     return {k: short(v, 200) for k, v in vars(args).items()
-            if k not in ("device", "amp_dtype", "rank", "world")}
+            if k not in ("device", "amp_dtype", "rank", "world", "saved_at")}
 
 
 def rng_states(world):

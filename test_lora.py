@@ -1398,12 +1398,26 @@ def no_dropout_model(model_dirs, tmp_path_factory):
     return str(folder)
 
 
-def torchrun(argv, nproc=2):
-    """train.py under torchrun, on the CPU with gloo (a GPU machine may have one GPU, or none)."""
+def torchrun(argv, nproc=2, script=os.path.join(HERE, "train.py")):
+    """train.py (or a script that runs it) under torchrun, on the CPU with gloo (a GPU machine may have one GPU, or
+    none)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                           "--standalone", os.path.join(HERE, "train.py"), *argv],
-                          capture_output=True, text=True, env=env, timeout=300)
+                           "--standalone", str(script), *argv], capture_output=True, text=True, env=env, timeout=300)
+
+
+OUT_OF_MEMORY_ON_RANK_1 = """import os, sys, torch
+sys.path.insert(0, {here!r})
+import train
+real, calls = train.train_step, []
+def step(*a, **k):  # the second process runs out of memory in its step {step}
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == {step}:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return real(*a, **k)
+train.train_step = step
+train.main()
+"""
 
 
 def batch_args(grad_accum, rank=0, world=1):
@@ -1494,16 +1508,27 @@ def test_a_two_process_run_trains_early_stops_and_saves_one_checkpoint(model_dir
     assert json.load(open(out / "config.json"))["step"] == 2
 
 
-def test_each_process_draws_its_own_dropout_and_resumes_its_own_stream(model_dirs, tmp_path):
+def test_each_process_draws_its_own_dropout_and_after_one_runs_out_of_memory_resumes_its_own_stream(model_dirs,
+                                                                                                     tmp_path):
     rows = [{"text": " ".join(r["text"].split()[:6]), "label": r["label"]} for r in synthetic_rows(200, seed=8)]
     train_csv = write_csv(tmp_path / "t.csv", rows)  # 6 words each: both processes draw as many numbers a step
     argv = lambda out, *extra: ["--model", model_dirs["roberta"], "--data", train_csv, "--out", str(out),  # noqa
                                 "--batch-size", "16", "--val-size", "40", "--eval-every", "4", "--lr", "1e-2",
-                                "--max-length", "64", "--precision", "fp32", "--dropout", "0.3", *extra]
-    for run in (argv(tmp_path / "whole", "--max-steps", "8"), argv(tmp_path / "part", "--max-steps", "4"),
-                argv(tmp_path / "part", "--max-steps", "8", "--resume")):
-        result = torchrun(run)
-        assert result.returncode == 0, result.stderr[-3000:]
+                                "--max-length", "64", "--precision", "fp32", "--dropout", "0.3", "--max-steps", "8",
+                                *extra]
+    assert torchrun(argv(tmp_path / "whole")).returncode == 0
+    script = tmp_path / "out_of_memory_on_rank_1.py"
+    script.write_text(OUT_OF_MEMORY_ON_RANK_1.format(here=HERE, step=6))
+    stopped = torchrun(argv(tmp_path / "part"), script=script)  # saved at step 4, out of memory in step 6
+    errors = [line[line.index("error: "):] for line in stopped.stderr.splitlines() if "error: " in line]
+    assert stopped.returncode == 1 and len(errors) == 2, stopped.stderr[-3000:]  # each process: one line
+    assert 'train.py", line' not in stopped.stderr  # no traceback of ours (torchrun prints its own)
+    assert any(e.startswith("error: out of memory at step 6") and "the run is saved in" in e
+               and "as of step 4, its last evaluation: go on with --resume" in e for e in errors), errors
+    assert any(e.startswith("error: process 0 of 2 stopped with the others") for e in errors), errors
+    result = torchrun(argv(tmp_path / "part", "--resume"))
+    assert result.returncode == 0 and "resumed from" in result.stdout and "at step 4" in result.stdout, \
+        result.stderr[-3000:]
     whole, part = (torch.load(tmp_path / d / "last_state.pt", weights_only=True) for d in ("whole", "part"))
     assert not torch.equal(whole["rng"][0]["cpu"], whole["rng"][1]["cpu"])  # two streams of dropout masks
     assert part["step"] == whole["step"] == 8
@@ -2999,12 +3024,13 @@ def test_a_checkpoint_whose_rank_its_file_does_not_hold_is_refused_before_any_ad
     assert "do not fit" in str(refused.value) and "with r=4096" in str(refused.value)
 
 
-def test_every_schedule_is_transformers_own_and_argparse_offers_them():
-    for name in train.SCHEDULES:  # each one runs, starts from 0 after warmup and never exceeds --lr
+def test_a_schedule_is_one_entry_of_schedules_and_argparse_offers_it(monkeypatch):
+    monkeypatch.setitem(train.SCHEDULES, "inverse_sqrt", lambda progress: 1 / math.sqrt(1 + 9 * progress))
+    for name in train.SCHEDULES:  # each one warms up from 0 to --lr, then never exceeds it
         rates = schedule_of(name, 0.1, 50)
         assert rates[0] == 0 and rates[5] == 1.0 and max(rates) == 1.0, name
         assert train.parse_args(["--schedule", name]).schedule == name
-    assert schedule_of("inverse_sqrt", 0.1, 50)[20] == pytest.approx(1 / math.sqrt(20 / 5))
+    assert schedule_of("inverse_sqrt", 0.1, 50)[50] == pytest.approx(1 / math.sqrt(10))
 
 
 def test_string_labels_train_as_class_names_sorted_or_in_label_names_order(model_dirs, tmp_path, capsys):

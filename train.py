@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import get_scheduler
 
 from checkpoint import ADAPTER_FILE, CONFIG_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, export_peft
 from checkpoint import load_base_model, save_checkpoint
@@ -65,11 +64,22 @@ def make_optimizer(model, args, total_steps):
     groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=True)  # one kernel, no host sync
-    schedule = "constant_with_warmup" if args.schedule == "constant" else args.schedule
-    scheduler = get_scheduler(schedule, optimizer, round(args.warmup_ratio * total_steps),
-                              total_steps)  # transformers': linear warmup, then the schedule
+    warmup = round(args.warmup_ratio * total_steps)
+
+    def rate(step):  # a share of --lr: up from 0 during warmup, then SCHEDULES[--schedule]
+        if step < warmup:
+            return step / warmup
+        return SCHEDULES[args.schedule](min(1.0, (step - warmup) / max(1, total_steps - warmup)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
     scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp_dtype == torch.float16)
     return optimizer, scheduler, scaler
+
+
+SCHEDULES = {  # the rate after warmup, a share of --lr, at `progress` from 0 to 1: add one here
+    "constant": lambda progress: 1.0,
+    "linear": lambda progress: 1.0 - progress,
+    "cosine": lambda progress: 0.5 * (1 + math.cos(math.pi * progress)),
+}
 
 
 def micro_batches(tokens, labels, rows, pad_id, args):
@@ -188,7 +198,6 @@ def keep_best(model, val_loss, predicted):
 
 OUR_FILES = {ADAPTER_FILE, CONFIG_FILE, LAST_STATE, METRICS_FILE, "curves.png", "confusion.png",
              PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE}  # what a run writes: these it may replace
-SCHEDULES = ["constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt"]
 
 def main(argv=None):
     """train(), with one line and an exit code for what stops it: 2 bad input, 1 a loss that is no
@@ -215,14 +224,28 @@ def main(argv=None):
         fail(f"out of memory {where} (peak {peak_memory(args.device)}); {saved_or_not(e, args)}: "
              f"go on with --resume and one of --grad-accum {2 * args.grad_accum}, "
              "--gradient-checkpointing, a lower --max-length or --eval-batch-size", code=1)
+    except RuntimeError as e:  # torchrun: another process stopped, mid-collective
+        if getattr(args, "world", 1) == 1 or not raised_in_a_collective(e):
+            raise
+        fail(f"process {args.rank} of {args.world} stopped with the others: another one ended "
+             f"first, and its own error line says why ({short(e, 80)})", code=1)
+
+
+def raised_in_a_collective(e):
+    """Whether `e` came out of torch.distributed or DDP: a collective another process left."""
+    frame = e.__traceback__
+    while frame.tb_next:
+        frame = frame.tb_next
+    path = frame.tb_frame.f_code.co_filename.replace(os.sep, "/")
+    return "torch/distributed/" in path or "torch/nn/parallel/" in path
 
 
 def saved_or_not(e, args):
-    """Whether the run that `e` stopped is saved for --resume, truthfully."""
+    """Whether the run that `e` stopped is saved for --resume, and as of which step, truthfully."""
     if getattr(e, "saved", False):
         return f"the run is saved in {args.out}"
-    if hasattr(e, "step") and os.path.isfile(os.path.join(args.out, LAST_STATE)):
-        return f"the run is saved in {args.out} as of its last evaluation"
+    if getattr(args, "saved_at", None) is not None:  # resume.save_run's, or load_run's
+        return f"the run is saved in {args.out} as of step {args.saved_at}, its last evaluation"
     return "nothing is saved yet"
 
 
@@ -266,8 +289,7 @@ def parse_args(argv=None):
         "parameters (the course: 1000000)")
     # optimisation
     add("--lr", type=positive, default=1e-3, help="AdamW's peak rate (docs/experiments.md)")
-    add("--schedule", choices=SCHEDULES, default="constant", help="the rate after warmup "
-        "(transformers' schedules)")
+    add("--schedule", choices=list(SCHEDULES), default="constant", help="the rate after warmup")
     add("--warmup-ratio", type=fraction, default=0.0, help="share of the steps spent warming up")
     add("--weight-decay", type=float, default=0.01)
     add("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm; 0: no clipping")
