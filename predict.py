@@ -107,16 +107,20 @@ def pick_precision(device, precision="auto"):
 
     auto: bf16 on GPUs that compute it natively (compute capability 8.0 and up: A100, H100, RTX
     30xx and later), fp16 with a gradient scaler on older ones (T4, V100), where bf16 is only
-    emulated; on a CPU, bf16 only where AMX runs bf16 matrix products; fp32 elsewhere.
+    emulated and refused; on a CPU, bf16 only where AMX runs bf16 matrix products; else fp32.
     """
+    native = device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
     if precision == "auto":
         if device.type == "cuda":
-            native = torch.cuda.get_device_capability(device) >= (8, 0)
             precision = "bf16" if native else "fp16"
         elif device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", bool)():
             precision = "bf16"
         else:
             precision = "fp32"
+    if precision == "bf16" and not native:  # attention would fall back to its math kernel
+        raise InputError("--precision bf16: this GPU only emulates bf16 (compute capability below "
+                         "8.0), and its attention kernels would fall back to one whose memory grows "
+                         "with the square of the length; use --precision fp16 or auto")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 

@@ -713,6 +713,49 @@ def test_auto_precision_is_bf16_only_where_the_gpu_computes_it_natively(monkeypa
     assert predict.pick_precision(torch.device("cuda"), "fp32") is None
 
 
+@pytest.mark.parametrize("command", ["train", "predict"])
+def test_bf16_on_a_gpu_that_only_emulates_it_is_refused_in_one_line(monkeypatch, tmp_path, capsys, command):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))  # a T4
+    cuda = lambda: torch.device("cuda")  # noqa: E731
+    monkeypatch.setattr(train, "pick_device", cuda)
+    monkeypatch.setattr(predict, "pick_device", cuda)
+    with pytest.raises(SystemExit) as stop:
+        if command == "train":
+            train.main(["--precision", "bf16", "--out", str(tmp_path / "never")])
+        else:
+            predict.main([str(tmp_path / "in.csv"), "--precision", "bf16", "--out", str(tmp_path / "s.csv")])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err.splitlines() == [err] and err.startswith("error: --precision bf16: this GPU")
+    assert not (tmp_path / "never").exists() and not (tmp_path / "s.csv").exists()
+
+
+def test_the_torch_floor_has_every_api_the_code_names():
+    floor = next(line for line in open(os.path.join(HERE, "requirements.txt")) if line.startswith("torch"))
+    version = tuple(int(n) for n in floor.split(">=")[1].strip().split(".")[:2])
+    assert version >= (2, 5)  # torch.OutOfMemoryError, which train.py and predict.py catch, is 2.5's
+    for f in ("train.py", "predict.py"):
+        assert "torch.OutOfMemoryError" in open(os.path.join(HERE, f)).read()
+
+
+@pytest.mark.parametrize("device,accum,mode", [("cuda", 1, "reduce-overhead"), ("cuda", 2, "default"),
+                                               ("cpu", 1, None)])
+def test_compile_takes_cuda_graphs_only_where_no_piece_overwrites_the_gradients_of_another(device, accum, mode):
+    args = SimpleNamespace(device=torch.device(device), grad_accum=accum, max_length=512)
+    assert train.compile_options(args).get("mode") == mode
+    assert torch._dynamo.config.cache_size_limit >= 512 // 16  # a graph for each width of 16
+
+
+def test_a_gpu_pads_to_multiples_of_8_and_of_16_only_for_cuda_graphs(monkeypatch):
+    import numpy as np
+    monkeypatch.setattr(train, "to_device", lambda device, *tensors: tensors)
+    tokens = data.Tokens(np.arange(100, dtype=np.int32), np.array([0, 3, 20, 37, 100]))  # lengths 3, 17, 17, 63
+    for device, compile, width in (("cpu", False, 17), ("cuda", False, 24), ("cuda", True, 32)):
+        args = SimpleNamespace(grad_accum=1, world=1, rank=0, max_length=64, device=torch.device(device),
+                               compile=compile)
+        (ids, mask, _), = train.micro_batches(tokens, torch.arange(4), [0, 1, 2], 0, args)
+        assert ids.shape == (3, width) and mask.sum().item() == 3 + 17 + 17, (device, compile)
+
+
 def test_auto_precision_on_a_cpu_is_bf16_only_with_amx(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert predict.pick_precision(torch.device("cpu")) is torch.bfloat16
@@ -720,22 +763,28 @@ def test_auto_precision_on_a_cpu_is_bf16_only_with_amx(monkeypatch):
     assert predict.pick_precision(torch.device("cpu")) is None
 
 
-def test_gradient_checkpointing_gives_the_same_gradients_and_the_adapters_still_train(no_dropout_model):
+def test_gradient_checkpointing_gives_the_same_gradients_with_no_input_gradient_and_no_warning(no_dropout_model):
+    import warnings
     grads = {}
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model, _, new = checkpoint.load_base_model(no_dropout_model, 4)
-        inject_lora(model, 2, 4, skip=new)
-        model.classifier.requires_grad_(True)
+        args = train.parse_args(["--model", no_dropout_model, "--dropout", "0", "--max-length", "64"]
+                                + ["--gradient-checkpointing"] * checkpointing)
+        args.device, args.world, args.compile, args.rank = torch.device("cpu"), 1, False, 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no FutureWarning: not the API transformers deprecates
+            with contextlib.redirect_stdout(io.StringIO()):
+                model, _, _, _, _ = train.lora_model(args, ["a", "b", "c", "d"])
         for m in adapters_of(model):
             nn.init.normal_(m.lora_B.weight, std=0.1)
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            assert model.is_gradient_checkpointing
-        model.train()
+        embeddings = []
+        model.get_input_embeddings().register_forward_hook(lambda m, i, out: embeddings.append(out))
         ids = torch.randint(5, 60, (6, 20))
         loss = nn.functional.cross_entropy(model(input_ids=ids).logits, torch.arange(6) % 4)
         loss.backward()
+        assert not embeddings[0].requires_grad  # no backward through the frozen embeddings
+        on = sum(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+        assert on >= 2 if checkpointing else on == 0  # each of the two layers, with --gradient-checkpointing
         grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert grads[True].keys() == grads[False].keys() and any(".lora_A" in n for n in grads[True])
     for name, grad in grads[False].items():

@@ -45,6 +45,8 @@ def lora_model(args, names):
     targets = inject_lora(model, r, alpha, args.dropout, args.targets, task_paths, layer)
     for path in task_paths:  # the new head trains in full (to freeze it, delete these two lines)
         model.get_submodule(path).requires_grad_(True)
+    if args.gradient_checkpointing:  # recompute each layer's activations in backward: less memory
+        checkpoint_activations(model)
     config = {"base_model": args.model, "r": r, "alpha": alpha, "init": args.init,
               "dropout": args.dropout, "targets": targets, "max_length": args.max_length,
               "labels": names}
@@ -247,6 +249,16 @@ def saved_or_not(e, args):
     if getattr(args, "saved_at", None) is not None:  # resume.save_run's, or load_run's
         return f"the run is saved in {args.out} as of step {args.saved_at}, its last evaluation"
     return "nothing is saved yet"
+
+
+def checkpoint_activations(model):
+    """Each layer's activations recomputed in backward, by torch's non-reentrant checkpoint, which
+    needs no gradient on the inputs: the one transformers turns on for it is turned off again."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.23 and later
+        model.activation_checkpointing_enable()
+    else:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.disable_input_require_grads()
 
 
 def start_process(args):
