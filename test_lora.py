@@ -936,6 +936,20 @@ def test_precision_bf16_predicts_in_bf16_and_agrees_with_fp32(trained, tmp_path,
     assert agree >= 0.95  # and hardly changes an answer
 
 
+def test_predict_in_bf16_computes_exactly_what_validation_computed(trained, monkeypatch):
+    texts = [r["text"] for r in synthetic_rows(60, seed=12)]
+    loaded, tokenizer, _ = checkpoint.load_model(trained["out"])
+    tokens = data.tokenize(tokenizer, texts, 64)
+    copied = []
+    real = predict.to_device
+    monkeypatch.setattr(predict, "to_device", lambda *a: copied.append(1) or real(*a))  # pinned, without a wait
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    answers = predict.predict_logits(loaded, tokens, tokenizer.pad_token_id, 16, cpu, bf16)
+    assert len(copied) == 4  # every batch through to_device: on a GPU from pinned memory, not waiting
+    validation = predict.predict_logits(trained["model"], tokens, tokenizer.pad_token_id, 16, cpu, bf16)
+    assert torch.equal(answers, validation)  # the adapters beside their weights, as in validation: bit for bit
+
+
 def test_the_command_line_runs_end_to_end(trained, tmp_path):
     rows = synthetic_rows(30, seed=12)
     path = write_inputs(tmp_path, rows)["pkl-dataset"]
