@@ -78,10 +78,9 @@ def as_saved(config):
 
 
 def load_model(checkpoint, device="cpu"):
-    """(model, tokenizer, config) from a checkpoint folder of train.py's (or a PEFT adapter): the
-    base rebuilt as in training (the pretrained model, a new head, LoRA on the same layers), with
-    the checkpoint's tensors loaded on top. Adapters stay beside their weights, as in training, so
-    that predictions are what validation measured (lora.merge_lora folds them in)."""
+    """(model, tokenizer, config) of a checkpoint folder (ours or PEFT's): the base rebuilt as in
+    training, the checkpoint's tensors loaded on top, the adapters beside their weights as in
+    validation (lora.merge_lora folds them in)."""
     config, tensors = read_checkpoint(checkpoint)
     model, tokenizer, task_paths = load_base_for(checkpoint, config, tensors)
     inject_lora(model, config["r"], config["alpha"], targets=config["targets"], skip=task_paths)

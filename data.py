@@ -36,9 +36,8 @@ class Tokens:
 
 
 def tokenize(tokenizer, texts, max_length, chunk=8192):
-    """Tokens of every text, truncated to max_length, not padded. A chunk of texts is encoded at a
-    time and made int32 at once; each text is first cut at CHARS_PER_TOKEN characters a token (the
-    tokenizer reads a whole text before it truncates: a 1 MB text would cost that)."""
+    """Tokens of every text, truncated to max_length, not padded, a chunk of texts at a time. Each
+    text is cut at CHARS_PER_TOKEN a token first: a tokenizer reads a text whole to truncate it."""
     cut = max_length * CHARS_PER_TOKEN
     lengths, ids = [np.zeros(0, np.int64)], [np.zeros(0, np.int32)]
     for start in range(0, len(texts), chunk):

@@ -4,8 +4,8 @@
 
 W0 (d_out x d_in) is the pretrained weight and never changes. A (r x d_in) starts Kaiming-uniform,
 B (d_out x r) starts at zero, so an untrained adapter changes nothing; only r * (d_in + d_out)
-numbers a layer learn. After training, W0 + (alpha / r) B A folds into one plain weight (`merge`):
-inference costs what the original model costs (Hu et al., 2021).
+numbers a layer learn. After training, W0 + (alpha / r) B A folds into one plain weight
+(`merge_lora`): the merged model costs what the original model costs (Hu et al., 2021).
 """
 import math
 import re
@@ -31,31 +31,19 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, base.out_features, bias=False, **like)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's own init
         nn.init.zeros_(self.lora_B.weight)  # so that the untrained update is zero
-        self.merged = False
 
     def forward(self, x):
-        if self.merged:
-            return self.base(x)
         return self.base(x) + self.scale * self.lora_B(self.lora_A(self.dropout(x)))
 
     def delta_weight(self):
-        """The update (alpha / r) * B @ A, shaped like base.weight."""
+        """The update (alpha / r) * B @ A, shaped like base.weight: W = W0 + delta_weight()."""
         return self.scale * (self.lora_B.weight @ self.lora_A.weight)
-
-    @torch.no_grad()
-    def merge(self):
-        """Fold the update into base.weight (once: a second call does nothing)."""
-        if not self.merged:  # the base may be kept in bf16: round the update once, into its dtype
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-            self.merged = True
 
 
 def inject_lora(model, r, alpha, dropout=0.0, targets=None, skip=(), layer=LoRALinear):
     """Freeze the whole model, then wrap each target nn.Linear (target_paths) in a trainable
-    `layer` (LoRALinear, or a subclass with another start), in place.
-
-    `skip`: paths of modules made for the task (the new head), never adapted. Returns the paths.
-    """
+    `layer` (LoRALinear, or a subclass with another start), in place. `skip`: the paths of modules
+    made for the task (the new head), never adapted. Returns the adapted paths."""
     paths = target_paths(model, targets, skip)
     model.requires_grad_(False)  # freeze all; the adapters made below are new, so they train
     for path in paths:
@@ -95,11 +83,13 @@ def target_paths(model, targets=None, skip=()):
 # --- operations: not needed to follow the method --------------------------------------------------
 # The whole model merged; PiSSA, another start for A and B; the budget: how many numbers train.
 
+@torch.no_grad()
 def merge_lora(model):
-    """Merge every adapter and put plain nn.Linear layers back: the model that ships. Returns it."""
+    """Each adapter folded into its weight, W0 + (alpha / r) B A, and a plain nn.Linear put back:
+    the model costs what the base model costs, and loads with no code of ours. Returns it."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
-            module.merge()
+            module.base.weight += module.delta_weight().to(module.base.weight.dtype)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, module.base)
     return model

@@ -21,10 +21,8 @@ from data import tokenize, warn, write_atomically
 @torch.inference_mode()
 def predict_logits(model, tokens, pad_id, batch_size, device, amp_dtype=None):
     """Logits (N, num_labels) for every text of `tokens`, in input order, in fp32 on the CPU.
-
-    Batches are sorted by length so each one pads little; the answers go back to their input rows
-    at the end, so that no batch waits for the one before. The model is left in its mode.
-    """
+    Batches sorted by length pad little; the answers go back to their input rows at the end, so
+    that no batch waits for the one before. The model is left in its mode."""
     was_training = model.training
     model.eval()  # no dropout
     batches, outputs = sorted_batches(tokens.lengths, batch_size), []

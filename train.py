@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -36,9 +35,8 @@ from resume import LAST_STATE, METRICS_FILE, load_run, save_run
 
 
 def lora_model(args, names):
-    """(model, step_model, tokenizer, task_paths, config): the pretrained model with a new head for
-    `names` and LoRA on --targets, all else frozen but the head; what the training steps call
-    (DDP's wrapper under torchrun, compiled with --compile); config, what rebuilds the model."""
+    """(model, step_model, tokenizer, task_paths, config): the model with a new head for `names`,
+    LoRA on --targets, all else frozen; step_model, what steps call; config, what rebuilds it."""
     model, tokenizer, task_paths = load_base_model(args.model, len(names), args.max_length)
     r, alpha = rank_and_alpha(model, task_paths, args)  # --r auto: the largest under a budget
     layer = PiSSALinear if args.init == "pissa" else LoRALinear  # PiSSA: another start (lora.py)
@@ -66,40 +64,27 @@ def make_optimizer(model, args, total_steps):
     groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=True)  # one kernel, no host sync
-    warmup = round(args.warmup_ratio * total_steps)
-
-    def rate(step):  # a share of --lr: up from 0 during warmup, then SCHEDULES[--schedule]
-        if step < warmup:
-            return step / warmup
-        return SCHEDULES[args.schedule](min(1.0, (step - warmup) / max(1, total_steps - warmup)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rate(args, total_steps))  # --schedule
     scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp_dtype == torch.float16)
     return optimizer, scheduler, scaler
 
 
-SCHEDULES = {  # the rate after warmup, a share of --lr, at `progress` from 0 to 1: add one here
-    "constant": lambda progress: 1.0,
-    "linear": lambda progress: 1.0 - progress,
-    "cosine": lambda progress: 0.5 * (1 + math.cos(math.pi * progress)),
-}
-
-
 def micro_batches(tokens, labels, rows, pad_id, args):
-    """The batch `rows` as --grad-accum pieces (input_ids, attention_mask, labels) on the device,
+    """The batch `rows` in --grad-accum pieces (input_ids, attention_mask, labels) on the device,
     padded exactly on a CPU, on a GPU to multiples of 8 (of 16 with --compile: fewer CUDA graphs).
-    torchrun: the batch is cut in grad_accum x world pieces, and each process takes its share."""
+    torchrun: cut in grad_accum x world pieces, of which each process takes its share."""
     count = args.grad_accum * args.world
     rows = rows * math.ceil(count / len(rows))  # fewer rows than pieces: the batch repeated whole
     multiple = 1 if args.device.type == "cpu" else 16 if args.compile else 8
-    for piece in np.array_split(rows, count)[args.rank::args.world]:
+    for i in range(args.rank, count, args.world):  # piece i holds every count-th row from row i
+        piece = rows[i::count]
         input_ids, attention_mask = pad_batch(tokens, piece, pad_id, multiple, args.max_length)
         yield to_device(args.device, input_ids, attention_mask, labels[piece])
 
 
 def train_step(model, pieces, batch_rows, optimizer, scheduler, scaler, args):
-    """One AdamW step on a batch: per piece, a forward under autocast, the cross-entropy and a
-    backward (the pieces' gradients add up); then clip, step, the next rate. Returns the batch's
-    mean loss, left on the device: reading it would make the CPU wait for the GPU."""
+    """One AdamW step on a batch: per piece a forward under autocast, the cross-entropy, a backward
+    (gradients add up); then clip, step, the next rate. The mean loss stays on the device."""
     total = 0.0
     for input_ids, attention_mask, labels in pieces:
         with torch.autocast(args.device.type, args.amp_dtype, enabled=args.amp_dtype is not None):
@@ -251,9 +236,28 @@ def saved_or_not(e, args):
     return "nothing is saved yet"
 
 
+SCHEDULES = {  # the rate after warmup, a share of --lr, at `progress` from 0 to 1: add one here
+    "constant": lambda progress: 1.0,
+    "linear": lambda progress: 1.0 - progress,
+    "cosine": lambda progress: 0.5 * (1 + math.cos(math.pi * progress)),
+}
+
+
+def rate(args, total_steps):
+    """The rate at a step, a share of --lr: up from 0 over --warmup-ratio of the steps, then
+    SCHEDULES[--schedule] down to the last step."""
+    warmup = round(args.warmup_ratio * total_steps)
+
+    def at(step):
+        if step < warmup:
+            return step / warmup
+        return SCHEDULES[args.schedule](min(1.0, (step - warmup) / max(1, total_steps - warmup)))
+    return at
+
+
 def checkpoint_activations(model):
-    """Each layer's activations recomputed in backward, by torch's non-reentrant checkpoint, which
-    needs no gradient on the inputs: the one transformers turns on for it is turned off again."""
+    """Activations recomputed in backward by torch's non-reentrant checkpoint, which needs no
+    gradient on the inputs (transformers turns one on: it is turned off)."""
     if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.23 and later
         model.activation_checkpointing_enable()
     else:
