@@ -117,8 +117,8 @@ def pick_precision(device, precision="auto"):
             precision = "fp32"
     if precision == "bf16" and not native:  # attention would fall back to its math kernel
         raise InputError("--precision bf16: this GPU only emulates bf16 (compute capability below "
-                         "8.0), and its attention kernels would fall back to one whose memory grows "
-                         "with the square of the length; use --precision fp16 or auto")
+                         "8.0), and its attention kernels would fall back to one whose memory "
+                         "grows with the square of the length; use --precision fp16 or auto")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
