@@ -16,6 +16,8 @@ holds one that does not fit. A checkpoint is a folder: `adapter.safetensors` (th
 import json
 import math
 import os
+import shutil
+import tempfile
 
 import torch
 import transformers
@@ -24,7 +26,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from data import InputError, printable, short, write_atomically
-from lora import PiSSALinear, inject_lora, target_paths
+from lora import PiSSALinear, inject_lora, merge_lora, target_paths
 
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "config.json"
 
@@ -402,7 +404,8 @@ def export_peft(checkpoint, folder):
     """Write a train.py checkpoint as a PEFT adapter: `PeftModel.from_pretrained(base, folder)`.
 
     target_modules lists the exact paths adapted (PEFT matches them by suffix, as --targets does);
-    modules_to_save, the modules saved whole: the head (PEFT's name for it), and any other.
+    modules_to_save, the modules saved whole: the head (PEFT's name for it), and any other. The
+    class names go in auto_mapping's id2label, which PEFT keeps as written and does not read.
     """
     config, tensors = read_checkpoint(checkpoint)
     whole = sorted({n.split(".")[0] if n.split(".")[0] in ("classifier", "score")
@@ -411,12 +414,37 @@ def export_peft(checkpoint, folder):
                    "base_model_name_or_path": config["base_model"], "r": config["r"],
                    "lora_alpha": config["alpha"], "lora_dropout": config.get("dropout", 0.0),
                    "target_modules": config["targets"], "bias": "none", "modules_to_save": whole,
-                   "fan_in_fan_out": False, "inference_mode": True}
+                   "fan_in_fan_out": False, "inference_mode": True,
+                   "auto_mapping": {"id2label": dict(enumerate(config["labels"]))}}
     os.makedirs(folder, exist_ok=True)
     peft_tensors = {PEFT_PREFIX + name: t for name, t in tensors.items()}
     save_tensors(os.path.join(folder, PEFT_WEIGHTS_FILE), peft_tensors)
     write_atomically(os.path.join(folder, PEFT_CONFIG_FILE),
                      lambda f: json.dump(peft_config, f, indent=2))
+
+
+def export_merged(checkpoint, folder):
+    """A transformers model folder of the checkpoint: the adapters merged into their weights, the
+    head, the tokenizer (cutting at the checkpoint's max length) and the class names, so that
+    `pipeline("text-classification", model=folder)` loads it with no code of ours. It is written
+    beside and renamed into place: a folder there before is replaced whole, or kept."""
+    model, tokenizer, config = load_model(checkpoint)
+    merge_lora(model)
+    model.config.id2label = dict(enumerate(config["labels"]))
+    model.config.label2id = {name: i for i, name in enumerate(config["labels"])}
+    tokenizer.model_max_length = config["max_length"] or tokenizer.model_max_length
+    parent = os.path.dirname(os.path.abspath(folder))
+    fresh = tempfile.mkdtemp(prefix=".merged-", dir=parent)
+    try:
+        model.save_pretrained(fresh)
+        tokenizer.save_pretrained(fresh)
+        old = fresh + ".old"
+        if os.path.isdir(folder):
+            os.rename(folder, old)
+        os.rename(fresh, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
 
 
 def unsupported_peft_options(peft_config):
@@ -459,6 +487,19 @@ def read_peft_adapter(folder):
         found = f"one of {min(head_widths):,} rows" if head_widths else "none"
         raise InputError(f"{printable(folder, 100)}: needs a trained classifier head of 1 to "
                          f"{MAX_LABELS:,} rows (labels) in modules_to_save, has {found}")
-    config.update(labels=[str(i) for i in range(min(head_widths))], max_length=None,
+    config.update(labels=peft_labels(peft_config, min(head_widths), where), max_length=None,
                   targets=sorted(config["targets"]))  # max_length: the base's own
     return config, tensors
+
+
+def peft_labels(peft_config, count, where):
+    """The class names of a PEFT adapter: auto_mapping's id2label (ours), or "0".."K-1"."""
+    names = (peft_config.get("auto_mapping") or {}).get("id2label") \
+        if isinstance(peft_config.get("auto_mapping"), dict) else None
+    if names is None:
+        return [str(i) for i in range(count)]
+    if not (isinstance(names, dict) and set(names) == {str(i) for i in range(count)}
+            and all(isinstance(n, str) for n in names.values())):
+        raise InputError(f"{where}: auto_mapping's id2label must name each of the head's {count:,} "
+                         "classes \"0\"..\"K-1\" with a string; fix it, or delete it")
+    return [names[str(i)] for i in range(count)]

@@ -7,7 +7,6 @@ batches come from groups of rows of similar length, shuffled; evaluation's are s
 """
 import itertools
 import math
-import numbers
 import os
 import random
 import re
@@ -102,14 +101,33 @@ class InputError(ValueError):
     wrong and how to fix it, in one line."""
 
 
-def load_splits(source, val_size, seed, limit=None, names=None, num_labels=None):
-    """((train texts, labels), (validation texts, labels), class names) of `source`'s labelled
-    rows: --limit rows kept by a seeded shuffle, then --val-size split off with the seed (the rows
-    datasets' shuffle and train_test_split pick). Class names: given, the data's, or "0".."K-1"."""
-    texts, labels, names = labelled_rows(source, names, num_labels)
-    rows = split_rows(len(texts), val_size, seed, limit)
+def load_splits(args):
+    """((train texts, labels), (validation texts, labels), class names) of --data: --limit rows
+    kept by a seeded shuffle, then --val-size split off with the seed (the rows datasets' shuffle
+    and train_test_split pick), or --val-data, a file of the same classes, as the validation split.
+    Class names: --label-names, the data's, or "0".."K-1"."""
+    return split(*labelled_rows(args.data, args.label_names, args.num_labels), args)
+
+
+def split(texts, labels, names, args):
+    val_size = 0 if args.val_data else args.val_size
+    rows = split_rows(len(texts), val_size, args.seed, args.limit)
     pick = lambda part: ([texts[i] for i in part], [labels[i] for i in part])  # noqa: E731
-    return pick(rows[val_size:]), pick(rows[:val_size]), names
+    validation = validation_rows(args.val_data, names, args.data) if args.val_data else None
+    return pick(rows[val_size:]), validation or pick(rows[:val_size]), names
+
+
+def validation_rows(source, names, data):
+    """(texts, labels) of --val-data, whose labels must be classes of --data: one line naming the
+    first row whose label is not."""
+    try:
+        texts, labels, _ = labelled_rows(source, names, len(names))
+    except InputError as e:
+        if " has label " not in str(e):
+            raise
+        raise InputError(f"{str(e).split(';')[0]}: --val-data takes the classes of {data} "
+                         f"({short(names, 80)}); fix that row") from None
+    return texts, labels
 
 
 def labelled_rows(source, names, num_labels):
@@ -128,9 +146,8 @@ def split_rows(count, val_size, seed, limit):
     rows = np.arange(count)
     if limit is not None:
         rows = np.random.default_rng(seed).permutation(len(rows))[:limit]
-    if not 0 < val_size < len(rows):
-        raise InputError(f"--val-size {val_size} must be above 0 and below the {len(rows)} rows "
-                         "used"
+    if val_size >= len(rows):  # --val-size is at least 1, or 0 with --val-data
+        raise InputError(f"--val-size {val_size} must be below the {len(rows)} rows used"
                          + (f" (--limit {limit})" if limit is not None else "")
                          + "; lower it or use more rows")
     return rows[np.random.default_rng(seed).permutation(len(rows))].tolist()
@@ -247,7 +264,7 @@ def name_classes(names, num_labels, labels, source):
 
 
 def is_index(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def count_classes(labels, source):

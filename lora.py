@@ -72,16 +72,16 @@ def target_paths(model, targets=None, skip=()):
     targets = targets or next(filter(has, QUERY_VALUE), QUERY_VALUE[0])
     chosen = [p for p in paths if any(named(p, t) for t in targets)]
     missing = [t for t in targets if not any(named(p, t) for p in chosen)]
-    if missing:  # list each layer's suffixes: the path after its layer number, and its last name
+    if missing:  # name each layer's suffixes: the path after its layer number, and its last name
         known = {re.sub(r".*\.\d+\.", "", p) for p in paths} | {p.rsplit(".")[-1] for p in paths}
         raise TargetError(f"unknown LoRA target(s) {', '.join(missing)}; targets are dotted "
-                          "suffixes of the paths of this model's pretrained Linear layers: "
-                          f"{', '.join(sorted(known))}, or all-linear")
+                          f"suffixes of this model's Linear layers: {', '.join(sorted(known))}, "
+                          "or all-linear")
     return chosen
 
 
 # --- operations: not needed to follow the method --------------------------------------------------
-# The whole model merged; PiSSA, another start for A and B; the budget: how many numbers train.
+# The whole model merged; PiSSA, another start for A and B; what LoRA learned; the budget.
 
 @torch.no_grad()
 def merge_lora(model):
@@ -130,6 +130,33 @@ class PiSSALinear(LoRALinear):
         A = torch.cat([self.lora_A.weight, self.A0])
         B = torch.cat([self.lora_B.weight, -self.B0], dim=1)
         return A, B
+
+
+@torch.no_grad()
+def what_lora_learned(model):
+    """Per adapter (path, |dW| / |W0|, dW's nonzero singular values largest first, amplification):
+    dW = (alpha / r) B A as saved (PiSSA's as plain LoRA), W0 the pretrained weight, Frobenius
+    norms; the amplification |dW| / |U^T W0 V|, with U, V dW's singular vectors, is how much dW
+    enlarges the directions it shares with W0 (Hu et al., 2021, section 7). dW is taken apart
+    through the QR factors of B and A: an SVD of an r x r matrix, none of d x d."""
+    layers = []
+    for path, module in model.named_modules():
+        if not isinstance(module, LoRALinear):
+            continue
+        pissa = isinstance(module, PiSSALinear)
+        A, B = module.as_plain_lora() if pissa else (module.lora_A.weight, module.lora_B.weight)
+        W0 = module.base.weight.float()
+        if pissa:  # its base holds W0 less the start: put it back
+            W0 = W0 + module.scale * module.B0.float() @ module.A0.float()
+        Qb, Rb = torch.linalg.qr(B.float())
+        Qa, Ra = torch.linalg.qr(A.float().T)
+        U, S, Vh = torch.linalg.svd(module.scale * Rb @ Ra.T)
+        rank = int((S > 1e-5 * S.max()).sum())  # PiSSA's 2r may hold fewer directions than that
+        U, S, V = Qb @ U[:, :rank], S[:rank], Qa @ Vh[:rank].T
+        shared = (U.T @ W0 @ V).norm()
+        layers.append((path, (S.norm() / W0.norm()).item(), S.tolist(),
+                       (S.norm() / shared).item() if rank else 0.0))
+    return layers
 
 
 def count_per_rank(model, paths):

@@ -13,9 +13,9 @@ import sys
 
 import torch
 
-from checkpoint import load_model
-from data import InputError, is_index, one_line, pad_batch, read_texts, sorted_batches, to_device
-from data import tokenize, warn, write_atomically
+from checkpoint import export_merged, load_model
+from data import InputError, is_index, one_line, pad_batch, printable, read_texts, short
+from data import sorted_batches, to_device, tokenize, warn, write_atomically
 
 
 @torch.inference_mode()
@@ -44,10 +44,8 @@ def predict(args, device, amp_dtype):
     tokens = tokenize(tokenizer, texts, config["max_length"] or tokenizer.model_max_length)
     logits = predict_logits(model, tokens, tokenizer.pad_token_id, args.batch_size, device,
                             amp_dtype)
-    predicted = logits.argmax(-1)
-    rows = [("ID", "Label"), *enumerate(predicted.tolist())]
-    write_atomically(args.out, lambda f: csv.writer(f).writerows(rows))
-    return predicted, labels, config["labels"]
+    write_submission(args.out, logits, config["labels"], args.probs)  # ID,Label (,probabilities)
+    return logits.argmax(-1), labels, config["labels"]
 
 
 # --- operations: not needed to follow the method --------------------------------------------------
@@ -59,7 +57,14 @@ def main(argv=None):
     args = parse_args(argv)
     device = pick_device()
     try:
-        predicted, labels, names = predict(args, device, pick_precision(device, args.precision))
+        amp_dtype = pick_precision(device, args.precision)
+        if args.export_merged:
+            export_merged(args.checkpoint, args.export_merged)
+            print(f"merged model (transformers' folder): {one_line(args.export_merged)}")
+        if args.text:
+            answer_texts(args, device, amp_dtype)
+        if args.input is not None:
+            predicted, labels, names = predict(args, device, amp_dtype)
     except InputError as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -68,18 +73,49 @@ def main(argv=None):
         fail(f"out of memory on {device} at --batch-size {args.batch_size} (peak "
              f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB); use a smaller --batch-size",
              code=1)
-    print(f"wrote {len(predicted)} predictions to {args.out}")
-    if labels is not None:
-        report_classes(predicted, labels, names, picture_beside(args.out), args.input)
+    if args.input is not None:
+        print(f"wrote {len(predicted)} predictions to {one_line(args.out)}")
+        if labels is not None:
+            report_classes(predicted, labels, names, picture_beside(args.out), args.input)
+
+
+def write_submission(path, logits, names, probabilities=False):
+    """ID,Label rows, IDs 0..N-1 in input order and Label the class's name (for integer labels,
+    the integer), written atomically; with --probs one more column per class, named after it, of
+    its probability (as many digits as make each row sum to 1 within 1e-5)."""
+    header = ["ID", "Label", *(names if probabilities else [])]
+    if len(set(header)) < len(header):
+        raise InputError(f"--probs: a class name repeats a column of {short(header, 80)}; rename "
+                         "the class (--label-names) or drop --probs")
+    shares = logits.softmax(-1).tolist() if probabilities else [()] * len(logits)
+    rows = ([i, names[k], *(f"{p:.9g}" for p in row)]
+            for i, (k, row) in enumerate(zip(logits.argmax(-1).tolist(), shares)))
+    write_atomically(path, lambda f: csv.writer(f).writerows([header, *rows]))
+
+
+def answer_texts(args, device, amp_dtype):
+    """--text: each text's class name and probability, printed; no file written."""
+    model, tokenizer, config = load_model(args.checkpoint, device)
+    tokens = tokenize(tokenizer, args.text, config["max_length"] or tokenizer.model_max_length)
+    logits = predict_logits(model, tokens, tokenizer.pad_token_id, args.batch_size, device,
+                            amp_dtype)
+    for text, shares in zip(args.text, logits.softmax(-1)):
+        k = int(shares.argmax())
+        print(f"{printable(config['labels'][k], 40)}\t{shares[k]:.4f}\t{one_line(text)[:200]}")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", help=".pkl (a datasets.Dataset or pandas DataFrame, also compressed), "
-                                 ".csv, .jsonl or .parquet with a `text` column")
+    p.add_argument("input", nargs="?", help=".pkl (a datasets.Dataset or pandas DataFrame, also "
+                   "compressed), .csv, .jsonl or .parquet with a `text` column")
     p.add_argument("--checkpoint", default="checkpoint", help="folder written by train.py --out")
     p.add_argument("--out", default="submission.csv", help="CSV to write (ID,Label)")
+    p.add_argument("--probs", action="store_true", help="also a probability column per class")
+    p.add_argument("--text", action="append", default=[], help="a text to answer (repeatable): "
+                   "its class and probability are printed, no file written")
+    p.add_argument("--export-merged", metavar="DIR", default=None, help="write the checkpoint as "
+                   "a transformers model folder, adapters merged (pipeline() loads it)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="auto: bf16 where the GPU or CPU computes it natively, else fp16 on CUDA, "
@@ -88,7 +124,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.batch_size < 1:
         fail(f"--batch-size must be at least 1, got {args.batch_size}")
-    check_out(args)
+    if args.input is None and not args.text and not args.export_merged:
+        fail("give an input file to predict (or --text TEXT, or --export-merged DIR)")
+    if args.input is not None:
+        check_out(args)
+    if args.export_merged and os.path.lexists(args.export_merged) and \
+            not os.path.isfile(os.path.join(args.export_merged, "config.json")):
+        fail(f"--export-merged {args.export_merged} exists and holds no model; give a new folder")
     return args
 
 

@@ -1,7 +1,7 @@
 """A run, saved and resumed: `last_state.pt` in --out holds everything --resume needs.
 
-    save_run(args, (model, optimizer, scheduler, scaler), (step, best_acc, best, bad_evals))
-    step, best_acc, best, bad_evals = load_run(args, parts, total_steps)   # as saved
+    save_run(args, (model, optimizer, scheduler, scaler), (step, best_score, best, bad_evals))
+    step, best_score, best, bad_evals = load_run(args, parts, total_steps)   # as saved
 
 What is saved: the trained tensors as they train (rank r), the loop's state (the step, the best
 accuracy, the best tensors with their evaluation, the patience used), the optimizer, schedule and
@@ -20,7 +20,7 @@ import torch.distributed as dist
 from data import InputError, printable, short, write_atomically
 
 LAST_STATE = "last_state.pt"
-LAST_STATE_FORMAT = 3  # 3: flags compared by their bounded reprs, sizes checked before loading
+LAST_STATE_FORMAT = 4  # 4: best_score, the --select figure (3: best_acc)
 RESUMABLE_CHANGES = {"resume", "epochs", "max_steps", "patience", "log_every", "compile",
                      "export_peft", "grad_accum", "gradient_checkpointing", "eval_batch_size"}
 METRICS_FILE = "metrics.jsonl"
@@ -36,20 +36,20 @@ def save_run(args, parts, loop_state):
 
 
 def run_state(args, parts, loop_state, rngs):
-    (model, optimizer, scheduler, scaler), (step, best_acc, best, bad_evals) = parts, loop_state
-    return {"format": LAST_STATE_FORMAT, "step": step, "best_acc": best_acc, "best": best,
+    (model, optimizer, scheduler, scaler), (step, best_score, best, bad_evals) = parts, loop_state
+    return {"format": LAST_STATE_FORMAT, "step": step, "best_score": best_score, "best": best,
             "bad_evals": bad_evals, "trained": trained_tensors(model), "args": flags_of(args),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng": rngs}
 
 
 def load_run(args, parts, total_steps):
-    """(step, best_acc, best, bad_evals) of the run saved in --out, whose tensors, optimizer,
+    """(step, best_score, best, bad_evals) of the run saved in --out, whose tensors, optimizer,
     schedule, scaler and random streams are loaded into `parts` and this process."""
     state = read_state(args, parts[0], total_steps)
     put_back(args, parts, state)  # and says so
     args.saved_at = state["step"]
-    return state["step"], state["best_acc"], state["best"], state["bad_evals"]
+    return state["step"], state["best_score"], state["best"], state["bad_evals"]
 
 
 def put_back(args, parts, state):
@@ -69,7 +69,7 @@ def put_back(args, parts, state):
                          "afresh") from None
     if args.rank == 0:
         print(f"resumed from {args.out} at step {state['step']} (best val accuracy so far "
-              f"{max(state['best_acc'], 0):.4f})")
+              f"{max(state['best_score'], 0):.4f})")
 
 
 # --- checks: the file is as save_run wrote it, for this model, with these flags -----------------
@@ -117,7 +117,7 @@ def read_state(args, model, total_steps):
 
 def check_structure(args, state, trained, world):
     """One line unless every part has the type and the tensors the shapes that save_run gives."""
-    kinds = {"step": int, "best_acc": float, "bad_evals": int, "trained": dict, "args": dict,
+    kinds = {"step": int, "best_score": float, "bad_evals": int, "trained": dict, "args": dict,
              "optimizer": dict, "scheduler": dict, "scaler": dict, "rng": list}
     wrong = [k for k, kind in kinds.items() if not isinstance(state.get(k), kind)]
     if not wrong and (state["step"] < 0 or state["bad_evals"] < 0

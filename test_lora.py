@@ -264,8 +264,8 @@ def test_an_unknown_target_lists_the_suffixes_that_exist(model_dirs):
         inject_lora(model, 2, 4, targets=["query", "qkv", "classifier.dense"],
                     skip=new)
     assert str(error.value) == (
-        "unknown LoRA target(s) qkv, classifier.dense; targets are dotted suffixes of the paths of this model's "
-        "pretrained Linear layers: attention.output.dense, attention.self.key, attention.self.query, "
+        "unknown LoRA target(s) qkv, classifier.dense; targets are dotted suffixes of this model's "
+        "Linear layers: attention.output.dense, attention.self.key, attention.self.query, "
         "attention.self.value, dense, intermediate.dense, key, output.dense, query, value, or all-linear")
 
 
@@ -372,19 +372,25 @@ def test_renaming_the_columns_is_one_line(tmp_path, monkeypatch):
         assert data.read_texts(str(path)) == (["a b", "c"], [1, 0]), path
 
 
+def data_flags(path, **flags):
+    """train.py's data flags, as load_splits reads them."""
+    return SimpleNamespace(**{"data": path, "val_size": 640, "seed": 42, "limit": None, "label_names": None,
+                              "num_labels": None, "val_data": None, **flags})
+
+
 def test_splits_are_seeded_disjoint_and_the_rows_datasets_would_pick(tmp_path):
     from datasets import Dataset
     rows = [{"text": f"{r['text']} row{i}", "label": r["label"]} for i, r in enumerate(synthetic_rows(300, seed=0))]
     path = write_csv(tmp_path / "d.csv", rows)
-    (tr_x, tr_y), (va_x, va_y), _ = data.load_splits(path, val_size=50, seed=42)
+    (tr_x, tr_y), (va_x, va_y), _ = data.load_splits(data_flags(path, val_size=50, seed=42))
     assert len(va_x) == 50 and len(tr_x) == 250
     assert set(tr_x).isdisjoint(va_x) and set(tr_x) | set(va_x) == {r["text"] for r in rows}
     label_of = {r["text"]: r["label"] for r in rows}
     assert tr_y == [label_of[t] for t in tr_x] and va_y == [label_of[t] for t in va_x]
     split = Dataset.from_list(rows).train_test_split(test_size=50, seed=42)  # the Trainer + PEFT recipe's split
     assert (tr_x, va_x) == (split["train"]["text"], split["test"]["text"])
-    assert data.load_splits(path, val_size=50, seed=7)[1][0] != va_x
-    (tr_x, _), (va_x, _), _ = data.load_splits(path, val_size=50, seed=42, limit=100)
+    assert data.load_splits(data_flags(path, val_size=50, seed=7))[1][0] != va_x
+    (tr_x, _), (va_x, _), _ = data.load_splits(data_flags(path, val_size=50, seed=42, limit=100))
     sample = Dataset.from_list(rows).shuffle(seed=42).select(range(100)).train_test_split(test_size=50, seed=42)
     assert (tr_x, va_x) == (sample["train"]["text"], sample["test"]["text"])
 
@@ -427,7 +433,7 @@ def trained(model_dirs, tmp_path_factory):
 def test_training_learns_far_above_chance(trained):
     assert trained["val_acc"] >= 0.85  # chance is 0.25
     config = json.load(open(os.path.join(trained["out"], "config.json")))
-    assert config["best_val_accuracy"] == trained["val_acc"]
+    assert config["val_accuracy"] == trained["val_acc"] and 0 < config["val_macro_f1"] <= 1
     assert config["r"] == 4 and config["alpha"] == 8 and config["init"] == "lora"
     assert config["targets"] == [f"roberta.encoder.layer.{i}.attention.self.{t}" for i in (0, 1)
                                  for t in ("query", "value")]
@@ -476,12 +482,13 @@ def test_early_stopping_stops_patience_evaluations_after_the_best_and_restores_i
 def test_the_final_report_is_the_restored_models_own_evaluation(trained):
     from transformers import AutoTokenizer
     args = trained["args"]  # the report reuses the best evaluation's predictions: they must be the model's
-    _, (val_texts, val_labels), _ = data.load_splits(args.data, args.val_size, args.seed)
+    _, (val_texts, val_labels), _ = data.load_splits(args)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     val_tokens, val_labels = data.tokenize(tokenizer, val_texts, args.max_length), torch.tensor(val_labels)
-    val_loss, val_acc, _ = train.evaluate(trained["model"], val_tokens, val_labels, tokenizer.pad_token_id, args)
-    assert val_acc == trained["val_acc"]
-    assert f"restored the best adapter: val loss {val_loss:.4f}, val accuracy {val_acc:.4f}" in trained["report"]
+    _, figures, score = train.evaluate(trained["model"], val_tokens, val_labels, tokenizer.pad_token_id, args)
+    assert score == figures["val_accuracy"] == trained["val_acc"]  # --select accuracy, the default
+    assert (f"restored the best adapter: val loss {figures['val_loss']:.4f}, val accuracy {trained['val_acc']:.4f}"
+            in trained["report"]) and f"macro-F1 {figures['val_macro_f1']:.4f}" in trained["report"]
 
 
 def test_a_run_stops_after_patience_evaluations_without_improvement(model_dirs, tmp_path, capsys):
@@ -612,7 +619,8 @@ def tiny_step(amp_dtype, scaler=None, steps=1, max_grad_norm=1.0):
     before = {n: p.detach().clone() for n, p in trainable.items()}
     model.train()
     args = SimpleNamespace(amp_dtype=amp_dtype, max_grad_norm=max_grad_norm, lr=1e-3, weight_decay=0.01,
-                           schedule="constant", warmup_ratio=0.0, device=torch.device("cpu"), world=1)
+                           schedule="constant", warmup_ratio=0.0, device=torch.device("cpu"), world=1,
+                           class_weight=None)
     optimizer, scheduler, default_scaler = train.make_optimizer(model, args, total_steps=10)
     grads, adamw_step = {}, optimizer.step
     optimizer.step = lambda *a, **k: grads or grads.update({n: p.grad.clone() for n, p in trainable.items()}) \
@@ -1263,6 +1271,155 @@ def test_every_family_trains_on_its_query_and_value_and_padding_changes_no_answe
                                                       torch.device("cpu")), alone, rtol=1e-4, atol=1e-5)
 
 
+# --- after training: a merged model, names and probabilities, a validation file, imbalance, what LoRA learned --
+
+NEWS = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+@pytest.fixture
+def named(trained, tmp_path):
+    """The trained checkpoint, its four classes named as AG News' are."""
+    folder = tmp_path / "named"
+    shutil.copytree(trained["out"], folder)
+    config = json.load(open(folder / "config.json"))
+    json.dump({**config, "labels": NEWS}, open(folder / "config.json", "w"))
+    return str(folder)
+
+
+def test_a_merged_export_loads_in_pipeline_with_its_class_names_and_predicts_what_predict_writes(named, tmp_path):
+    from transformers import AutoModelForSequenceClassification, pipeline
+    merged = str(tmp_path / "merged")
+    predict.main(["--checkpoint", named, "--export-merged", merged])
+    rows = synthetic_rows(40, seed=31)
+    written = tmp_path / "sub.csv"
+    predict.main([write_csv(tmp_path / "in.csv", rows), "--checkpoint", named, "--out", str(written),
+                  "--precision", "fp32"])
+    labels = [r[1] for r in read_submission(written)[1:]]
+    answers = pipeline("text-classification", model=merged, device="cpu")([r["text"] for r in rows], batch_size=8)
+    assert [a["label"] for a in answers] == labels and set(labels) > {"World"}  # names, as predict.py writes them
+    model = AutoModelForSequenceClassification.from_pretrained(merged)  # no code of ours, no adapter left
+    assert model.config.id2label == dict(enumerate(NEWS)) and not adapters_of(model)
+    ours, tokenizer, _ = checkpoint.load_model(named)
+    tokens = data.tokenize(tokenizer, [r["text"] for r in rows], 64)
+    cpu = torch.device("cpu")
+    torch.testing.assert_close(predict.predict_logits(model, tokens, tokenizer.pad_token_id, 8, cpu),
+                               predict.predict_logits(ours, tokens, tokenizer.pad_token_id, 8, cpu), rtol=1e-4, atol=1e-5)
+    checkpoint.export_peft(named, str(tmp_path / "peft"))  # the PEFT export carries the names, and reads them back
+    assert checkpoint.load_model(str(tmp_path / "peft"))[2]["labels"] == NEWS
+
+
+def test_probs_give_a_column_per_class_summing_to_1_and_text_prints_a_name_and_a_probability(named, tmp_path,
+                                                                                             capsys, monkeypatch):
+    rows = synthetic_rows(30, seed=32)
+    written = tmp_path / "sub.csv"
+    predict.main([write_csv(tmp_path / "in.csv", rows), "--checkpoint", named, "--out", str(written), "--probs",
+                  "--precision", "fp32"])
+    header, *lines = read_submission(written)
+    assert header == ["ID", "Label", *NEWS] and [int(r[0]) for r in lines] == list(range(30))
+    for r in lines:
+        shares = [float(p) for p in r[2:]]
+        assert abs(sum(shares) - 1) < 1e-5 and r[1] == NEWS[max(range(4), key=shares.__getitem__)]
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    predict.main(["--checkpoint", named, "--text", "k1_0 w3 k1_2 k1_4", "--text", "w1\nk3_3"])
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 2 and printed[0].split("\t")[0] in NEWS and printed[1].endswith("w1\\nk3_3")
+    assert 0.25 <= float(printed[0].split("\t")[1]) <= 1 and sorted(os.listdir(tmp_path)) == ["in.csv", "named", "sub.csv"]
+
+
+def test_val_data_is_the_validation_split_whole_and_a_label_outside_the_classes_is_one_line(model_dirs, tmp_path,
+                                                                                            capsys):
+    train_csv = write_csv(tmp_path / "t.csv", synthetic_rows(120, seed=33))
+    val_csv = write_csv(tmp_path / "v.csv", synthetic_rows(30, seed=34))
+    argv = ["--model", model_dirs["roberta"], "--data", train_csv, "--out", str(tmp_path / "run"), "--max-length",
+            "64", "--batch-size", "16", "--precision", "fp32"]
+    train.main(argv + ["--val-data", val_csv])
+    printed = capsys.readouterr().out
+    assert "8 steps on cpu" in printed and ", 30 rows)" in printed  # all 120 rows train; the file's 30 validate
+    bad = [*synthetic_rows(3, seed=35), {"text": "w1", "label": 7}]
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv + ["--val-data", write_csv(tmp_path / "bad.csv", bad)])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err.splitlines() == [err]
+    assert "row 3 has label 7" in err and "--val-data takes the classes of" in err
+
+
+def test_balanced_class_weights_are_n_over_k_counts_and_weigh_the_loss():
+    labels = torch.tensor([0] * 95 + [1] * 5)
+    args = SimpleNamespace(class_weights=["balanced"], device=torch.device("cpu"))
+    torch.testing.assert_close(train.class_weights(labels, 3, args), torch.tensor([100 / 285, 100 / 15, 1.0]))
+    args.class_weights = ["1", "3"]
+    assert train.class_weights(labels, 2, args).tolist() == [1.0, 3.0]
+    with pytest.raises(data.InputError, match="2 weights for 3 classes"):
+        train.class_weights(labels, 3, args)
+    torch.manual_seed(0)
+    model = tiny_model("roberta", num_labels=2).train()
+    ids, y = torch.randint(5, 60, (6, 12)), torch.tensor([0, 0, 0, 0, 1, 1])
+    step = SimpleNamespace(amp_dtype=None, max_grad_norm=0, lr=0.0, weight_decay=0.0, schedule="constant",
+                           warmup_ratio=0.0, device=torch.device("cpu"), world=1, class_weight=torch.tensor([0.5, 4.0]))
+    optimizer, scheduler, scaler = train.make_optimizer(model, step, total_steps=2)
+    torch.manual_seed(1)
+    loss = train.train_step(model, [(ids, torch.ones_like(ids), y)], 6, optimizer, scheduler, scaler, step)
+    torch.manual_seed(1)
+    each = nn.functional.cross_entropy(model(input_ids=ids).logits, y, reduction="none")
+    assert loss.item() == pytest.approx((each * step.class_weight[y]).sum().item() / 6, rel=1e-5)
+
+
+def test_select_macro_f1_keeps_another_adapter_than_accuracy_on_a_95_5_split(model_dirs, tmp_path, monkeypatch):
+    val = [{"text": f"w{i}", "label": int(i >= 38)} for i in range(40)]  # 38 of class 0, 2 of class 1
+    train_csv = write_csv(tmp_path / "t.csv", [{"text": f"w{i % 40}", "label": int(i % 20 == 0)} for i in range(80)])
+    val_csv = write_csv(tmp_path / "v.csv", val)
+    scripted = [[0] * 40, [0] * 35 + [1] * 5]  # first: all the majority; then the minority found, 3 rows lost
+
+    def predict_logits(model, tokens, *a, **k):
+        answers = torch.tensor(scripted[len(calls)])
+        calls.append(1)
+        return nn.functional.one_hot(answers, 2).float() * 4
+    monkeypatch.setattr(train, "predict_logits", predict_logits)
+    kept = {}
+    for select in ("accuracy", "macro-f1"):
+        calls, out = [], tmp_path / select
+        with contextlib.redirect_stdout(io.StringIO()):
+            train.main(["--model", model_dirs["roberta"], "--data", train_csv, "--val-data", val_csv, "--out",
+                        str(out), "--max-steps", "2", "--eval-every", "1", "--max-length", "16", "--select", select])
+        kept[select] = json.load(open(out / "config.json"))["step"]
+        figures = [json.loads(line) for line in open(out / "metrics.jsonl") if "val_loss" in line]
+        assert [round(f["val_accuracy"], 3) for f in figures] == [0.95, 0.925]  # both figures, each evaluation
+        assert [round(f["val_macro_f1"], 3) for f in figures] == [0.487, 0.765]
+    assert kept == {"accuracy": 1, "macro-f1": 2}
+
+
+def test_what_lora_learned_is_the_spectrum_of_dw_and_how_much_it_amplifies_w0():
+    from lora import what_lora_learned
+    torch.manual_seed(0)
+    plain, pissa = LoRALinear(nn.Linear(24, 16), r=3, alpha=6), PiSSALinear(nn.Linear(24, 16), r=3, alpha=6)
+    pretrained = pissa.base.weight + pissa.scale * pissa.B0 @ pissa.A0
+    for layer in (plain, pissa):
+        nn.init.normal_(layer.lora_B.weight, std=0.3)
+    layers = what_lora_learned(nn.Sequential(plain, pissa))
+    for (path, ratio, values, amplification), W0 in zip(layers, (plain.base.weight, pretrained)):
+        A, B = plain.lora_A.weight, plain.lora_B.weight  # the update, as its checkpoint holds it
+        if path == "1":
+            A, B = pissa.as_plain_lora()
+        dW = 2.0 * B @ A
+        U, S, Vh = torch.linalg.svd(dW)
+        rank = 3  # PiSSA saves rank 2r; only B moved, so its update holds r directions too
+        assert len(values) == rank and torch.allclose(torch.tensor(values), S[:rank], atol=1e-5)
+        assert ratio == pytest.approx((dW.norm() / W0.norm()).item(), rel=1e-4)
+        shared = U[:, :rank].T @ W0 @ Vh[:rank].T  # Hu et al.: |dW| / |U^T W V^T|
+        assert amplification == pytest.approx((dW.norm() / shared.norm()).item(), rel=1e-3)
+
+
+def test_the_report_says_what_lora_learned_per_adapted_layer(trained):
+    lines = trained["report"].split("what LoRA learned")[1].splitlines()[1:5]
+    assert [line.split()[0] for line in lines] == [f"roberta.encoder.layer.{i}.attention.self.{t}" for i in (0, 1)
+                                                   for t in ("query", "value")]
+    for line in lines:  # |dW| / |W0|, the amplification, at most r = 4 singular values, largest first
+        ratio, amplification, *values = line.split()[1:]
+        assert 0 < float(ratio) < math.inf and float(amplification.lstrip("x")) > 0 and 1 <= len(values) <= 4
+        assert [float(v) for v in values] == sorted((float(v) for v in values), reverse=True)
+
+
 # --- operations: nothing lost, nothing let in, torchrun ------------------------------------------------
 
 def test_ctrl_c_then_resume_ends_exactly_like_an_uninterrupted_run(model_dirs, tmp_path, capsys, on_cpu):
@@ -1420,7 +1577,7 @@ BAD_TRAINING = {  # name: (flags, what the one line says)
     "r auto without a budget": (lambda d, rows: ["--r", "auto"], "--r auto needs --max-trainable N"),
     "a negative lr": (lambda d, rows: ["--lr", "-0.001"], "argument --lr: must be positive, got -0.001"),
     "val size too big": (lambda d, rows: ["--val-size", "60"],
-                         "--val-size 60 must be above 0 and below the 60 rows used"),
+                         "--val-size 60 must be below the 60 rows used"),
     "an unknown target": (lambda d, rows: ["--targets", "query", "qkv"], "unknown LoRA target(s) qkv; targets are "
                           "dotted suffixes of the paths of this model's pretrained Linear layers: "
                           "attention.output.dense, attention.self.key"),
@@ -1483,7 +1640,7 @@ train.main()
 def batch_args(grad_accum, rank=0, world=1):
     """What micro_batches reads of train's args: the pieces, this process, the device (the CPU here)."""
     return SimpleNamespace(grad_accum=grad_accum, rank=rank, world=world, max_length=64, device=torch.device("cpu"),
-                           compile=False)
+                           compile=False, class_weight=None)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

@@ -9,6 +9,7 @@ an AdamW step on the cross-entropy per batch. A better validation accuracy keeps
 --patience evaluations without one stop the run, and the best is put back at the end.
 """
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -24,12 +25,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import ADAPTER_FILE, CONFIG_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, export_peft
-from checkpoint import load_base_model, save_checkpoint
-from data import InputError, load_splits, pad_batch, short, to_device, tokenize
-from data import training_batches
+from checkpoint import ADAPTER_FILE, CONFIG_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, export_merged
+from checkpoint import export_peft, load_base_model, save_checkpoint
+from data import InputError, load_splits, one_line, pad_batch, short, to_device, tokenize
+from data import training_batches, write_atomically
 from lora import LoRALinear, PiSSALinear, TargetError, count_per_rank, inject_lora, largest_rank
-from lora import parameter_table, target_paths
+from lora import parameter_table, target_paths, what_lora_learned
 from predict import fail, pick_device, pick_precision, predict_logits, report_classes
 from resume import LAST_STATE, METRICS_FILE, load_run, save_run
 
@@ -90,7 +91,8 @@ def train_step(model, pieces, batch_rows, optimizer, scheduler, scaler, args):
         with torch.autocast(args.device.type, args.amp_dtype, enabled=args.amp_dtype is not None):
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         # the pieces' losses add up to the batch's mean; x world, as DDP averages the processes'
-        loss = F.cross_entropy(logits.float(), labels, reduction="sum") * args.world / batch_rows
+        loss = F.cross_entropy(logits.float(), labels, weight=args.class_weight, reduction="sum")
+        loss = loss * args.world / batch_rows
         scaler.scale(loss).backward()  # the scaler scales only in fp16, where gradients underflow
         total = total + loss.detach() / args.world
     scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
@@ -103,31 +105,37 @@ def train_step(model, pieces, batch_rows, optimizer, scheduler, scaler, args):
 
 
 def evaluate(model, tokens, labels, pad_id, args):
-    """(mean cross-entropy, accuracy, predicted classes) on a labelled split."""
+    """(predicted classes, figures, score) on a labelled split: the mean cross-entropy, the share
+    of rows right, the mean F1 of the classes present; score: the --select figure of the two."""
     logits = predict_logits(model, tokens, pad_id, args.eval_batch_size, args.device,
                             args.amp_dtype)
-    predicted = logits.argmax(-1)
-    accuracy = (predicted == labels).float().mean().item()
-    return F.cross_entropy(logits, labels).item(), accuracy, predicted
+    predicted, k = logits.argmax(-1), logits.shape[1]
+    hits = torch.bincount(labels[predicted == labels], minlength=k)  # per class: rows right
+    counted = torch.bincount(predicted, minlength=k) + torch.bincount(labels, minlength=k)
+    figures = {"val_loss": F.cross_entropy(logits, labels).item(),  # F1 = 2 TP / (2 TP + FP + FN)
+               "val_accuracy": (predicted == labels).float().mean().item(),
+               "val_macro_f1": (2 * hits / counted.clamp(min=1))[counted > 0].mean().item()}
+    score = figures["val_macro_f1" if args.select == "macro-f1" else "val_accuracy"]
+    return predicted, figures, score
 
 
 def train(args):
-    """The method, start to end: the best model (restored) and its validation accuracy. Where it
-    runs is main()'s: args.device, args.amp_dtype, and under torchrun args.rank of args.world."""
+    """The method, start to end: the best model (restored) and its --select figure. Where it runs
+    is main()'s: args.device, args.amp_dtype, and under torchrun args.rank of args.world."""
     torch.manual_seed(args.seed + args.rank)  # each process its own dropout; DDP copies rank 0's
-    (train_texts, train_y), (val_texts, val_y), names = load_splits(
-        args.data, args.val_size, args.seed, args.limit, args.label_names, args.num_labels)
+    (train_texts, train_y), (val_texts, val_y), names = load_splits(args)  # or --val-data
     model, step_model, tokenizer, task_paths, config = lora_model(args, names)
     train_tokens, train_y = tokenize(tokenizer, train_texts, args.max_length), torch.tensor(train_y)
     val_tokens, val_y = tokenize(tokenizer, val_texts, args.max_length), torch.tensor(val_y)
+    args.class_weight = class_weights(train_y, len(names), args)  # --class-weights; None: alike
     steps_per_epoch = math.ceil(len(train_tokens) / args.batch_size)
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
     optimizer, scheduler, scaler = make_optimizer(model, args, total_steps)
 
     parts = (model, optimizer, scheduler, scaler)  # what a saved run holds besides the state
-    step, best_acc, best, bad_evals = 0, -1.0, None, 0  # the loop's state
+    step, best_score, best, bad_evals = 0, -1.0, None, 0  # the loop's state
     if args.resume:  # the saved state, tensors, optimizer, schedule and random streams
-        step, best_acc, best, bad_evals = load_run(args, parts, total_steps)
+        step, best_score, best, bad_evals = load_run(args, parts, total_steps)
     batches = training_batches(train_tokens.lengths, args.batch_size, args.seed, args.epochs)
     bar = tqdm(itertools.islice(batches, step, total_steps),  # --resume: from `step` on
                total=total_steps, initial=step, desc="train", disable=args.rank != 0)
@@ -146,16 +154,16 @@ def train(args):
                 loss_sum, logged_at = loss_sum.zero_(), step
             if step % (args.eval_every or steps_per_epoch) == 0 or step == total_steps:
                 if args.rank == 0:  # torchrun: the main process evaluates, the others wait
-                    val_loss, val_acc, predicted = evaluate(
+                    predicted, figures, score = evaluate(
                         model, val_tokens, val_y, tokenizer.pad_token_id, args)
-                    bad_evals = 0 if val_acc > best_acc else bad_evals + 1  # patience used
-                    log(step, val_loss=val_loss, val_accuracy=val_acc, bad_evals=bad_evals)
+                    bad_evals = 0 if score > best_score else bad_evals + 1  # patience used
+                    log(step, **figures, bad_evals=bad_evals)
                     if bad_evals == 0:  # the best so far: keep it, on disk and in memory
-                        best_acc, best = val_acc, keep_best(model, val_loss, predicted)
+                        best_score, best = score, keep_best(model, figures, predicted)
                         save_checkpoint(args.out, model, task_paths,
-                                        {**config, "step": step, "best_val_accuracy": val_acc})
+                                        {**config, "step": step, **figures})
                 bad_evals = from_main_process(bad_evals, args)  # so that all stop together
-                save_run(args, parts, (step, best_acc, best, bad_evals))  # --resume from here
+                save_run(args, parts, (step, best_score, best, bad_evals))  # --resume from here
             if bad_evals >= args.patience:  # early stopping
                 break
             if ctrl_c.is_set():  # Ctrl-C: stop between two steps
@@ -163,28 +171,28 @@ def train(args):
     except (KeyboardInterrupt, torch.OutOfMemoryError) as e:  # save: --resume goes on from here
         e.step, e.saved = step, args.world == 1  # (torchrun: the others are mid-step, not saving)
         if e.saved:
-            save_run(args, parts, (step, best_acc, best, bad_evals))
+            save_run(args, parts, (step, best_score, best, bad_evals))
         raise
     finally:
         bar.close()
     if args.rank == 0:  # put the best adapter and head back, and report their evaluation
         model.load_state_dict(best["tensors"], strict=False)
-        report(args, best, best_acc, val_y, names, bar)
-    return model, best_acc
+        report(args, model, best, val_y, names, bar)
+    return model, best_score
 
 
-def keep_best(model, val_loss, predicted):
+def keep_best(model, figures, predicted):
     """The best so far, in memory: the trained tensors as they are now (to put back at the end),
     with their evaluation (for the final report)."""
     tensors = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return {"tensors": tensors, "val_loss": val_loss, "predicted": predicted}
+    return {"tensors": tensors, **figures, "predicted": predicted}
 
 
 # --- operations: not needed to follow the method --------------------------------------------------
 # The exit codes and the flags; torchrun, --compile, Ctrl-C, the log, the budget, the report.
 
 OUR_FILES = {ADAPTER_FILE, CONFIG_FILE, LAST_STATE, METRICS_FILE, "curves.png", "confusion.png",
-             PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE}  # what a run writes: these it may replace
+             "adapter_spectrum.png", PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE}  # a run's: replaced
 
 def main(argv=None):
     """train(), with one line and an exit code for what stops it: 2 bad input, 1 a loss that is no
@@ -244,15 +252,16 @@ SCHEDULES = {  # the rate after warmup, a share of --lr, at `progress` from 0 to
 
 
 def rate(args, total_steps):
-    """The rate at a step, a share of --lr: up from 0 over --warmup-ratio of the steps, then
+    """The rate at each step, a share of --lr: up from 0 over --warmup-ratio of the steps, then
     SCHEDULES[--schedule] down to the last step."""
     warmup = round(args.warmup_ratio * total_steps)
+    return functools.partial(rate_at, SCHEDULES[args.schedule], warmup, total_steps)
 
-    def at(step):
-        if step < warmup:
-            return step / warmup
-        return SCHEDULES[args.schedule](min(1.0, (step - warmup) / max(1, total_steps - warmup)))
-    return at
+
+def rate_at(schedule, warmup, total_steps, step):
+    if step < warmup:
+        return step / warmup
+    return schedule(min(1.0, (step - warmup) / max(1, total_steps - warmup)))
 
 
 def checkpoint_activations(model):
@@ -309,6 +318,10 @@ def parse_args(argv=None):
     add("--warmup-ratio", type=fraction, default=0.0, help="share of the steps spent warming up")
     add("--weight-decay", type=float, default=0.01)
     add("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm; 0: no clipping")
+    add("--class-weights", nargs="+", default=None, metavar="W", help="weigh the cross-entropy: "
+        "balanced (N / (K x the class's rows)), or one number per class")
+    add("--select", choices=["accuracy", "macro-f1"], default="accuracy", help="the validation "
+        "figure that keeps the best adapter and counts patience")
     add("--epochs", type=at_least(1), default=1)
     add("--max-steps", type=at_least(1), default=None, help="stop after this many steps")
     add("--batch-size", type=at_least(1), default=32, help="training batch (torchrun: global)")
@@ -317,7 +330,9 @@ def parse_args(argv=None):
     add("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
     add("--eval-batch-size", type=at_least(1), default=64)
     add("--max-length", type=at_least(2), default=512, help="longer texts are truncated")
-    add("--val-size", type=int, default=640, help="rows split off the data for validation")
+    add("--val-size", type=at_least(1), default=640, help="rows split off the data for validation")
+    add("--val-data", default=None, help="a file of the same classes as --data, its validation "
+        "split: nothing is split off --data")
     add("--seed", type=int, default=42)
     add("--eval-every", type=at_least(0), default=200, help="steps between evaluations; 0: at "
         "each epoch's end")
@@ -325,6 +340,8 @@ def parse_args(argv=None):
     add("--limit", type=at_least(1), default=None, help="use only this many rows (quick runs)")
     add("--log-every", type=at_least(1), default=50, help="steps between loss reports")
     add("--export-peft", metavar="DIR", default=None, help="also write it in PEFT's layout")
+    add("--export-merged", metavar="DIR", default=None, help="also write a transformers model "
+        "folder, the adapters merged, with the class names (pipeline() loads it)")
     add("--compile", action="store_true", help="torch.compile the model (CUDA graphs on a GPU)")
     add("--resume", action="store_true", help="continue the run saved in --out (same flags)")
     add("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
@@ -369,9 +386,16 @@ def rank_flag(value):
 
 def check_args(args):
     """What argparse's types cannot check alone."""
+    weights = args.class_weights or ["balanced"]
+    if weights != ["balanced"] and not all(is_weight(w) for w in weights):
+        fail(f"--class-weights takes balanced or positive numbers, one per class, not "
+             f"{short(' '.join(weights), 60)}")
     if args.r == "auto" and args.max_trainable is None:
         fail("--r auto needs --max-trainable N (the budget the rank is fitted to), e.g. "
              "--max-trainable 1000000")
+    merged = args.export_merged
+    if merged and os.path.lexists(merged) and not os.path.isfile(f"{merged}/config.json"):
+        fail(f"--export-merged {merged} exists and holds no model; give a new folder")
     for flag, folder in (("--out", args.out), ("--export-peft", args.export_peft)):
         if folder and (os.path.lexists(folder) and not os.path.isdir(folder)
                        or os.path.islink(folder)):
@@ -385,6 +409,31 @@ def check_args(args):
 
 
 
+
+
+def is_weight(text):
+    try:
+        return 0 < float(text) < math.inf
+    except ValueError:
+        return False
+
+
+def class_weights(labels, num_labels, args):
+    """--class-weights, on the device: None (every row alike), the K numbers given, or balanced."""
+    return None if args.class_weights is None else weights_of(labels, num_labels, args)
+
+
+def weights_of(labels, num_labels, args):
+    """balanced: N / (K x the class's rows) over the training split (a class with no row: 1)."""
+    if args.class_weights == ["balanced"]:
+        counts = torch.bincount(labels, minlength=num_labels).double()
+        weights = torch.where(counts > 0, len(labels) / (num_labels * counts), 1.0)
+    elif len(args.class_weights) == num_labels:
+        weights = torch.tensor([float(w) for w in args.class_weights])
+    else:
+        raise InputError(f"--class-weights: {len(args.class_weights)} weights for {num_labels} "
+                         "classes; give one per class, in label order, or balanced")
+    return weights.float().to(args.device)
 
 
 def torchrun_environment():
@@ -529,26 +578,51 @@ def refuse_over_budget(model, r, args):
                             else "no r fits: the head alone is too large"))
 
 
-def report(args, best, val_acc, labels, names, bar):
+def report(args, model, best, labels, names, bar):
     """The restored adapter's evaluation, kept from when it was the best (the validation split is
-    not scored again); the files written beside it; the speed."""
-    report_evaluation(args, best, val_acc, labels, names)
+    not scored again); what LoRA learned; the files written beside it; the speed."""
+    report_evaluation(args, best, labels, names)
+    report_update(model, args)
     report_files_and_speed(args, bar)
 
 
-def report_evaluation(args, best, val_acc, labels, names):
+def report_evaluation(args, best, labels, names):
     low, high = bootstrap_interval(best["predicted"] == labels, args.seed)
-    print(f"restored the best adapter: val loss {best['val_loss']:.4f}, val accuracy {val_acc:.4f} "
-          f"(95% bootstrap interval {low:.4f}-{high:.4f}, {len(labels)} rows) -> {args.out}")
+    print(f"restored the best adapter: val loss {best['val_loss']:.4f}, val accuracy "
+          f"{best['val_accuracy']:.4f} (95% bootstrap interval {low:.4f}-{high:.4f}, {len(labels)} "
+          f"rows), macro-F1 {best['val_macro_f1']:.4f} -> {args.out}")
     report_classes(best["predicted"], labels.tolist(), names,
                    os.path.join(args.out, "confusion.png"), "the validation split")
 
 
+def report_update(model, args):
+    """What LoRA learned, per adapted layer: how large the update is against the pretrained
+    weight, its singular values, and how much it amplifies the directions it shares with W0 (Hu
+    et al., 2021, section 7); adapter_spectrum.png in --out draws them."""
+    layers = what_lora_learned(model)
+    print("what LoRA learned: |dW| / |W0| (Frobenius), the amplification of W0's directions, "
+          "dW's singular values")
+    for path, ratio, values, amplification in layers[:MAX_REPORTED]:
+        shown = " ".join(f"{v:.3g}" for v in values[:8])
+        print(f"  {one_line(path)[-60:]:<60} {ratio:9.2e}  x{amplification:<7.3g} {shown}")
+    if len(layers) > MAX_REPORTED:
+        print(f"  ... and {len(layers) - MAX_REPORTED:,} more layers (adapter_spectrum.png)")
+    picture = plot_spectrum(layers, os.path.join(args.out, "adapter_spectrum.png"))
+    if picture:
+        print(f"adapter spectrum: {picture}")
+
+
+MAX_REPORTED = 96  # adapted layers printed (RoBERTa-base's query and value: 24)
+
+
 def report_files_and_speed(args, bar):
-    """The PEFT export and curves.png, if asked for and possible; steps and samples a second."""
+    """The exports and curves.png, if asked for and possible; steps and samples a second."""
     if args.export_peft:
         export_peft(args.out, args.export_peft)
         print(f"PEFT adapter: {args.export_peft}")
+    if args.export_merged:
+        export_merged(args.out, args.export_merged)
+        print(f"merged model (transformers' folder): {args.export_merged}")
     curves = plot_curves(args.out)
     print(f"metrics: {os.path.join(args.out, METRICS_FILE)}"
           + (f", curves: {curves}" if curves else " (pip install matplotlib for curves.png)"))
@@ -586,6 +660,28 @@ def plot_curves(out):
     fig.tight_layout()
     path = os.path.join(out, "curves.png")
     fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_spectrum(layers, path):
+    """adapter_spectrum.png: per adapted layer, |dW| / |W0| (left) and dW's singular values
+    (right); at most 400 layers drawn (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    layers = layers[:400]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    left.bar(range(len(layers)), [ratio for _, ratio, _, _ in layers])
+    left.set(title="|dW| / |W0| per adapted layer", xlabel="adapted layer, in model order")
+    for i, (_, _, values, _) in enumerate(layers):
+        right.scatter([i] * len(values), values, s=8, c=range(len(values)), cmap="viridis")
+    right.set(title="singular values of dW (largest: dark)", xlabel="adapted layer", yscale="log")
+    fig.tight_layout()
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
     plt.close(fig)
     return path
 
