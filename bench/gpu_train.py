@@ -76,7 +76,7 @@ def run_train(argv, out, timeout):
              and "s/it]" not in line]
     result = {"rc": rc, "wall_s": round(time.perf_counter() - start, 1), "losses": losses,
               "finite": bool(losses) and all(math.isfinite(v) for v in losses.values()),
-              "val_accuracy": accuracies[-1] if accuracies else None,
+              "val_accuracy": round(accuracies[-1], 4) if accuracies else None,
               "recompiles": sum("Recompiling function" in line for line in lines),
               "graph_breaks": sum("Graph break" in line for line in lines)}
     if rc != 0:
