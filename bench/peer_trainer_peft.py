@@ -28,17 +28,20 @@ import time
 import torch
 from datasets import load_dataset
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                          EarlyStoppingCallback, Trainer, TrainingArguments)
+from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
+                          DataCollatorWithPadding, EarlyStoppingCallback, Trainer,
+                          TrainingArguments)
 
 p = argparse.ArgumentParser()
 p.add_argument("phase", choices=["train", "predict"])
 p.add_argument("--model", required=True)
-p.add_argument("--out", required=True, help="Trainer output folder; the best adapter goes to OUT/best")
+p.add_argument("--out", required=True,
+               help="Trainer output folder; the best adapter goes to OUT/best")
 p.add_argument("--train", help="labelled CSV to train on (train)")
 p.add_argument("--eval", help="CSV with a text column to predict (predict)")
 p.add_argument("--preds", help="CSV to write, ID,Label (predict)")
-p.add_argument("--limit", type=int, default=4000, help="training rows used (after a seeded shuffle)")
+p.add_argument("--limit", type=int, default=4000,
+               help="training rows used (after a seeded shuffle)")
 p.add_argument("--val-size", type=int, default=640)
 p.add_argument("--num-labels", type=int, default=4)
 p.add_argument("--r", type=int, default=2)
@@ -52,7 +55,8 @@ p.add_argument("--eval-batch-size", type=int, default=64)
 p.add_argument("--max-length", type=int, default=128)
 p.add_argument("--seed", type=int, default=42)
 p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-               help="mixed precision the Trainer's way (TrainingArguments bf16/fp16); fp32 by default")
+               help="mixed precision the Trainer's way (TrainingArguments bf16/fp16); fp32 by "
+                    "default")
 args = p.parse_args()
 if args.phase == "train" and not args.train:
     p.error("train needs --train")
@@ -88,9 +92,11 @@ if args.phase == "train":
     train = raw.shuffle(seed=args.seed).select(range(min(args.limit, len(raw))))
     split = train.train_test_split(test_size=args.val_size, seed=args.seed)
     train_ds, val_ds = encode(split["train"]), encode(split["test"])
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=args.num_labels)
-    model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=args.r, lora_alpha=args.alpha,
-                                             lora_dropout=args.dropout, target_modules=["query", "value"]))
+    model = AutoModelForSequenceClassification.from_pretrained(args.model,
+                                                               num_labels=args.num_labels)
+    model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=args.r,
+                                             lora_alpha=args.alpha, lora_dropout=args.dropout,
+                                             target_modules=["query", "value"]))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     targs = training_arguments(
         learning_rate=args.lr, num_train_epochs=args.epochs, weight_decay=args.weight_decay,
@@ -104,14 +110,17 @@ if args.phase == "train":
     trainer.train()
     train_loop_s = time.perf_counter() - t0
     trainer.save_model(best_dir)  # the best adapter (restored at the end) and the head
-    print(json.dumps({"system": "trainer+peft", "phase": "train", "train_loop_s": round(train_loop_s, 2),
-                      "trainable_params": trainable, "train_rows": len(train_ds)}))
+    print(json.dumps({"system": "trainer+peft", "phase": "train",
+                      "train_loop_s": round(train_loop_s, 2), "trainable_params": trainable,
+                      "train_rows": len(train_ds)}))
 else:
     eval_ds = encode(load_dataset("csv", data_files={"eval": args.eval})["eval"])
     eval_ds = eval_ds.remove_columns([c for c in ["labels"] if c in eval_ds.column_names])
-    base = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=args.num_labels)
+    base = AutoModelForSequenceClassification.from_pretrained(args.model,
+                                                              num_labels=args.num_labels)
     model = PeftModel.from_pretrained(base, best_dir)
-    trainer = Trainer(model=model, args=training_arguments(), data_collator=DataCollatorWithPadding(tok))
+    trainer = Trainer(model=model, args=training_arguments(),
+                      data_collator=DataCollatorWithPadding(tok))
     t0 = time.perf_counter()
     out = trainer.predict(eval_ds)
     predict_loop_s = time.perf_counter() - t0

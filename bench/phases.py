@@ -3,12 +3,16 @@
     python bench/phases.py [train.py flags]    # e.g. --model $M --data $DATA/agnews_dev_train.csv
                                                #      --limit 4000 --max-length 128 --eval-every 0
 
-Prints, after the run, each wrapped function's calls and seconds, the imports, and the whole
-process. Nested phases are counted in their callers too: lora_model holds load_base_model,
-inject_lora and cast_frozen_linears; micro_batches holds pad_batch; evaluate, the validation.
+Prints, after the run, each wrapped function's calls and seconds, the imports, the whole process,
+and the share of the training positions that were padding (over every piece micro_batches made).
+Nested phases are counted in their callers too: lora_model holds load_base_model and inject_lora;
+micro_batches is a generator, timed while it makes its pieces (pad_batch, the copy to the device),
+which happens inside train_step, which holds it; evaluate holds predict_logits, the validation;
+save_checkpoint is called by the loop when an evaluation is the best so far.
 """
 import atexit
 import functools
+import inspect
 import os
 import sys
 import time
@@ -18,10 +22,36 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 
 IMPORTED = time.perf_counter() - START
-PHASES = ["load_splits", "lora_model", "load_base_model", "inject_lora", "cast_frozen_linears",
-          "tokenize", "make_optimizer", "load_run", "micro_batches", "pad_batch", "train_step",
-          "evaluate", "keep_best", "save_run", "report"]
+PHASES = ["start_process", "load_splits", "lora_model", "load_base_model", "inject_lora",
+          "tokenize", "make_optimizer", "load_run", "micro_batches", "pad_batch", "to_device",
+          "train_step", "evaluate", "predict_logits", "keep_best", "save_checkpoint", "save_run",
+          "report"]
 totals = {}
+positions = {"real": 0, "padded": 0}  # tokens in the attention masks, and every position
+
+
+def add(name, seconds):
+    calls, total = totals.get(name, (0, 0.0))
+    totals[name] = (calls + 1, total + seconds)
+
+
+def timed_pieces(name, pieces):
+    """A generator's items, each one's making timed (not the caller's work between them); the
+    padding counted from each attention mask (summed on the device: read once, at the end)."""
+    spent = 0.0
+    while True:
+        start = time.perf_counter()
+        try:
+            piece = next(pieces)
+        except StopIteration:
+            break
+        finally:
+            spent += time.perf_counter() - start
+        input_ids, attention_mask, _ = piece
+        positions["real"] = attention_mask.sum() + positions["real"]
+        positions["padded"] += attention_mask.numel()
+        yield piece
+    add(name, spent)
 
 
 def timed(name):
@@ -31,10 +61,13 @@ def timed(name):
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
         try:
-            return function(*args, **kwargs)
+            result = function(*args, **kwargs)
         finally:
-            calls, seconds = totals.get(name, (0, 0.0))
-            totals[name] = (calls + 1, seconds + time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+        if inspect.isgenerator(result):  # its work happens as it is consumed
+            return timed_pieces(name, result)
+        add(name, seconds)
+        return result
     return wrapper
 
 
@@ -43,6 +76,10 @@ def show():
     for name, (calls, seconds) in totals.items():
         print(f"{name:20s} {calls:5d} {seconds:8.2f} s", file=sys.stderr)
     print(f"{'whole process':20s} {'':>5s} {time.perf_counter() - START:8.2f} s", file=sys.stderr)
+    if positions["padded"]:
+        real = int(positions["real"])
+        print(f"padding: {1 - real / positions['padded']:.2%} of {positions['padded']:,} training "
+              "positions", file=sys.stderr)
 
 
 for name in PHASES:

@@ -4,7 +4,8 @@
 
 The reference run's setup at a small scale: --limit rows, max length 128, r=2 on query and value,
 dropout 0.05, the head trained, batch 32, the model in train mode (its own dropout on), on the CPU
-in fp32; each step is train.py's own (train.micro_batches, train.train_step, make_optimizer).
+in fp32; the model is train.lora_model's and each step is train.py's own (train.micro_batches,
+train.train_step, train.make_optimizer), with train.py's defaults for every other flag.
 """
 import argparse
 import os
@@ -15,9 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
-from checkpoint import load_base_model  # noqa: E402
 from data import length_grouped_batches, load_splits, tokenize  # noqa: E402
-from lora import inject_lora  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,22 +26,17 @@ p.add_argument("--limit", type=int, default=4000)
 p.add_argument("--steps", type=int, default=8)
 args = p.parse_args()
 flags = train.parse_args(["--max-length", "128", "--precision", "fp32", "--model", args.model])
-run = train.Run(flags)  # train.py's: the padding, the copies to the device
-run.device, run.amp_dtype, run.pad_to = torch.device("cpu"), None, 1
-flags.device, flags.amp_dtype = run.device, run.amp_dtype  # as train.train sets them
-(texts, labels), _, _ = load_splits(args.data, 640, 42, args.limit)
-model, tokenizer, new = load_base_model(args.model, 4, flags.max_length)
-inject_lora(model, 2, 4, 0.05, ["query", "value"], skip=new)
-for path in new:
-    model.get_submodule(path).requires_grad_(True)
-model.train()
+train.start_process(flags)  # rank 0 of 1, as train.py alone
+flags.device, flags.amp_dtype = torch.device("cpu"), None  # the CPU profile, even beside a GPU
+(texts, labels), _, names = load_splits(args.data, flags.val_size, flags.seed, args.limit)
+model, step_model, tokenizer, _, _ = train.lora_model(flags, names)  # prints where parameters are
 tokens, labels = tokenize(tokenizer, texts, flags.max_length), torch.tensor(labels)
 optimizer, scheduler, scaler = train.make_optimizer(model, flags, total_steps=10**6)
 
 
 def step(rows):
-    pieces = train.micro_batches(tokens, labels, rows, tokenizer.pad_token_id, run, flags)
-    train.train_step(model, pieces, optimizer, scheduler, scaler, flags)
+    pieces = train.micro_batches(tokens, labels, rows, tokenizer.pad_token_id, flags)
+    train.train_step(step_model, pieces, len(rows), optimizer, scheduler, scaler, flags)
 
 
 batches = length_grouped_batches(tokens.lengths, flags.batch_size, seed=42)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Training's peak RSS and time against three allocator remedies (issue 16): STEPS steps (200) of
 # all-MiniLM-L6-v2 on DATA, max length 128, fp32, two runs each. Each variant runs a patched copy
-# of this checkout's product files (its *.py, as they are now) in /tmp; the checkout is not touched.
+# of this checkout's product files (its *.py, as they are now) in a temporary folder; the checkout
+# is not touched.
 #   baseline  as it is
-#   pad8      every batch padded to a multiple of 8 (as pad_to_multiple_of=8 does): fewer shapes
+#   pad8      every batch padded to a multiple of 8 (as train.py pads on a GPU): fewer shapes
 #   trim      malloc_trim(0) after each evaluation
 #   mmap4m    mallopt(M_MMAP_THRESHOLD, 4 MiB) at start (what MALLOC_MMAP_THRESHOLD_=4194304 sets)
 # usage: MODEL=DIR DATA=train.csv bench/rss.sh [more train.py flags]   (PYTHON may be set)
@@ -30,20 +31,22 @@ compile("\n".join(lines), path, "exec")  # a patch that breaks the file stops he
 open(path, "w").write("\n".join(lines))
 PY
 }
+TMP=$(mktemp -d) && trap 'rm -rf "$TMP"' EXIT
 for variant in baseline pad8 trim mmap4m; do
-  d=/tmp/rss_$variant; rm -rf "$d"; mkdir -p "$d"; cp "$ROOT"/*.py "$d"/
+  d=$TMP/$variant; mkdir -p "$d"; cp "$ROOT"/*.py "$d"/
   case $variant in
-    pad8) patch "$d/train.py" "pad_to = 16 if cuda else 1" sub "pad_to = 8" ;;
-    trim) patch "$d/train.py" "agree(bad_evals" after \
-            "__import__('ctypes').CDLL('libc.so.6').malloc_trim(0)" ;;
+    pad8) patch "$d/train.py" '1 if args.device.type == "cpu" else 16 if args.compile else 8' \
+            sub "8" ;;  # micro_batches' multiple, on the CPU too
+    trim) patch "$d/train.py" "bad_evals = from_main_process(bad_evals, args)" after \
+            "__import__('ctypes').CDLL('libc.so.6').malloc_trim(0)" ;;  # after each evaluation
     mmap4m) patch "$d/train.py" "def main(argv=None):" after \
               "__import__('ctypes').CDLL('libc.so.6').mallopt(-3, 4 * 2**20)" ;;
   esac
   for rep in $(seq "${REPS:-2}"); do
     (cd "$d" && /usr/bin/time -f "%e s wall, peak RSS %M KiB" "$PY" train.py --model "$MODEL" \
-      --data "$DATA" --out "/tmp/rss_out_$variant" --max-length 128 --max-steps "${STEPS:-200}" \
+      --data "$DATA" --out "$TMP/out_$variant" --max-length 128 --max-steps "${STEPS:-200}" \
       --eval-every "${EVERY:-50}" --precision fp32 "$@" 2>&1 | grep -E "peak RSS|s training" \
       | sed "s/^/$variant run $rep: /")
   done
-  rm -rf "$d" "/tmp/rss_out_$variant"
+  rm -rf "$d" "$TMP/out_$variant"
 done

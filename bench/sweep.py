@@ -49,13 +49,15 @@ def screen_configs(head):
 
 
 def run_config(name, flags, args, seed, limit):
-    """Train epoch by epoch (--resume), score the eval file after each; one JSON line per epoch."""
+    """Train epoch by epoch (--resume), score the eval file after each; one JSON line per epoch.
+    The run's predictions go in runs/NAME_seedS, train.py's folder in runs/NAME_seedS/train (a
+    run's --out holds only its own files: train.py refuses one with others in it)."""
     out = os.path.join(args.out, "runs", f"{name}_seed{seed}" + ("" if limit else "_all"))
     trick = [f for f in flags if f.startswith("--trick=")]
     flags = [f for f in flags if not f.startswith("--trick=")]
     command = [sys.executable, __file__, "one", "--out-dir", out, "--eval", args.eval, *trick, "--",
-               "--model", args.model, "--data", args.data, "--out", out, "--seed", str(seed),
-               "--max-length", str(args.max_length), "--eval-every", "0",
+               "--model", args.model, "--data", args.data, "--out", os.path.join(out, "train"),
+               "--seed", str(seed), "--max-length", str(args.max_length), "--eval-every", "0",
                *(["--limit", str(limit)] if limit else []), *flags, *args.train_flags]
     threads = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     result = subprocess.run(command, capture_output=True, text=True, env=threads)
@@ -81,11 +83,13 @@ def one(argv):
     import train
     apply_trick(own.trick, train)
     texts, labels = data.read_texts(own.eval)
+    os.makedirs(own.out_dir, exist_ok=True)
     start = time.perf_counter()
     for epoch in range(1, own.epochs + 1):
         resume = ["--resume"] if epoch > 1 else []
         args = train.parse_args(train_argv + ["--epochs", str(epoch)] + resume)
-        model, val_acc = train.train(args, train.Run(args))
+        train.start_process(args)  # the device and its precision, as train.py's main places them
+        model, val_acc = train.train(args)
         tokenizer = AutoTokenizer.from_pretrained(args.model)  # load_base_model's
         tokens = data.tokenize(tokenizer, texts, args.max_length)
         predicted = predict.predict_logits(model, tokens, tokenizer.pad_token_id, 64, args.device,
@@ -93,7 +97,7 @@ def one(argv):
         with open(os.path.join(own.out_dir, f"eval_predictions_epoch{epoch}.json"), "w") as f:
             json.dump(predicted.tolist(), f)
         accuracy = (predicted == torch.tensor(labels)).float().mean().item()
-        config = json.load(open(os.path.join(own.out_dir, "config.json")))
+        config = json.load(open(os.path.join(args.out, "config.json")))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         alpha = config["alpha"] / (2 if config["init"] == "pissa" else 1)
         print(json.dumps({"epoch": epoch, "val_accuracy": val_acc, "eval_accuracy": accuracy,
