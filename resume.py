@@ -148,7 +148,7 @@ def trained_tensors(model):
 def flags_of(args):
     """The flags as saved: short reprs, so that comparing them costs what a flag is long."""
     return {k: short(v, 200) for k, v in vars(args).items()
-            if k not in ("device", "amp_dtype", "rank", "world", "saved_at")}
+            if k not in ("device", "amp_dtype", "rank", "world", "saved_at", "class_weight")}
 
 
 def rng_states(world):

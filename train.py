@@ -72,7 +72,7 @@ def make_optimizer(model, args, total_steps):
 
 def micro_batches(tokens, labels, rows, pad_id, args):
     """The batch `rows` in --grad-accum pieces (input_ids, attention_mask, labels) on the device,
-    padded exactly on a CPU, on a GPU to multiples of 8 (of 16 with --compile: fewer CUDA graphs).
+    padded exactly on a CPU, on a GPU to multiples of 8 (of 16 with --compile: fewer graphs).
     torchrun: cut in grad_accum x world pieces, of which each process takes its share."""
     count = args.grad_accum * args.world
     rows = rows * math.ceil(count / len(rows))  # fewer rows than pieces: the batch repeated whole
@@ -569,11 +569,12 @@ def check_budget(model, task_paths, config, args):
 def refuse_over_budget(model, r, args):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if args.max_trainable is not None and trainable > args.max_trainable:
-        lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
-        fits = largest_rank(lora // r, trainable - lora, args.max_trainable)
-        raise InputError(f"r={r} on {', '.join(args.targets or ['query', 'value'])} trains "
-                         f"{trainable:,} parameters, "
-                         f"above --max-trainable {args.max_trainable:,}; "
+        lora = {n.split(".lora_")[0]: p for n, p in model.named_parameters() if ".lora_" in n}
+        count = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+        fits = largest_rank(count // r, trainable - count, args.max_trainable)
+        names = args.targets or sorted({path.rsplit(".")[-1] for path in lora})
+        raise InputError(f"r={r} on {', '.join(names)} trains {trainable:,} parameters, above "
+                         f"--max-trainable {args.max_trainable:,}; "
                          + (f"the largest r that fits is {fits}" if fits
                             else "no r fits: the head alone is too large"))
 

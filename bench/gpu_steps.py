@@ -92,6 +92,7 @@ def args_for(cli, precision, compile=False, grad_accum=1):
     argv = ["--batch-size", str(cli.batch_size), "--max-length", str(cli.max_length),
             "--precision", precision, "--grad-accum", str(grad_accum)]
     args = train.parse_args(argv + (["--compile"] if compile else []))
+    args.class_weight = None  # every row alike, as train() sets it without --class-weights
     train.start_process(args)
     if cli.tiny:
         args.device, args.amp_dtype = torch.device("cpu"), None
@@ -255,7 +256,9 @@ def time_variant(name, cli, tokens, labels, chosen):
 def steps_section(cli, device):
     """The three variants (or --variants) on the same batches; one JSON line each."""
     tokenizer = AutoTokenizer.from_pretrained(cli.tokenizer)
-    (texts, labels), _, _ = load_splits(cli.data, 640, 42, cli.limit)
+    flags = argparse.Namespace(data=cli.data, val_size=640, seed=42, limit=cli.limit,
+                               label_names=None, num_labels=None, val_data=None)
+    (texts, labels), _, _ = load_splits(flags)
     tokens, labels = tokenize(tokenizer, texts, cli.max_length), torch.tensor(labels)
     batches = [b for b in length_grouped_batches(tokens.lengths, cli.batch_size, 42)
                if len(b) == cli.batch_size]

@@ -130,8 +130,7 @@ def agreement_check(cli):
             print(json.dumps(line), flush=True)
             return
         args = train.parse_args(argv)
-        _, (texts, labels), _ = data.load_splits(args.data, args.val_size, args.seed, args.limit,
-                                                 args.label_names, args.num_labels)
+        _, (texts, labels), _ = data.load_splits(args)
         with open(rows, "w", encoding="utf-8") as f:  # JSON: every text exactly as it was
             f.writelines(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, labels))
         done = subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"), rows,

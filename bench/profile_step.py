@@ -26,9 +26,11 @@ p.add_argument("--limit", type=int, default=4000)
 p.add_argument("--steps", type=int, default=8)
 args = p.parse_args()
 flags = train.parse_args(["--max-length", "128", "--precision", "fp32", "--model", args.model])
+flags.class_weight = None  # every row alike, as train() sets it without --class-weights
 train.start_process(flags)  # rank 0 of 1, as train.py alone
 flags.device, flags.amp_dtype = torch.device("cpu"), None  # the CPU profile, even beside a GPU
-(texts, labels), _, names = load_splits(args.data, flags.val_size, flags.seed, args.limit)
+flags.data, flags.limit = args.data, args.limit
+(texts, labels), _, names = load_splits(flags)
 model, step_model, tokenizer, _, _ = train.lora_model(flags, names)  # prints where parameters are
 tokens, labels = tokenize(tokenizer, texts, flags.max_length), torch.tensor(labels)
 optimizer, scheduler, scaler = train.make_optimizer(model, flags, total_steps=10**6)
