@@ -1274,7 +1274,7 @@ def test_every_family_trains_on_its_query_and_value_and_padding_changes_no_answe
 def test_a_budget_refused_names_the_layers_the_family_adapts(family_dirs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["--model", family_dirs["llama"], "--data", write_csv(tmp_path / "t.csv", synthetic_rows(40, 1)),
-                    "--val-size", "8", "--max-trainable", "100", "--out", str(tmp_path / "never")])
+                    "--val-size", "8", "--max-trainable", "100", "--max-length", "64", "--out", str(tmp_path / "never")])
     assert capsys.readouterr().err.strip().startswith("error: r=2 on q_proj, v_proj trains ")
 
 
