@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save as safetensors_bytes
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from data import InputError, printable, short, write_atomically
+from data import InputError, label_value, offline_unless_the_hub_answers, printable, short
+from data import write_atomically
 from lora import PiSSALinear, inject_lora, target_paths
 
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "config.json"
@@ -132,7 +133,8 @@ def is_strings(v, most):
 # field: (whether a value is right, what it must be); the first six are required
 CONFIG_RULES = {
     "base_model": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-    "labels": (lambda v: is_strings(v, MAX_LABELS), f"a list of 1 to {MAX_LABELS:,} strings"),
+    "labels": (lambda v: is_strings(v, MAX_LABELS) and len(set(map(label_value, v))) == len(v),
+               f"a list of 1 to {MAX_LABELS:,} strings, all distinct (3 and 03 are one class)"),
     "r": (lambda v: is_int(v) and 1 <= v <= MAX_R, f"an integer from 1 to {MAX_R}"),
     "alpha": (lambda v: is_number(v) and 0 < v <= 1e6, "a finite number above 0, at most 1e6"),
     "targets": (lambda v: is_strings(v, MAX_TARGETS), f"a list of 1 to {MAX_TARGETS:,} strings"),
@@ -299,15 +301,18 @@ def read_checkpoint(checkpoint):
     """(config, tensors), both checked, from a train.py checkpoint folder or a PEFT LoRA adapter
     folder: config.json by CONFIG_RULES, the tensors by read_tensors."""
     if os.path.isfile(os.path.join(checkpoint, PEFT_CONFIG_FILE)):
-        return read_peft_adapter(checkpoint)
-    config_path = os.path.join(checkpoint, CONFIG_FILE)
-    adapter_path = os.path.join(checkpoint, ADAPTER_FILE)
-    if not (os.path.isfile(config_path) and os.path.isfile(adapter_path)):
-        raise InputError(f"{printable(checkpoint, 100)}: not a checkpoint folder (needs "
-                         f"{CONFIG_FILE} and {ADAPTER_FILE}, or a PEFT {PEFT_CONFIG_FILE}); pass "
-                         "the --out folder of a finished train.py run")
-    config = check_config(read_json(config_path), printable(config_path, 100))
-    return config, read_tensors(adapter_path)
+        config, tensors = read_peft_adapter(checkpoint)
+    else:
+        config_path = os.path.join(checkpoint, CONFIG_FILE)
+        adapter_path = os.path.join(checkpoint, ADAPTER_FILE)
+        if not (os.path.isfile(config_path) and os.path.isfile(adapter_path)):
+            raise InputError(f"{printable(checkpoint, 100)}: not a checkpoint folder (needs "
+                             f"{CONFIG_FILE} and {ADAPTER_FILE}, or a PEFT {PEFT_CONFIG_FILE}); "
+                             "pass the --out folder of a finished train.py run")
+        config = check_config(read_json(config_path), printable(config_path, 100))
+        tensors = read_tensors(adapter_path)
+    offline_unless_the_hub_answers(config["base_model"])  # a base on the hub: seconds, not 50
+    return config, tensors
 
 
 def save_tensors(path, tensors, metadata=None):
@@ -395,3 +400,17 @@ def read_peft_adapter(folder):
     config.update(labels=[str(i) for i in range(min(head_widths))], max_length=512,
                   targets=sorted(config["targets"]))
     return config, tensors
+
+
+def base_model_of(checkpoint):
+    """The base_model a checkpoint folder's config names (ours or PEFT's), or None if it names
+    none that can be read: the checks of load_model say why, later."""
+    for file, field in ((PEFT_CONFIG_FILE, PEFT_NAMES["base_model"]), (CONFIG_FILE, "base_model")):
+        path = os.path.join(checkpoint, file)
+        if os.path.isfile(path):
+            try:
+                base = read_json(path).get(field)
+            except InputError:
+                return None
+            return base if isinstance(base, str) and "\0" not in base else None
+    return None

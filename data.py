@@ -100,6 +100,15 @@ def pad_batch(tokens, rows, pad_id, multiple=1, max_length=math.inf):
 # Reading tables (hub names, files, folders) and checking their labels; messages and safe writes.
 
 
+import contextlib  # noqa: E402  (the operations' own imports: where they start)
+import secrets  # noqa: E402
+import socket  # noqa: E402
+import stat  # noqa: E402
+import threading  # noqa: E402
+import urllib.parse  # noqa: E402
+import urllib.request  # noqa: E402
+
+
 class InputError(ValueError):
     """Bad input of any kind (data, flags, a checkpoint, the environment): the message says what is
     wrong and how to fix it, in one line."""
@@ -118,10 +127,10 @@ def load_splits(source, val_size, seed, limit=None, names=None, num_labels=None)
 def labelled_rows(source, names, num_labels):
     """(texts, labels 0..K-1, class names), every label checked first, in the file's row order;
     string labels are class names (in `names` order, or sorted)."""
-    texts, labels, found_names = read_table(source)
+    texts, labels = read_table(source)
     if labels is None:
         raise InputError(f"{source}: no `{LABEL}` column; training needs a label for every text")
-    names, labels = name_classes(names or found_names, num_labels, labels, source)
+    names, labels = name_classes(names, num_labels, labels, source)
     return clean_texts(texts, source), labels, names
 
 
@@ -140,14 +149,15 @@ def split_rows(count, val_size, seed, limit):
 
 def read_texts(source):
     """(texts, labels or None) to predict, in input order: a missing text is predicted as ""."""
-    texts, labels, _ = read_table(source, missing_ok=True)
+    texts, labels = read_table(source, missing_ok=True)
     return clean_texts(texts, source), labels
 
 
 def read_table(source, missing_ok=False):
-    """(texts, labels or None, class names or None) of a .csv, .jsonl, .parquet or .pkl file or a
-    save_to_disk folder (read as data in a contained child: tables.py), or of a hub dataset. A
-    missing text (None, NaN) is refused naming its row, or with `missing_ok` kept as None."""
+    """(texts, labels or None) of a .csv, .jsonl, .parquet or .pkl file or a save_to_disk folder
+    (read as data in a contained child: tables.py), or of a hub dataset (a ClassLabel's names are
+    not read: its labels are the integers, as a CSV of it holds). A missing text (None, NaN) is
+    refused naming its row, or with `missing_ok` kept as None."""
     if os.path.exists(source) or os.path.splitext(source)[1]:
         import tables
 
@@ -157,18 +167,15 @@ def read_table(source, missing_ok=False):
             raise InputError(str(e)) from None
         for note in notes:
             warn(f"{source}: {note}")
-        names = None
     else:
-        table = read_dataset(source)
-        texts, labels = columns_of(table, source)
-        names = class_names(table)
+        texts, labels = columns_of(read_dataset(source), source)
     if not texts:
         raise InputError(f"{source}: no rows; give a file with at least one text")
     missing = next((i for i, text in enumerate(texts) if text is None), None)
     if missing is not None and not missing_ok:
         raise InputError(f"{source}: row {missing} has no text (a missing value); fill it in (an "
                          "empty string is fine) or drop that row")
-    return texts, labels, names
+    return texts, labels
 
 
 def read_dataset(source):
@@ -197,6 +204,33 @@ def columns_of(table, source):
     return list(table[TEXT]), labels
 
 
+def offline_unless_the_hub_answers(*names, seconds=3.0):
+    """With HF_HUB_OFFLINE unset and a hub name among `names` (not a local path): if the hub (or
+    the proxy to it) does not accept a connection within `seconds`, go offline, so that the cache
+    still serves and a model or dataset it lacks is one line at once, not a minute of retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or all(os.path.exists(name) for name in names):
+        return
+    proxy = urllib.request.getproxies().get(urllib.parse.urlsplit(constants.ENDPOINT).scheme)
+    where = urllib.parse.urlsplit(proxy if proxy and "://" in proxy else constants.ENDPOINT)
+    answered = []
+
+    def connect():
+        with contextlib.suppress(OSError, ValueError):  # refused, no route, no such name
+            port = where.port or (443 if where.scheme == "https" else 80)
+            socket.create_connection((where.hostname, port), timeout=seconds).close()
+            answered.append(True)
+    probe = threading.Thread(target=connect, daemon=True)  # a name lookup has no timeout
+    probe.start()
+    probe.join(seconds)
+    if not answered:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # for what is imported later
+        constants.HF_HUB_OFFLINE = True
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].config.HF_HUB_OFFLINE = True
+
+
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -220,16 +254,23 @@ def clean_texts(texts, source):
     return texts
 
 
-def class_names(table):
-    """Label names when the data carries them (a ClassLabel feature, as on the hub), else None."""
-    feature = (getattr(table, "features", None) or {}).get(LABEL)
-    return list(feature.names) if hasattr(feature, "names") else None
-
-
 def name_classes(names, num_labels, labels, source):
-    """(class names, labels as 0..K-1). String labels are class names: mapped in `names` order,
-    or sorted. Integer labels: K is num_labels, else len(names), else the labels' own 0..K-1."""
-    if any(isinstance(y, str) for y in labels):
+    """(class names, labels as 0..K-1). A label written as a decimal integer ("10", " 3") is that
+    integer in every format, as a CSV's cell is. Other string labels are class names: mapped in
+    `names` order, or sorted. Integer labels: K is num_labels, else len(names), else the labels'
+    own 0..K-1; a class's name is its integer as text, or `names`' (--label-names renames them).
+    Both kinds in one file are refused. The names are what predict.py writes as Labels."""
+    labels = [label_value(y) for y in labels]
+    if names and len({label_value(name) for name in names}) < len(names):
+        raise InputError(f"--label-names {short(names)} names a class twice (3 and \"03\" are one "
+                         "class); give each class one name")
+    text = next((y for y in labels if isinstance(y, str)), None)
+    number = next((y for y in labels if is_index(y)), None)
+    if text is not None and number is not None:
+        raise InputError(f"{source}: its labels mix integers ({short(number, 20)}) and names "
+                         f"({short(text, 20)}); write every label as a class number 0..K-1, or "
+                         "every one as a name")
+    if text is not None:
         names = names or sorted(set(labels), key=str)
         index = {name: i for i, name in enumerate(names)}
         unknown = next((i for i, y in enumerate(labels) if y not in index), None)
@@ -252,6 +293,14 @@ def is_index(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+INTEGER = re.compile(r"\s*[+-]?[0-9]{1,4300}\s*", re.ASCII)  # what tables.py reads as a CSV's int
+
+
+def label_value(label):
+    """A label as every format means it: a string of a decimal integer is that integer."""
+    return int(label) if isinstance(label, str) and INTEGER.fullmatch(label) else label
+
+
 def count_classes(labels, source):
     """K, when the labels are exactly the integers 0..K-1; else one line naming what was found."""
     found = set(labels)
@@ -272,15 +321,54 @@ def to_device(device, *tensors):
 
 
 def write_atomically(path, write, mode="w"):
-    """write(file) to a temporary file beside `path`, renamed into place: never half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """write(file) to a temporary file beside `path`, renamed into place: never half a file, never
+    through a link. If it cannot be (a link, a folder, a full disk): one InputError line, the old
+    file kept and no temporary left."""
+    with replacing(path, mode) as f:
+        write(f)
+
+
+@contextlib.contextmanager
+def replacing(path, mode):
+    """A new file in `path`'s folder, renamed onto `path` if the block ends well, else removed.
+    Its name is short and opened from the folder's descriptor: a legal path stays legal."""
+    folder, name = os.path.split(path)
+    tmp, folder_fd = f".{secrets.token_hex(4)}.tmp", None
     try:
-        with open(tmp, mode, **({"newline": ""} if mode == "w" else {})) as f:
-            write(f)
-        os.replace(tmp, path)
+        folder_fd = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY)
+        refuse_unplain(path, folder_fd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=folder_fd)
+        try:
+            text = {"newline": "", "encoding": "utf-8"} if mode == "w" else {}  # in any locale
+            with os.fdopen(fd, mode, **text) as f:
+                yield f
+            refuse_unplain(path, folder_fd)  # again: it may have been made meanwhile
+            os.replace(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+        except BaseException:  # a full disk, Ctrl-C, SIGTERM: no temporary is left
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=folder_fd)
+            raise
+    except OSError as e:
+        raise InputError(f"cannot write {printable(path, 100)} ({e.strerror or short(e, 60)}); the "
+                         "file there before is kept: free some space, or write elsewhere") from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if folder_fd is not None:
+            os.close(folder_fd)
+
+
+def refuse_unplain(path, folder_fd=None):
+    """One InputError line if `path` (from the folder `folder_fd`, if given) is a link or not a
+    regular file; nothing if it is absent."""
+    name = path if folder_fd is None else os.path.basename(path)
+    try:
+        kind = os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(kind):
+        what = {stat.S_IFLNK: "a link", stat.S_IFDIR: "a folder", stat.S_IFIFO: "a pipe"}.get(
+            stat.S_IFMT(kind), "not a regular file")
+        raise InputError(f"{printable(path, 100)} is {what}: it is not written through or over; "
+                         "remove it, or write elsewhere")
 
 
 def one_line(message):

@@ -11,6 +11,7 @@ on a CPU (tested). --grad-accum, --compile and --eval-batch-size may change on r
 are then the same up to rounding. The file is read as data (`weights_only`), its size bounded
 first, its structure and flags checked before anything is used.
 """
+import io
 import os
 import zipfile
 
@@ -30,7 +31,9 @@ def save_run(args, parts, loop_state):
     """last_state.pt, written atomically by the main process (every process sends its RNG)."""
     state = run_state(args, parts, loop_state, rng_states(args.world))
     if args.rank == 0:
-        write_atomically(os.path.join(args.out, LAST_STATE), lambda f: torch.save(state, f),
+        saved = io.BytesIO()  # torch.save's writer ends a full disk in a RuntimeError: write bytes
+        torch.save(state, saved)
+        write_atomically(os.path.join(args.out, LAST_STATE), lambda f: f.write(saved.getbuffer()),
                          mode="wb")
 
 

@@ -186,6 +186,10 @@ def keep_best(model, val_loss, predicted):
 
 # --- operations: not needed to follow the method --------------------------------------------------
 # The exit codes and the flags; torchrun, --compile, Ctrl-C, the log, the budget, the report.
+import re  # noqa: E402  (the operations' own imports: where they start)
+
+from data import offline_unless_the_hub_answers, one_line, printable, refuse_unplain  # noqa: E402
+from data import write_atomically  # noqa: E402
 
 OUR_FILES = {ADAPTER_FILE, CONFIG_FILE, LAST_STATE, METRICS_FILE, "curves.png", "confusion.png",
              PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE}  # what a run writes: these it may replace
@@ -198,6 +202,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         start_process(args)  # torchrun's process group, the device and its precision
+        offline_unless_the_hub_answers(args.model, args.data)  # no minute of retries
         result = train(args)
         leave_torchrun(args)
         return result
@@ -207,7 +212,7 @@ def main(argv=None):
         fail(str(e), code=1)
     except KeyboardInterrupt as e:
         argv = sys.argv[1:] if argv is None else argv
-        resume = shlex.join(argv + ([] if "--resume" in argv else ["--resume"]))
+        resume = " ".join(map(shell_word, argv + ([] if "--resume" in argv else ["--resume"])))
         print(f"interrupted at step {getattr(e, 'step', 0)}; {saved_or_not(e, args)}. Resume "
               f"with:\n  python train.py {resume}")
         sys.exit(130)
@@ -221,10 +226,17 @@ def main(argv=None):
 def saved_or_not(e, args):
     """Whether the run that `e` stopped is saved for --resume, truthfully."""
     if getattr(e, "saved", False):
-        return f"the run is saved in {args.out}"
+        return f"the run is saved in {one_line(args.out)}"
     if hasattr(e, "step") and os.path.isfile(os.path.join(args.out, LAST_STATE)):
-        return f"the run is saved in {args.out} as of its last evaluation"
+        return f"the run is saved in {one_line(args.out)} as of its last evaluation"
     return "nothing is saved yet"
+
+
+def shell_word(arg):
+    """`arg` as a shell reads it back, on one line: bash's $'...' for a newline or the like."""
+    if arg.isprintable():
+        return shlex.quote(arg)
+    return "$'" + arg.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
 
 
 def start_process(args):
@@ -238,6 +250,9 @@ def start_process(args):
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     args.device = pick_device()
     if args.device.type == "cuda" and args.world > 1:
+        if int(os.environ["LOCAL_RANK"]) >= torch.cuda.device_count():
+            raise InputError(f"LOCAL_RANK={os.environ['LOCAL_RANK']}, but this machine has "
+                             f"{torch.cuda.device_count()} GPUs; start at most that many processes")
         args.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(args.device)
     args.amp_dtype = pick_precision(args.device, args.precision)
@@ -344,15 +359,36 @@ def check_args(args):
         if theirs:
             fail(f"{flag} {folder} holds files that are not a run's ({short(theirs[0], 60)}, ...): "
                  "nothing there is overwritten; give a new folder")
+        try:  # before any work: a link is not written through, a pipe or a folder not replaced
+            for name in sorted(OUR_FILES) if folder and os.path.isdir(folder) else []:
+                refuse_unplain(os.path.join(folder, name))
+        except InputError as e:
+            fail(f"{flag}: {e}")
     return args
 
 
-
+TORCHRUN_NUMBERS = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"]
 
 
 def torchrun_environment():
-    """(RANK, WORLD_SIZE) as torchrun sets them, (0, 1) when neither is set."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    """(RANK, WORLD_SIZE) as torchrun sets them, (0, 1) when neither is set. One line unless they
+    are what torchrun sets: whole numbers, RANK below WORLD_SIZE, and with more than one process
+    LOCAL_RANK, MASTER_ADDR and MASTER_PORT (where the processes meet) as well."""
+    env = os.environ
+    wrong = [f"{name}={printable(env[name], 20)}" for name in TORCHRUN_NUMBERS
+             if name in env and not re.fullmatch(r"[0-9]{1,5}", env[name])]
+    if not wrong:
+        rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+        if not 0 <= rank < world:
+            wrong = [f"RANK={rank} of WORLD_SIZE={world}"]
+        elif world > 1:  # what init_process_group reads: torchrun sets every one
+            wrong = [f"no {name}" for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+                     if name not in env]
+    if wrong:
+        raise InputError(f"the environment is not a torchrun process's ({', '.join(wrong)}); "
+                         "run several processes as torchrun --nproc_per_node=N train.py ..., or "
+                         "one with RANK, WORLD_SIZE and LOCAL_RANK unset")
+    return rank, world
 
 
 def from_main_process(value, args):
@@ -408,7 +444,7 @@ def start_log(args, steps_per_epoch, total_steps, kept):
         if args.rank == 0:
             row = {"step": step, "epoch": round(step / steps_per_epoch, 3), **row,
                    "elapsed_s": round(time.time() - started, 2)}
-            with open(path, "a") as f:
+            with open(path, "a", opener=no_links) as f:
                 f.write(json.dumps(row) + "\n")
             print_evaluation(row, args)
     return log
@@ -424,10 +460,16 @@ def open_log(args, total_steps):
     if os.path.islink(path) or os.path.lexists(path) and not os.path.isfile(path):
         raise InputError(f"{args.out}: its {METRICS_FILE} is not a plain file (a link, a pipe); "
                          "give a new --out folder")
-    open(path, "a" if args.resume else "w").close()
+    if not (args.resume and os.path.isfile(path)):
+        write_atomically(path, lambda f: None)  # emptied
     print(f"{total_steps:,} steps on {args.device} ({args.amp_dtype or 'fp32'})"
           + (f" x {args.world} processes" if args.world > 1 else ""))
     return path
+
+
+def no_links(path, flags):
+    """open()'s opener that follows no link: metrics.jsonl is appended to, never through one."""
+    return os.open(path, flags | os.O_NOFOLLOW, 0o666)
 
 
 def print_evaluation(row, args):
@@ -492,7 +534,8 @@ def report(args, best, val_acc, labels, names, bar):
     not scored again), the files written beside it, and the speed."""
     low, high = bootstrap_interval(best["predicted"] == labels, args.seed)
     print(f"restored the best adapter: val loss {best['val_loss']:.4f}, val accuracy {val_acc:.4f} "
-          f"(95% bootstrap interval {low:.4f}-{high:.4f}, {len(labels)} rows) -> {args.out}")
+          f"(95% bootstrap interval {low:.4f}-{high:.4f}, {len(labels)} rows) -> "
+          f"{one_line(args.out)}")
     report_classes(best["predicted"], labels.tolist(), names,
                    os.path.join(args.out, "confusion.png"), "the validation split")
     report_files_and_speed(args, bar)
@@ -502,10 +545,11 @@ def report_files_and_speed(args, bar):
     """The PEFT export and curves.png, if asked for and possible; steps and samples a second."""
     if args.export_peft:
         export_peft(args.out, args.export_peft)
-        print(f"PEFT adapter: {args.export_peft}")
+        print(f"PEFT adapter: {one_line(args.export_peft)}")
     curves = plot_curves(args.out)
-    print(f"metrics: {os.path.join(args.out, METRICS_FILE)}"
-          + (f", curves: {curves}" if curves else " (pip install matplotlib for curves.png)"))
+    print(f"metrics: {one_line(os.path.join(args.out, METRICS_FILE))}"
+          + (f", curves: {one_line(curves)}" if curves else
+             " (pip install matplotlib for curves.png)"))
     steps, seconds = bar.n - bar.initial, bar.format_dict["elapsed"]
     if steps:
         print(f"{seconds:.1f} s training, {steps / seconds:.2f} steps/s, "
@@ -539,7 +583,7 @@ def plot_curves(out):
         ax.set(title=key.replace("_", " "), xlabel="step")
     fig.tight_layout()
     path = os.path.join(out, "curves.png")
-    fig.savefig(path, format="png", dpi=100)
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
     plt.close(fig)
     return path
 
