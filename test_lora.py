@@ -3008,3 +3008,14 @@ def test_printed_paths_are_escaped_so_an_out_with_a_newline_forges_no_line(train
         word = train.shell_word(arg)
         assert word.isprintable() and subprocess.run(["bash", "-c", f"printf %s {word}"], capture_output=True,
                                                      text=True).stdout == arg, word
+
+
+def test_labels_that_are_not_the_written_class_names_print_no_accuracy(valid, tmp_path, capsys):
+    texts = [f"w{i} w{i + 1}" for i in range(8)]
+    source = tmp_path / "in.jsonl"
+    for labels, accuracy in [([i % 4 for i in range(8)], False), ([CLASS_NAMES[i % 4] for i in range(8)], True)]:
+        source.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, labels)))
+        predict.main([str(source), "--checkpoint", valid["ours"], "--out", str(tmp_path / "sub.csv")])
+        printed = capsys.readouterr()
+        assert ("accuracy" in printed.out) == accuracy  # 0 is not "world", the Label written for class 0
+        assert accuracy or "some of its labels are not the checkpoint's class names (world, sports" in printed.err
