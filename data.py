@@ -261,9 +261,6 @@ def name_classes(names, num_labels, labels, source):
     own 0..K-1; a class's name is its integer as text, or `names`' (--label-names renames them).
     Both kinds in one file are refused. The names are what predict.py writes as Labels."""
     labels = [label_value(y) for y in labels]
-    if names and len({label_value(name) for name in names}) < len(names):
-        raise InputError(f"--label-names {short(names)} names a class twice (3 and \"03\" are one "
-                         "class); give each class one name")
     text = next((y for y in labels if isinstance(y, str)), None)
     number = next((y for y in labels if is_index(y)), None)
     if text is not None and number is not None:
@@ -286,7 +283,28 @@ def name_classes(names, num_labels, labels, source):
         if not is_index(label) or not 0 <= label < num_labels:
             raise InputError(f"{source}: row {i} has label {short(label)}, outside "
                              f"0..{num_labels - 1}; fix that row or set --num-labels")
-    return [str(n) for n in names] if names else [str(i) for i in range(num_labels)], labels
+    return check_names([str(n) for n in names] if names else None, source) or \
+        [str(i) for i in range(num_labels)], labels
+
+
+NAME_CHARS = 200  # a class name is each of its rows' Label in a submission: at most this long
+
+
+def check_names(names, source):
+    """`names`, unless one is longer than NAME_CHARS, holds a lone surrogate (no file can hold it),
+    or names a class another one names (3 and "03" are one class): then one line."""
+    seen = set()
+    for name in names or []:
+        if len(name) > NAME_CHARS or LONE_SURROGATE.search(name):
+            what = f"over {NAME_CHARS} characters" if len(name) > NAME_CHARS else \
+                "not text (a lone surrogate)"
+            raise InputError(f"{source}: the class name {short(name, 40)} is {what}, and it is the "
+                             "Label a submission writes; fix that label")
+        if label_value(name) in seen:
+            raise InputError(f"{source}: the class name {short(name, 40)} is given twice (3 and "
+                             "03 are one class); give each class one name")
+        seen.add(label_value(name))
+    return names
 
 
 def is_index(value):
@@ -364,6 +382,9 @@ def refuse_unplain(path, folder_fd=None):
         kind = os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_mode
     except FileNotFoundError:
         return
+    except OSError as e:  # a name too long, a folder we may not enter
+        raise InputError(f"cannot write {printable(path, 100)} ({e.strerror}); write elsewhere") \
+            from None
     if not stat.S_ISREG(kind):
         what = {stat.S_IFLNK: "a link", stat.S_IFDIR: "a folder", stat.S_IFIFO: "a pipe"}.get(
             stat.S_IFMT(kind), "not a regular file")

@@ -2475,6 +2475,9 @@ CASES = {
     "labels-empty": (config(labels=[]), "`labels` must be"),
     "labels-10001": (config(labels=["a"] * 10_001), "`labels` must be"),
     "labels-3M": (config(labels=["a"] * 3_000_000), "above 1 MiB"),
+    "labels-a-1MB-name": (config(labels=["w" * 1_000_000, "b", "c", "d"]), "of text of 200 characters at most"),
+    "labels-lone-surrogate": (config(labels=["\ud800", "b", "c", "d"]), "of text of 200 characters at most"),
+    "labels-3-and-03": (config(labels=["3", "03", "c", "d"]), "distinct (3 and 03 are one)"),
     "r-bool": (config(r=True), "`r` must be an integer from 1 to 4096"),
     "r-float": (config(r=2.0), "`r` must be an integer"),
     "r-string": (config(r="2"), "`r` must be an integer"),
@@ -2630,6 +2633,10 @@ HOSTILE_STATES = {  # last_state.pt with --resume: (the edit, what the one line 
         "classifier.dense.weight": torch.zeros(1)}}), "not one train.py wrote"),
     "a negative step": (lambda s: s.update(step=-7), "not one train.py wrote"),
     "a 100,000-character flag": (lambda s: s["args"].update(model="x" * 100_000), "--model was 'xxxx"),
+    "a best of 3 predictions": (lambda s: s["best"].update(predicted=torch.zeros(3, dtype=torch.int64)),
+                                "for this model (best)"),
+    "a best predicting class 9": (lambda s: s["best"]["predicted"].fill_(9), "for this model (best)"),
+    "a best whose loss is text": (lambda s: s["best"].update(val_loss="x"), "for this model (best)"),
 }
 
 
@@ -2838,9 +2845,11 @@ def test_labels_written_as_integers_are_integers_in_every_format(tmp_path):
     with pytest.raises(data.InputError) as refused:
         data.labelled_rows(str(mixed), None, None)
     assert "its labels mix integers (1) and names ('World')" in str(refused.value)
-    with pytest.raises(data.InputError) as refused:
-        data.labelled_rows(str(jsonl), ["a"] + ["b"] * 10, None)
-    assert "names a class twice" in str(refused.value)
+    for names, message in [(["a"] + ["b"] * 10, "the class name 'b' is given twice"),
+                           ([str(k) for k in range(10)] + ["x" * 201], "is over 200 characters, and it is the Label")]:
+        with pytest.raises(data.InputError) as refused:
+            data.labelled_rows(str(jsonl), names, None)
+        assert message in str(refused.value)
 
 
 def test_the_label_column_is_the_class_name_and_the_accuracy_its_share_of_right_labels(model_dirs, tmp_path, capsys):
@@ -3019,3 +3028,46 @@ def test_labels_that_are_not_the_written_class_names_print_no_accuracy(valid, tm
         printed = capsys.readouterr()
         assert ("accuracy" in printed.out) == accuracy  # 0 is not "world", the Label written for class 0
         assert accuracy or "some of its labels are not the checkpoint's class names (world, sports" in printed.err
+
+
+@pytest.fixture
+def fake_matplotlib(monkeypatch):
+    """matplotlib as far as the pictures use it (it may not be installed): a figure's PNG holds the calls made."""
+    class Axes:
+        def __init__(self, figure):
+            self.figure = figure
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: self.figure.calls.append((name, args))
+
+    class Figure:
+        def __init__(self):
+            self.calls = []
+
+        def tight_layout(self):
+            pass
+
+        def savefig(self, f, **kwargs):
+            with open(f, "wb") if isinstance(f, str) else contextlib.nullcontext(f) as f:
+                f.write(repr(self.calls).encode())
+
+    def subplots(rows=1, columns=1, **kwargs):
+        figure = Figure()
+        return figure, [Axes(figure) for _ in range(columns)] if columns > 1 else Axes(figure)
+    pyplot = SimpleNamespace(subplots=subplots, close=lambda figure: None)
+    monkeypatch.setitem(sys.modules, "matplotlib", SimpleNamespace(use=lambda backend: None, pyplot=pyplot))
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
+
+
+def test_curves_skip_the_lines_of_metrics_jsonl_that_are_not_its_rows_and_follow_no_link(tmp_path, fake_matplotlib):
+    (tmp_path / "metrics.jsonl").write_text(  # a line cut by a kill, then --resume appending after it
+        '{"step": 10, "train_loss": 1.5}\n{"step": 20, "val_acc{"step": 30, "val_accuracy": 0.5}\n[1]\n7\n'
+        + "[" * 100_000 + "\n" + '{"step": "x", "train_loss": 1}\n{"step": 40, "train_loss": 0.5}\n')
+    assert train.plot_curves(str(tmp_path)) == str(tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_text() == repr([("plot", ((10, 40), (1.5, 0.5))),
+                                                          ("set", ()), ("set", ())])
+    (tmp_path / "curves.png").unlink()
+    (tmp_path / "curves.png").symlink_to(tmp_path / "victim.png")
+    with pytest.raises(data.InputError) as refused:
+        train.plot_curves(str(tmp_path))
+    assert "curves.png is a link" in str(refused.value) and not (tmp_path / "victim.png").exists()

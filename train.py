@@ -189,6 +189,7 @@ def keep_best(model, val_loss, predicted):
 import re  # noqa: E402  (the operations' own imports: where they start)
 
 from data import offline_unless_the_hub_answers, one_line, printable, refuse_unplain  # noqa: E402
+from checkpoint import is_number  # noqa: E402
 from data import write_atomically  # noqa: E402
 
 OUR_FILES = {ADAPTER_FILE, CONFIG_FILE, LAST_STATE, METRICS_FILE, "curves.png", "confusion.png",
@@ -567,25 +568,41 @@ def bootstrap_interval(correct, seed, rounds=2000):
 
 def plot_curves(out):
     """curves.png beside metrics.jsonl: training loss and validation accuracy by step."""
+    points = curve_points(os.path.join(out, METRICS_FILE))
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no window
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    with open(os.path.join(out, METRICS_FILE)) as f:
-        rows = [json.loads(line) for line in f]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, key in zip(axes, ["train_loss", "val_accuracy"]):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        if points:
-            ax.plot(*zip(*points), marker="." if key == "val_accuracy" else None)
+        if points[key]:
+            ax.plot(*zip(*points[key]), marker="." if key == "val_accuracy" else None)
         ax.set(title=key.replace("_", " "), xlabel="step")
     fig.tight_layout()
     path = os.path.join(out, "curves.png")
     write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
     plt.close(fig)
     return path
+
+
+def curve_points(path, most=2**26):
+    """{key: [(step, value)]} of metrics.jsonl's rows. A line that is not such a row (cut by a
+    kill before --resume appended to it, or a file from elsewhere) is skipped; past `most` bytes
+    (a million rows) nothing is read."""
+    points = {"train_loss": [], "val_accuracy": []}
+    with open(path, "rb", opener=no_links) as f:
+        lines = f.readlines() if os.fstat(f.fileno()).st_size <= most else []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):  # not JSON, or 100,000 brackets deep
+            continue
+        for key in points if isinstance(row, dict) and is_number(row.get("step")) else []:
+            if is_number(row.get(key)):
+                points[key].append((row["step"], row[key]))
+    return points
 
 
 def peak_memory(device):
