@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save as safetensors_bytes
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from data import LONE_SURROGATE, NAME_CHARS, InputError, label_value, offline_unless_the_hub_answers
-from data import printable, short
+from data import NAME_CHARS, InputError, label_value, offline_unless_the_hub_answers, printable
+from data import short
 from data import write_atomically
 from lora import PiSSALinear, inject_lora, target_paths
 
@@ -133,15 +133,15 @@ def is_strings(v, most):
 
 def fit_names(names):  # each is the Label written for its class: bounded, writable, its own
     return len(set(map(label_value, names))) == len(names) and \
-        all(len(n) <= NAME_CHARS and not LONE_SURROGATE.search(n) for n in names)
+        all(len(n) <= NAME_CHARS and n.isprintable() for n in names)
 
 
 # field: (whether a value is right, what it must be); the first six are required
 CONFIG_RULES = {
     "base_model": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "labels": (lambda v: is_strings(v, MAX_LABELS) and fit_names(v),
-               f"a list of 1 to {MAX_LABELS:,} strings, distinct (3 and 03 are one), of text of "
-               f"{NAME_CHARS} characters at most"),
+               f"a list of 1 to {MAX_LABELS:,} strings, distinct (3 and 03 are one), each "
+               f"printable and of {NAME_CHARS} characters at most"),
     "r": (lambda v: is_int(v) and 1 <= v <= MAX_R, f"an integer from 1 to {MAX_R}"),
     "alpha": (lambda v: is_number(v) and 0 < v <= 1e6, "a finite number above 0, at most 1e6"),
     "targets": (lambda v: is_strings(v, MAX_TARGETS), f"a list of 1 to {MAX_TARGETS:,} strings"),

@@ -291,13 +291,14 @@ NAME_CHARS = 200  # a class name is each of its rows' Label in a submission: at 
 
 
 def check_names(names, source):
-    """`names`, unless one is longer than NAME_CHARS, holds a lone surrogate (no file can hold it),
-    or names a class another one names (3 and "03" are one class): then one line."""
+    """`names`, unless one is longer than NAME_CHARS or not printable (a control character or a
+    lone surrogate would be written raw to every row of a submission) or names a class another one
+    names (3 and "03" are one class): then one line."""
     seen = set()
     for name in names or []:
-        if len(name) > NAME_CHARS or LONE_SURROGATE.search(name):
+        if len(name) > NAME_CHARS or not name.isprintable():
             what = f"over {NAME_CHARS} characters" if len(name) > NAME_CHARS else \
-                "not text (a lone surrogate)"
+                "not printable (a control character, a lone surrogate)"
             raise InputError(f"{source}: the class name {short(name, 40)} is {what}, and it is the "
                              "Label a submission writes; fix that label")
         if label_value(name) in seen:

@@ -2475,8 +2475,9 @@ CASES = {
     "labels-empty": (config(labels=[]), "`labels` must be"),
     "labels-10001": (config(labels=["a"] * 10_001), "`labels` must be"),
     "labels-3M": (config(labels=["a"] * 3_000_000), "above 1 MiB"),
-    "labels-a-1MB-name": (config(labels=["w" * 1_000_000, "b", "c", "d"]), "of text of 200 characters at most"),
-    "labels-lone-surrogate": (config(labels=["\ud800", "b", "c", "d"]), "of text of 200 characters at most"),
+    "labels-a-1MB-name": (config(labels=["w" * 1_000_000, "b", "c", "d"]), "each printable and of 200 characters"),
+    "labels-lone-surrogate": (config(labels=["\ud800", "b", "c", "d"]), "each printable and of 200 characters"),
+    "labels-an-escape-code": (config(labels=["\x1b[2J", "b", "c", "d"]), "each printable and of 200 characters"),
     "labels-3-and-03": (config(labels=["3", "03", "c", "d"]), "distinct (3 and 03 are one)"),
     "r-bool": (config(r=True), "`r` must be an integer from 1 to 4096"),
     "r-float": (config(r=2.0), "`r` must be an integer"),
@@ -2846,7 +2847,8 @@ def test_labels_written_as_integers_are_integers_in_every_format(tmp_path):
         data.labelled_rows(str(mixed), None, None)
     assert "its labels mix integers (1) and names ('World')" in str(refused.value)
     for names, message in [(["a"] + ["b"] * 10, "the class name 'b' is given twice"),
-                           ([str(k) for k in range(10)] + ["x" * 201], "is over 200 characters, and it is the Label")]:
+                           ([str(k) for k in range(10)] + ["x" * 201], "is over 200 characters, and it is the Label"),
+                           ([str(k) for k in range(10)] + ["\x1b[2J"], "'\\x1b[2J' is not printable (a control")]:
         with pytest.raises(data.InputError) as refused:
             data.labelled_rows(str(jsonl), names, None)
         assert message in str(refused.value)
@@ -2929,6 +2931,10 @@ def test_write_atomically_writes_no_link_or_folder_and_leaves_the_old_file_when_
     assert str(refused.value).startswith(f"cannot write {old} (File too large); the file there before is kept")
     assert old.read_bytes() == b"the old file" and sorted(os.listdir(tmp_path)) == ["folder", "link", "old.bin"]
     assert not (tmp_path / "victim").exists()
+    for check in (data.refuse_unplain, lambda path: data.write_atomically(path, lambda f: f.write("x"))):
+        with pytest.raises(data.InputError) as refused:  # any other error of the file system: one line too
+            check(str(tmp_path / "old.bin" / "x"))
+        assert str(refused.value).startswith(f"cannot write {tmp_path}/old.bin/x (Not a directory); ")
 
 
 def test_a_long_legal_out_is_written_and_a_full_disk_is_one_line_keeping_the_old_submission(trained, tmp_path, capsys,
