@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save as safetensors_bytes
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from data import NAME_CHARS, InputError, label_value, offline_unless_the_hub_answers, printable
-from data import short
+from data import MAX_CLASSES, NAME_CHARS, InputError, label_value, offline_unless_the_hub_answers
+from data import printable, short
 from data import write_atomically
 from lora import PiSSALinear, inject_lora, target_paths
 
@@ -115,7 +115,7 @@ def pretrained(base_model, num_labels, max_length):
 # config.json by type and range (bounded in size first), a safetensors header (bounded) before
 # any tensor is read, the values after; a PEFT config's options that we do not implement refused.
 CONFIG_BYTES, HEADER_BYTES = 2**20, 100 * 2**20  # a config, a safetensors header: at most
-MAX_LABELS, MAX_TARGETS, MAX_R = 10_000, 10_000, 4096
+MAX_LABELS, MAX_TARGETS, MAX_R = MAX_CLASSES, 10_000, 4096
 FLOAT_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # the dtypes a checkpoint may hold
 
 

@@ -201,6 +201,10 @@ def columns_of(table, source):
         raise InputError(f"{source}: no `{TEXT}` column (columns: {listed or 'none'}); rename the "
                          f"column that holds the texts to `{TEXT}` (or set data.TEXT)")
     labels = list(table[LABEL]) if LABEL in table.column_names else None
+    odd = next((y for y in labels or [] if not isinstance(y, (str, int, float, type(None)))), None)
+    if odd is not None:  # a list (several labels a row), a dict: as tables.py refuses in a file
+        raise InputError(f"{source}: a label is {short(odd, 40)}, not a number or a string; give "
+                         "one class a row")
     return list(table[TEXT]), labels
 
 
@@ -276,6 +280,9 @@ def name_classes(names, num_labels, labels, source):
                              f"of the {len(names)} class names; fix that row or --label-names")
         labels = [index[y] for y in labels]
     num_labels = num_labels or (len(names) if names else count_classes(labels, source))
+    if num_labels > MAX_CLASSES:  # a head of K rows, and K logits a text; a checkpoint holds 10,000
+        raise InputError(f"{source}: {num_labels:,} classes, more than {MAX_CLASSES:,}; is "
+                         f"`{LABEL}` the column of classes?")
     if names and len(names) != num_labels:
         raise InputError(f"{len(names)} class names ({short(names)}) for {num_labels} labels; give "
                          "one --label-names name per class (and --num-labels, if given, to match)")
@@ -287,6 +294,7 @@ def name_classes(names, num_labels, labels, source):
         [str(i) for i in range(num_labels)], labels
 
 
+MAX_CLASSES = 10_000  # what a checkpoint may hold (checkpoint.MAX_LABELS)
 NAME_CHARS = 200  # a class name is each of its rows' Label in a submission: at most this long
 
 
@@ -316,7 +324,10 @@ INTEGER = re.compile(r"\s*[+-]?[0-9]{1,4300}\s*", re.ASCII)  # what tables.py re
 
 
 def label_value(label):
-    """A label as every format means it: a string of a decimal integer is that integer."""
+    """A label as every format means it: a string of a decimal integer is that integer, and so is
+    a float of one (2.0, as tables.py reads a file's)."""
+    if isinstance(label, float) and label.is_integer():
+        return int(label)
     return int(label) if isinstance(label, str) and INTEGER.fullmatch(label) else label
 
 
@@ -373,6 +384,14 @@ def replacing(path, mode):
     finally:
         if folder_fd is not None:
             os.close(folder_fd)
+
+
+def remove_stale(path):
+    """Remove the regular file at `path`, a picture of an earlier run: this one may draw none (no
+    matplotlib, too many classes), and the old one would be read as its own."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            os.remove(path)
 
 
 def refuse_unplain(path, folder_fd=None):

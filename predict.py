@@ -57,7 +57,7 @@ def predict(args, device, amp_dtype):
 # The command line and the paths it may write; the device and its precision (train.py's too); the
 # report on labelled inputs; the one-line error exit.
 from checkpoint import base_model_of  # noqa: E402  (the operations' own imports: where they start)
-from data import label_value, printable, refuse_unplain  # noqa: E402
+from data import label_value, printable, refuse_unplain, remove_stale  # noqa: E402
 
 def main(argv=None):
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that no temporary file is left
@@ -74,6 +74,7 @@ def main(argv=None):
              f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB); use a smaller --batch-size",
              code=1)
     print(f"wrote {len(predicted)} predictions to {one_line(args.out)}")
+    remove_stale(picture_beside(args.out) or "")  # it showed another submission
     try:
         if labels is not None:
             report_classes(predicted, labels, names, picture_beside(args.out), args.input)

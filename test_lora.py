@@ -3077,3 +3077,35 @@ def test_curves_skip_the_lines_of_metrics_jsonl_that_are_not_its_rows_and_follow
     with pytest.raises(data.InputError) as refused:
         train.plot_curves(str(tmp_path))
     assert "curves.png is a link" in str(refused.value) and not (tmp_path / "victim.png").exists()
+
+
+def test_classes_a_checkpoint_could_not_hold_and_hub_labels_of_lists_are_one_line(tmp_path, monkeypatch):
+    from datasets import Dataset
+    many = write_csv(tmp_path / "many.csv", [{"text": "w1", "label": f"c{i}"} for i in range(10_001)])
+    with pytest.raises(data.InputError) as refused:  # a head of 10,001 rows, which predict.py would refuse
+        data.labelled_rows(many, None, None)
+    assert "10,001 classes, more than 10,000; is `label` the column of classes?" in str(refused.value)
+    monkeypatch.setattr(data, "read_dataset", lambda source: Dataset.from_dict({"text": ["a", "b"],
+                                                                                "label": [[0, 1], [1]]}))
+    with pytest.raises(data.InputError) as refused:
+        data.labelled_rows("some/hub_dataset", None, None)
+    assert "a label is [0, 1], not a number or a string; give one class a row" in str(refused.value)
+    monkeypatch.setattr(data, "read_dataset", lambda source: Dataset.from_dict({"text": ["a", "b"], "label": [1.0, 0.0]}))
+    assert data.labelled_rows("some/hub_dataset", None, None)[1:] == ([1, 0], ["0", "1"])  # 1.0 is 1, as in a file
+
+
+def test_a_picture_left_by_an_earlier_run_or_submission_is_not_left_to_mislead(trained, model_dirs, tmp_path, capsys):
+    stale = b"the picture of another submission"
+    (tmp_path / "sub_confusion.png").write_bytes(stale)
+    predict.main([write_csv(tmp_path / "in.csv", synthetic_rows(300, 1)), "--checkpoint", trained["out"],
+                  "--out", str(tmp_path / "sub.csv"), "--batch-size", "64"])
+    picture = tmp_path / "sub_confusion.png"
+    assert not picture.exists() or picture.read_bytes() != stale  # drawn anew with matplotlib, else gone
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("curves.png", "confusion.png"):
+        (run / name).write_bytes(stale)
+    train.main(["--model", model_dirs["bert"], "--data", write_csv(tmp_path / "t.csv", synthetic_rows(30, 2)),
+                "--out", str(run), "--max-length", "32", "--val-size", "10", "--max-steps", "2", "--precision", "fp32"])
+    assert all(not (run / n).exists() or (run / n).read_bytes() != stale for n in ("curves.png", "confusion.png"))
+    capsys.readouterr()

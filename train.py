@@ -190,7 +190,7 @@ import re  # noqa: E402  (the operations' own imports: where they start)
 
 from data import offline_unless_the_hub_answers, one_line, printable, refuse_unplain  # noqa: E402
 from checkpoint import is_number  # noqa: E402
-from data import write_atomically  # noqa: E402
+from data import remove_stale, write_atomically  # noqa: E402
 
 OUR_FILES = {ADAPTER_FILE, CONFIG_FILE, LAST_STATE, METRICS_FILE, "curves.png", "confusion.png",
              PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE}  # what a run writes: these it may replace
@@ -463,6 +463,8 @@ def open_log(args, total_steps):
                          "give a new --out folder")
     if not (args.resume and os.path.isfile(path)):
         write_atomically(path, lambda f: None)  # emptied
+    for picture in ("curves.png", "confusion.png"):  # drawn at the end, if at all: none is stale
+        remove_stale(os.path.join(args.out, picture))
     print(f"{total_steps:,} steps on {args.device} ({args.amp_dtype or 'fp32'})"
           + (f" x {args.world} processes" if args.world > 1 else ""))
     return path
