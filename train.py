@@ -268,7 +268,8 @@ def parse_args(argv=None):
                                           "save_to_disk folder with text,label columns")
     add("--out", default="checkpoint", help="folder for the best adapter and its config")
     add("--num-labels", type=at_least(1), default=None, help="default: from the data")
-    add("--label-names", nargs="+", default=None, help="class names, in label order")
+    add("--label-names", nargs="+", default=None, help="class names, in label order: the "
+        "submission's Labels")
     # LoRA
     add("--r", type=rank_flag, default=2, help="rank of B @ A; auto: the largest under "
                                                "--max-trainable")
