@@ -59,6 +59,7 @@ def predict(args, device, amp_dtype):
 from checkpoint import base_model_of  # noqa: E402  (the operations' own imports: where they start)
 from data import label_value, printable, refuse_unplain, remove_stale  # noqa: E402
 
+
 def main(argv=None):
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that no temporary file is left
     args = parse_args(argv)

@@ -196,6 +196,7 @@ OUR_FILES = {ADAPTER_FILE, CONFIG_FILE, LAST_STATE, METRICS_FILE, "curves.png", 
              PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE}  # what a run writes: these it may replace
 SCHEDULES = ["constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt"]
 
+
 def main(argv=None):
     """train(), with one line and an exit code for what stops it: 2 bad input, 1 a loss that is no
     longer a number or out of memory (after saving the run), 130 Ctrl-C (after saving it too)."""
@@ -453,15 +454,12 @@ def start_log(args, steps_per_epoch, total_steps, kept):
 
 
 def open_log(args, total_steps):
-    """The path of metrics.jsonl, in --out (made), emptied unless --resume, refused if it is not a
-    plain file; and the run's first line, from the main process."""
+    """The path of metrics.jsonl, in --out (made), emptied unless --resume; an earlier run's
+    pictures removed; and the run's first line, from the main process."""
     path = os.path.join(args.out, METRICS_FILE)
     if args.rank != 0:
         return path
-    os.makedirs(args.out, exist_ok=True)
-    if os.path.islink(path) or os.path.lexists(path) and not os.path.isfile(path):
-        raise InputError(f"{args.out}: its {METRICS_FILE} is not a plain file (a link, a pipe); "
-                         "give a new --out folder")
+    os.makedirs(args.out, exist_ok=True)  # a link or a pipe in it is refused by check_args
     if not (args.resume and os.path.isfile(path)):
         write_atomically(path, lambda f: None)  # emptied
     for picture in ("curves.png", "confusion.png"):  # drawn at the end, if at all: none is stale
