@@ -150,7 +150,7 @@ def check_out(args):
              "submission elsewhere, e.g. --out submission.csv")
     base = base_model_of(args.checkpoint)
     if base and os.path.isdir(base) and os.path.commonpath([out, os.path.realpath(base)]) == \
-            os.path.realpath(base):
+            os.path.realpath(base):  # its weights, config or tokenizer would be replaced
         fail(f"--out {args.out} is inside the base model's folder {printable(base, 100)}; write "
              "the submission elsewhere, e.g. --out submission.csv")
     try:  # a link is not written through, a pipe or a folder not replaced
@@ -161,7 +161,7 @@ def check_out(args):
 
 
 MAX_REPORT_CLASSES, MAX_PICTURE_CLASSES = 50, 20  # K x K cells: readable only for a few
-NAME_WIDTH = 24  # a class name is cut there for display: a name may be 1 MB long
+NAME_WIDTH = 24  # a class name is cut there for display (a name may have 200 characters)
 
 
 def report_classes(predicted, labels, names, picture, source):
