@@ -17,7 +17,12 @@ import json
 import math
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import threading
+import urllib.parse
+import urllib.request
 
 import torch
 import transformers
@@ -25,7 +30,8 @@ from safetensors.torch import load_file, save as safetensors_bytes
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from data import InputError, printable, short, write_atomically
+from data import MAX_CLASSES, NAME_CHARS, InputError, label_value, printable, short
+from data import write_atomically
 from lora import PiSSALinear, inject_lora, merge_lora, target_paths
 
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "config.json"
@@ -181,7 +187,7 @@ def position_slots(model):
 # config.json by type and range (bounded in size first), a safetensors header (bounded) before
 # any tensor is read, the values after; a PEFT config's options that we do not implement refused.
 CONFIG_BYTES, HEADER_BYTES = 2**20, 100 * 2**20  # a config, a safetensors header: at most
-MAX_LABELS, MAX_TARGETS, MAX_R = 10_000, 10_000, 4096
+MAX_LABELS, MAX_TARGETS, MAX_R = MAX_CLASSES, 10_000, 4096
 FLOAT_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # the dtypes a checkpoint may hold
 
 
@@ -197,10 +203,17 @@ def is_strings(v, most):
     return isinstance(v, list) and 1 <= len(v) <= most and all(isinstance(s, str) for s in v)
 
 
+def fit_names(names):  # each is the Label written for its class: bounded, writable, its own
+    return len(set(map(label_value, names))) == len(names) and \
+        all(len(n) <= NAME_CHARS and n.isprintable() for n in names)
+
+
 # field: (whether a value is right, what it must be); the first six are required
 CONFIG_RULES = {
     "base_model": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-    "labels": (lambda v: is_strings(v, MAX_LABELS), f"a list of 1 to {MAX_LABELS:,} strings"),
+    "labels": (lambda v: is_strings(v, MAX_LABELS) and fit_names(v),
+               f"a list of 1 to {MAX_LABELS:,} strings, distinct (3 and 03 are one), each "
+               f"printable and of {NAME_CHARS} characters at most"),
     "r": (lambda v: is_int(v) and 1 <= v <= MAX_R, f"an integer from 1 to {MAX_R}"),
     "alpha": (lambda v: is_number(v) and 0 < v <= 1e6, "a finite number above 0, at most 1e6"),
     "targets": (lambda v: is_strings(v, MAX_TARGETS), f"a list of 1 to {MAX_TARGETS:,} strings"),
@@ -364,19 +377,51 @@ def check_fits(checkpoint, config, tensors, state, task_paths):
                          + "; retrain, or pick the checkpoint that goes with it")
 
 
+def offline_unless_the_hub_answers(*names, seconds=3.0):
+    """With HF_HUB_OFFLINE unset and a hub name among `names` (not a local path): if the hub (or
+    the proxy to it) does not accept a connection within `seconds`, go offline, so that the cache
+    still serves and a model or dataset it lacks is one line at once, not a minute of retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or all(os.path.exists(name) for name in names):
+        return
+    proxy = urllib.request.getproxies().get(urllib.parse.urlsplit(constants.ENDPOINT).scheme)
+    where = urllib.parse.urlsplit(proxy if proxy and "://" in proxy else constants.ENDPOINT)
+    answered = []
+
+    def connect():
+        try:  # refused, no route, no such name: no answer
+            port = where.port or (443 if where.scheme == "https" else 80)
+            socket.create_connection((where.hostname, port), timeout=seconds).close()
+            answered.append(True)
+        except (OSError, ValueError):
+            pass
+    probe = threading.Thread(target=connect, daemon=True)  # a name lookup has no timeout
+    probe.start()
+    probe.join(seconds)
+    if not answered:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # for what is imported later
+        constants.HF_HUB_OFFLINE = True
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].config.HF_HUB_OFFLINE = True
+
+
 def read_checkpoint(checkpoint):
     """(config, tensors), both checked, from a train.py checkpoint folder or a PEFT LoRA adapter
     folder: config.json by CONFIG_RULES, the tensors by read_tensors."""
     if os.path.isfile(os.path.join(checkpoint, PEFT_CONFIG_FILE)):
-        return read_peft_adapter(checkpoint)
-    config_path = os.path.join(checkpoint, CONFIG_FILE)
-    adapter_path = os.path.join(checkpoint, ADAPTER_FILE)
-    if not (os.path.isfile(config_path) and os.path.isfile(adapter_path)):
-        raise InputError(f"{printable(checkpoint, 100)}: not a checkpoint folder (needs "
-                         f"{CONFIG_FILE} and {ADAPTER_FILE}, or a PEFT {PEFT_CONFIG_FILE}); pass "
-                         "the --out folder of a finished train.py run")
-    config = check_config(read_json(config_path), printable(config_path, 100))
-    return config, read_tensors(adapter_path)
+        config, tensors = read_peft_adapter(checkpoint)
+    else:
+        config_path = os.path.join(checkpoint, CONFIG_FILE)
+        adapter_path = os.path.join(checkpoint, ADAPTER_FILE)
+        if not (os.path.isfile(config_path) and os.path.isfile(adapter_path)):
+            raise InputError(f"{printable(checkpoint, 100)}: not a checkpoint folder (needs "
+                             f"{CONFIG_FILE} and {ADAPTER_FILE}, or a PEFT {PEFT_CONFIG_FILE}); "
+                             "pass the --out folder of a finished train.py run")
+        config = check_config(read_json(config_path), printable(config_path, 100))
+        tensors = read_tensors(adapter_path)
+    offline_unless_the_hub_answers(config["base_model"])  # a base on the hub: seconds, not 50
+    return config, tensors
 
 
 def save_tensors(path, tensors, metadata=None):
@@ -502,4 +547,22 @@ def peft_labels(peft_config, count, where):
             and all(isinstance(n, str) for n in names.values())):
         raise InputError(f"{where}: auto_mapping's id2label must name each of the head's {count:,} "
                          "classes \"0\"..\"K-1\" with a string; fix it, or delete it")
-    return [names[str(i)] for i in range(count)]
+    labels = [names[str(i)] for i in range(count)]
+    right, what = CONFIG_RULES["labels"]
+    if not right(labels):
+        raise InputError(f"{where}: auto_mapping's id2label must be {what}")
+    return labels
+
+
+def base_model_of(checkpoint):
+    """The base_model a checkpoint folder's config names (ours or PEFT's), or None if it names
+    none that can be read: the checks of load_model say why, later."""
+    for file, field in ((PEFT_CONFIG_FILE, PEFT_NAMES["base_model"]), (CONFIG_FILE, "base_model")):
+        path = os.path.join(checkpoint, file)
+        if os.path.isfile(path):
+            try:
+                base = read_json(path).get(field)
+            except InputError:
+                return None
+            return base if isinstance(base, str) and "\0" not in base else None
+    return None

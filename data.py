@@ -5,12 +5,15 @@ a token, where the tokenizer's own lists take about 240 (docs/speed.md). A batch
 numbers; `pad_batch` pads them to the longest (dynamic padding) and masks the padding. Training
 batches come from groups of rows of similar length, shuffled; evaluation's are sorted by length.
 """
+import contextlib
 import itertools
 import math
 import os
 import random
 import re
 import reprlib
+import secrets
+import stat
 import sys
 
 import numpy as np
@@ -133,10 +136,10 @@ def validation_rows(source, names, data):
 def labelled_rows(source, names, num_labels):
     """(texts, labels 0..K-1, class names), every label checked first, in the file's row order;
     string labels are class names (in `names` order, or sorted)."""
-    texts, labels, found_names = read_table(source)
+    texts, labels = read_table(source)
     if labels is None:
         raise InputError(f"{source}: no `{LABEL}` column; training needs a label for every text")
-    names, labels = name_classes(names or found_names, num_labels, labels, source)
+    names, labels = name_classes(names, num_labels, labels, source)
     return clean_texts(texts, source), labels, names
 
 
@@ -155,14 +158,15 @@ def split_rows(count, val_size, seed, limit):
 
 def read_texts(source):
     """(texts, labels or None) to predict, in input order: a missing text is predicted as ""."""
-    texts, labels, _ = read_table(source, missing_ok=True)
+    texts, labels = read_table(source, missing_ok=True)
     return clean_texts(texts, source), labels
 
 
 def read_table(source, missing_ok=False):
-    """(texts, labels or None, class names or None) of a .csv, .jsonl, .parquet or .pkl file or a
-    save_to_disk folder (read as data in a contained child: tables.py), or of a hub dataset. A
-    missing text (None, NaN) is refused naming its row, or with `missing_ok` kept as None."""
+    """(texts, labels or None) of a .csv, .jsonl, .parquet or .pkl file or a save_to_disk folder
+    (read as data in a contained child: tables.py), or of a hub dataset (a ClassLabel's names are
+    not read: its labels are the integers, as a CSV of it holds). A missing text (None, NaN) is
+    refused naming its row, or with `missing_ok` kept as None."""
     if os.path.exists(source) or os.path.splitext(source)[1]:
         import tables
 
@@ -172,18 +176,15 @@ def read_table(source, missing_ok=False):
             raise InputError(str(e)) from None
         for note in notes:
             warn(f"{source}: {note}")
-        names = None
     else:
-        table = read_dataset(source)
-        texts, labels = columns_of(table, source)
-        names = class_names(table)
+        texts, labels = columns_of(read_dataset(source), source)
     if not texts:
         raise InputError(f"{source}: no rows; give a file with at least one text")
     missing = next((i for i, text in enumerate(texts) if text is None), None)
     if missing is not None and not missing_ok:
         raise InputError(f"{source}: row {missing} has no text (a missing value); fill it in (an "
                          "empty string is fine) or drop that row")
-    return texts, labels, names
+    return texts, labels
 
 
 def read_dataset(source):
@@ -209,6 +210,10 @@ def columns_of(table, source):
         raise InputError(f"{source}: no `{TEXT}` column (columns: {listed or 'none'}); rename the "
                          f"column that holds the texts to `{TEXT}` (or set data.TEXT)")
     labels = list(table[LABEL]) if LABEL in table.column_names else None
+    odd = next((y for y in labels or [] if not isinstance(y, (str, int, float, type(None)))), None)
+    if odd is not None:  # a list (several labels a row), a dict: as tables.py refuses in a file
+        raise InputError(f"{source}: a label is {short(odd, 40)}, not a number or a string; give "
+                         "one class a row")
     return list(table[TEXT]), labels
 
 
@@ -235,16 +240,20 @@ def clean_texts(texts, source):
     return texts
 
 
-def class_names(table):
-    """Label names when the data carries them (a ClassLabel feature, as on the hub), else None."""
-    feature = (getattr(table, "features", None) or {}).get(LABEL)
-    return list(feature.names) if hasattr(feature, "names") else None
-
-
 def name_classes(names, num_labels, labels, source):
-    """(class names, labels as 0..K-1). String labels are class names: mapped in `names` order,
-    or sorted. Integer labels: K is num_labels, else len(names), else the labels' own 0..K-1."""
-    if any(isinstance(y, str) for y in labels):
+    """(class names, labels as 0..K-1). A label written as a decimal integer ("10", " 3") is that
+    integer in every format, as a CSV's cell is. Other string labels are class names: mapped in
+    `names` order, or sorted. Integer labels: K is num_labels, else len(names), else the labels'
+    own 0..K-1; a class's name is its integer as text, or `names`' (--label-names renames them).
+    Both kinds in one file are refused. The names are what predict.py writes as Labels."""
+    labels = [label_value(y) for y in labels]
+    text = next((y for y in labels if isinstance(y, str)), None)
+    number = next((y for y in labels if is_index(y)), None)
+    if text is not None and number is not None:
+        raise InputError(f"{source}: its labels mix integers ({short(number, 20)}) and names "
+                         f"({short(text, 20)}); write every label as a class number 0..K-1, or "
+                         "every one as a name")
+    if text is not None:
         names = names or sorted(set(labels), key=str)
         index = {name: i for i, name in enumerate(names)}
         unknown = next((i for i, y in enumerate(labels) if y not in index), None)
@@ -253,6 +262,9 @@ def name_classes(names, num_labels, labels, source):
                              f"of the {len(names)} class names; fix that row or --label-names")
         labels = [index[y] for y in labels]
     num_labels = num_labels or (len(names) if names else count_classes(labels, source))
+    if num_labels > MAX_CLASSES:  # a head of K rows, and K logits a text; a checkpoint holds 10,000
+        raise InputError(f"{source}: {num_labels:,} classes, more than {MAX_CLASSES:,}; is "
+                         f"`{LABEL}` the column of classes?")
     if names and len(names) != num_labels:
         raise InputError(f"{len(names)} class names ({short(names)}) for {num_labels} labels; give "
                          "one --label-names name per class (and --num-labels, if given, to match)")
@@ -260,11 +272,45 @@ def name_classes(names, num_labels, labels, source):
         if not is_index(label) or not 0 <= label < num_labels:
             raise InputError(f"{source}: row {i} has label {short(label)}, outside "
                              f"0..{num_labels - 1}; fix that row or set --num-labels")
-    return [str(n) for n in names] if names else [str(i) for i in range(num_labels)], labels
+    return check_names([str(n) for n in names] if names else None, source) or \
+        [str(i) for i in range(num_labels)], labels
+
+
+MAX_CLASSES = 10_000  # what a checkpoint may hold (checkpoint.MAX_LABELS)
+NAME_CHARS = 200  # a class name is each of its rows' Label in a submission: at most this long
+
+
+def check_names(names, source):
+    """`names`, unless one is longer than NAME_CHARS or not printable (a control character or a
+    lone surrogate would be written raw to every row of a submission) or names a class another one
+    names (3 and "03" are one class): then one line."""
+    seen = set()
+    for name in names or []:
+        if len(name) > NAME_CHARS or not name.isprintable():
+            what = f"over {NAME_CHARS} characters" if len(name) > NAME_CHARS else \
+                "not printable (a control character, a lone surrogate)"
+            raise InputError(f"{source}: the class name {short(name, 40)} is {what}, and it is the "
+                             "Label a submission writes; fix that label")
+        if label_value(name) in seen:
+            raise InputError(f"{source}: the class name {short(name, 40)} is given twice (3 and "
+                             "03 are one class); give each class one name")
+        seen.add(label_value(name))
+    return names
 
 
 def is_index(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+INTEGER = re.compile(r"\s*[+-]?[0-9]{1,4300}\s*", re.ASCII)  # what tables.py reads as a CSV's int
+
+
+def label_value(label):
+    """A label as every format means it: a string of a decimal integer is that integer, and so is
+    a float of one (2.0, as tables.py reads a file's)."""
+    if isinstance(label, float) and label.is_integer():
+        return int(label)
+    return int(label) if isinstance(label, str) and INTEGER.fullmatch(label) else label
 
 
 def count_classes(labels, source):
@@ -287,15 +333,65 @@ def to_device(device, *tensors):
 
 
 def write_atomically(path, write, mode="w"):
-    """write(file) to a temporary file beside `path`, renamed into place: never half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """write(file) to a temporary file beside `path`, renamed into place: never half a file, never
+    through a link. If it cannot be (a link, a folder, a full disk): one InputError line, the old
+    file kept and no temporary left."""
+    with replacing(path, mode) as f:
+        write(f)
+
+
+@contextlib.contextmanager
+def replacing(path, mode):
+    """A new file in `path`'s folder, renamed onto `path` if the block ends well, else removed.
+    Its name is short and opened from the folder's descriptor: a legal path stays legal."""
+    folder, name = os.path.split(path)
+    tmp, folder_fd = f".{secrets.token_hex(4)}.tmp", None
     try:
-        with open(tmp, mode, **({"newline": ""} if mode == "w" else {})) as f:
-            write(f)
-        os.replace(tmp, path)
+        folder_fd = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY)
+        refuse_unplain(path, folder_fd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=folder_fd)
+        try:
+            text = {"newline": "", "encoding": "utf-8"} if mode == "w" else {}  # in any locale
+            with os.fdopen(fd, mode, **text) as f:
+                yield f
+            refuse_unplain(path, folder_fd)  # again: it may have been made meanwhile
+            os.replace(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+        except BaseException:  # a full disk, Ctrl-C, SIGTERM: no temporary is left
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=folder_fd)
+            raise
+    except OSError as e:
+        raise InputError(f"cannot write {printable(path, 100)} ({e.strerror or short(e, 60)}); the "
+                         "file there before is kept: free some space, or write elsewhere") from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if folder_fd is not None:
+            os.close(folder_fd)
+
+
+def remove_stale(path):
+    """Remove the regular file at `path`, a picture of an earlier run: this one may draw none (no
+    matplotlib, too many classes), and the old one would be read as its own."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            os.remove(path)
+
+
+def refuse_unplain(path, folder_fd=None):
+    """One InputError line if `path` (from the folder `folder_fd`, if given) is a link or not a
+    regular file; nothing if it is absent."""
+    name = path if folder_fd is None else os.path.basename(path)
+    try:
+        kind = os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:  # a name too long, a folder we may not enter
+        raise InputError(f"cannot write {printable(path, 100)} ({e.strerror}); write elsewhere") \
+            from None
+    if not stat.S_ISREG(kind):
+        what = {stat.S_IFLNK: "a link", stat.S_IFDIR: "a folder", stat.S_IFIFO: "a pipe"}.get(
+            stat.S_IFMT(kind), "not a regular file")
+        raise InputError(f"{printable(path, 100)} is {what}: it is not written through or over; "
+                         "remove it, or write elsewhere")
 
 
 def one_line(message):

@@ -13,9 +13,10 @@ import sys
 
 import torch
 
-from checkpoint import export_merged, load_model
-from data import InputError, is_index, one_line, pad_batch, printable, read_texts, short
-from data import sorted_batches, to_device, tokenize, warn, write_atomically
+from checkpoint import base_model_of, export_merged, load_model
+from data import InputError, label_value, one_line, pad_batch, printable, read_texts
+from data import refuse_unplain, remove_stale, short, sorted_batches, to_device, tokenize, warn
+from data import write_atomically
 
 
 @torch.inference_mode()
@@ -52,6 +53,7 @@ def predict(args, device, amp_dtype):
 # The command line and the paths it may write; the device and its precision (train.py's too); the
 # report on labelled inputs; the one-line error exit.
 
+
 def main(argv=None):
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that no temporary file is left
     args = parse_args(argv)
@@ -74,9 +76,18 @@ def main(argv=None):
              f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB); use a smaller --batch-size",
              code=1)
     if args.input is not None:
-        print(f"wrote {len(predicted)} predictions to {one_line(args.out)}")
+        report_predictions(args, predicted, labels, names)
+
+
+def report_predictions(args, predicted, labels, names):
+    """What was written; with labels, the accuracy and the classes' report (and picture)."""
+    print(f"wrote {len(predicted)} predictions to {one_line(args.out)}")
+    remove_stale(picture_beside(args.out) or "")  # it showed another submission
+    try:
         if labels is not None:
             report_classes(predicted, labels, names, picture_beside(args.out), args.input)
+    except InputError as e:  # the picture could not be written (a full disk)
+        fail(str(e))
 
 
 def write_submission(path, logits, names, probabilities=False):
@@ -184,21 +195,42 @@ def check_out(args):
     if os.path.commonpath([out, folder]) == folder:
         fail(f"--out {args.out} is inside the checkpoint folder {args.checkpoint}; write the "
              "submission elsewhere, e.g. --out submission.csv")
+    base = base_model_of(args.checkpoint)
+    if base and os.path.isdir(base) and os.path.commonpath([out, os.path.realpath(base)]) == \
+            os.path.realpath(base):  # its weights, config or tokenizer would be replaced
+        fail(f"--out {args.out} is inside the base model's folder {printable(base, 100)}; write "
+             "the submission elsewhere, e.g. --out submission.csv")
+    try:  # a link is not written through, a pipe or a folder not replaced
+        for path in filter(None, [args.out, picture_beside(args.out)]):
+            refuse_unplain(path)
+    except InputError as e:
+        fail(f"--out: {e}")
+
+
+MAX_REPORT_CLASSES, MAX_PICTURE_CLASSES = 50, 20  # K x K cells: readable only for a few
+NAME_WIDTH = 24  # a class name is cut there for display (a name may have 200 characters)
 
 
 def report_classes(predicted, labels, names, picture, source):
-    """Accuracy, per-class precision/recall/F1 and the confusion matrix (and its picture)."""
+    """Accuracy: the share of rows whose written Label is their own label; then per-class
+    precision/recall/F1 and the confusion matrix (and its picture, to `picture` unless None)."""
     labels = labels_as_classes(labels, names, source)
     if labels is None:
         return
     correct = int((predicted == labels).sum())
     print(f"accuracy {correct / len(labels):.4f} ({correct}/{len(labels)})")
-    if len(names) > 50:  # a matrix of K x K cells: readable, and cheap, only for a few classes
+    if len(names) > MAX_REPORT_CLASSES:
         return
     confusion = confusion_matrix(predicted, labels, len(names))
     print(class_report(confusion, names))
-    if plot_confusion(confusion, names, picture):
-        print(f"confusion matrix: {picture}")
+    if picture and len(names) <= MAX_PICTURE_CLASSES and plot_confusion(confusion, names, picture):
+        print(f"confusion matrix: {one_line(picture)}")
+
+
+def shown(name, width=NAME_WIDTH):
+    """A class name for display: one line, cut to `width` characters."""
+    text = one_line(name[:width + 1])
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def confusion_matrix(predicted, labels, num_labels):
@@ -214,7 +246,7 @@ def class_report(confusion, names):
     called, actual = confusion.sum(0).double(), confusion.sum(1).double()
     precision, recall = hits / called.clamp(min=1), hits / actual.clamp(min=1)
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-    names = [one_line(n) for n in names]
+    names = [shown(n) for n in names]
     width = max(10, *(len(n) for n in names))
     lines = [f"{'class':<{width}} {'precision':>9} {'recall':>7} {'F1':>6} {'rows':>7}"]
     rows = zip(names, precision.tolist(), recall.tolist(), f1.tolist(), actual.tolist())
@@ -228,21 +260,24 @@ def class_report(confusion, names):
 
 
 def picture_beside(out):
-    """submission_confusion.png beside submission.csv: named after it, so it replaces no file."""
-    return os.path.splitext(out)[0] + "_confusion.png"
+    """submission_confusion.png beside submission.csv: named after it, so it replaces no file;
+    None if that name would be too long for a file system (255 bytes)."""
+    path = os.path.splitext(out)[0] + "_confusion.png"
+    return path if len(os.fsencode(os.path.basename(path))) <= 255 else None
 
 
 def labels_as_classes(labels, names, source):
-    """The labels as a tensor of class numbers (integers 0..K-1, or the class names themselves),
-    or None, with a warning, if some are neither."""
-    index = {name: i for i, name in enumerate(names)}
-    if all(is_index(y) and 0 <= y < len(names) for y in labels):
-        return torch.tensor(labels)
-    if all(isinstance(y, str) and y in index for y in labels):
-        return torch.tensor([index[y] for y in labels])
-    warn(f"{source}: its labels are not all integers 0..{len(names) - 1}, so no accuracy is "
-         "printed")
-    return None
+    """The rows' labels as class numbers: a label is class k when it is what predict() writes
+    for k, names[k] (3 and "3" alike, as in training); or None, with a warning, if some are not
+    a class's name."""
+    index = {label_value(name): k for k, name in enumerate(names)}
+    classes = [None if isinstance(y, bool) else index.get(label_value(y)) for y in labels]
+    if None in classes:
+        listed = ", ".join(shown(n, 12) for n in names[:4]) + (", ..." if len(names) > 4 else "")
+        warn(f"{source}: some of its labels are not the checkpoint's class names ({listed}), so "
+             "no accuracy is printed")
+        return None
+    return torch.tensor(classes)
 
 
 def plot_confusion(confusion, names, path):
@@ -256,7 +291,7 @@ def plot_confusion(confusion, names, path):
     k = len(names)
     fig, ax = plt.subplots(figsize=(1.2 * k + 2, 1.2 * k + 1.5))
     ax.imshow(confusion.numpy(), cmap="Blues")
-    names = [one_line(n) for n in names]
+    names = [shown(n) for n in names]
     ax.set(xticks=range(k), yticks=range(k), xticklabels=names, yticklabels=names,
            xlabel="predicted", ylabel="true")
     for (i, j), count in zip(itertools.product(range(k), repeat=2), confusion.flatten().tolist()):

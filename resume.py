@@ -11,6 +11,7 @@ on a CPU (tested). --grad-accum, --compile and --eval-batch-size may change on r
 are then the same up to rounding. The file is read as data (`weights_only`), its size bounded
 first, its structure and flags checked before anything is used.
 """
+import io
 import os
 import zipfile
 
@@ -31,7 +32,9 @@ def save_run(args, parts, loop_state):
     state = run_state(args, parts, loop_state, rng_states(args.world))
     args.saved_at = loop_state[0]  # what --resume would go on from (main says so if a run stops)
     if args.rank == 0:
-        write_atomically(os.path.join(args.out, LAST_STATE), lambda f: torch.save(state, f),
+        saved = io.BytesIO()  # torch.save's writer ends a full disk in a RuntimeError: write bytes
+        torch.save(state, saved)
+        write_atomically(os.path.join(args.out, LAST_STATE), lambda f: f.write(saved.getbuffer()),
                          mode="wb")
 
 
@@ -98,7 +101,7 @@ def read_state(args, model, total_steps):
     if not isinstance(state, dict) or state.get("format") != LAST_STATE_FORMAT:
         raise InputError(f"{args.out}: the saved training state was written by another version of "
                          f"train.py; {fix}")
-    check_structure(args, state, trained, world)
+    check_structure(args, state, trained, world, model.config.num_labels)
     saved, now = state["args"], flags_of(args)
     changed = [f"--{printable(k, 30).replace('_', '-')} was {printable(saved.get(k), 80)}, "
                f"now {printable(now.get(k), 80)}"
@@ -115,7 +118,7 @@ def read_state(args, model, total_steps):
     return state
 
 
-def check_structure(args, state, trained, world):
+def check_structure(args, state, trained, world, num_labels):
     """One line unless every part has the type and the tensors the shapes that save_run gives."""
     kinds = {"step": int, "best_score": float, "bad_evals": int, "trained": dict, "args": dict,
              "optimizer": dict, "scheduler": dict, "scaler": dict, "rng": list}
@@ -123,11 +126,7 @@ def check_structure(args, state, trained, world):
     if not wrong and (state["step"] < 0 or state["bad_evals"] < 0
                       or not all(isinstance(k, str) for k in state["args"])):
         wrong.append("step, patience or flags")
-    best = state.get("best")
-    if best is not None and not (isinstance(best, dict) and {"tensors", "val_loss", "predicted"}
-                                 <= set(best) and isinstance(best["tensors"], dict)
-                                 and all(n in trained and t.shape == trained[n].shape
-                                         for n, t in best["tensors"].items())):
+    if state.get("best") is not None and not right_best(state["best"], trained, args, num_labels):
         wrong.append("best")
     saved = state.get("trained") if isinstance(state.get("trained"), dict) else {}
     if set(saved) != set(trained) or any(not isinstance(saved[n], torch.Tensor)
@@ -139,6 +138,19 @@ def check_structure(args, state, trained, world):
     if wrong:
         raise InputError(f"{args.out}: the saved training state is not one train.py wrote for this "
                          f"model ({', '.join(wrong)}); run without --resume to start afresh")
+
+
+def right_best(best, trained, args, num_labels):
+    """Whether `best` is what train.keep_best makes: trained tensors of their shapes, a float
+    loss, and a class 0..K-1 for each of the --val-size rows (the final report reads them)."""
+    if not (isinstance(best, dict) and {"tensors", "val_loss", "predicted"} <= set(best)):
+        return False
+    tensors, predicted = best["tensors"], best["predicted"]
+    return isinstance(tensors, dict) and isinstance(best["val_loss"], float) and all(
+        n in trained and isinstance(t, torch.Tensor) and t.shape == trained[n].shape
+        for n, t in tensors.items()) and isinstance(predicted, torch.Tensor) and \
+        predicted.dtype == torch.int64 and predicted.shape == (args.val_size,) and \
+        bool(((predicted >= 0) & (predicted < num_labels)).all())
 
 
 def trained_tensors(model):

@@ -988,7 +988,8 @@ def test_missing_texts_and_lone_surrogates_are_predicted_with_one_warning_each(t
     assert capsys.readouterr().err.splitlines() == [
         f"warning: {path}: 1 rows have no text (a missing value); each was predicted as an empty text",
         f"warning: {path}: 2 texts held lone surrogates (invalid UTF-16); each became U+FFFD",
-        f"warning: {path}: its labels are not all integers 0..3, so no accuracy is printed"]  # 3 rows have none
+        f"warning: {path}: some of its labels are not the checkpoint's class names (0, 1, 2, 3), so no accuracy is "
+        "printed"]  # 3 rows have none
     assert [r[0] for r in read_submission(out)] == ["ID", *map(str, range(9))]
     assert data.clean_texts([None, "a\ud800b", "ok"], "x") == ["", "a\ufffdb", "ok"]
 
@@ -1586,8 +1587,8 @@ BAD_TRAINING = {  # name: (flags, what the one line says)
     "val size too big": (lambda d, rows: ["--val-size", "60"],
                          "--val-size 60 must be below the 60 rows used"),
     "an unknown target": (lambda d, rows: ["--targets", "query", "qkv"], "unknown LoRA target(s) qkv; targets are "
-                          "dotted suffixes of the paths of this model's pretrained Linear layers: "
-                          "attention.output.dense, attention.self.key"),
+                          "dotted suffixes of this model's Linear layers: attention.output.dense, "
+                          "attention.self.key"),
     "an unknown init": (lambda d, rows: ["--init", "gaussian"], "argument --init: invalid choice: 'gaussian'"),
     "max length above the model's": (lambda d, rows: ["--max-length", "4096"], "max length 4096 is above"),
     "no such data file": (lambda d, rows: ["--data", str(d / "missing.csv")], "No such file"),
@@ -2876,6 +2877,10 @@ CASES = {
     "labels-empty": (config(labels=[]), "`labels` must be"),
     "labels-10001": (config(labels=["a"] * 10_001), "`labels` must be"),
     "labels-3M": (config(labels=["a"] * 3_000_000), "above 1 MiB"),
+    "labels-a-1MB-name": (config(labels=["w" * 1_000_000, "b", "c", "d"]), "each printable and of 200 characters"),
+    "labels-lone-surrogate": (config(labels=["\ud800", "b", "c", "d"]), "each printable and of 200 characters"),
+    "labels-an-escape-code": (config(labels=["\x1b[2J", "b", "c", "d"]), "each printable and of 200 characters"),
+    "labels-3-and-03": (config(labels=["3", "03", "c", "d"]), "distinct (3 and 03 are one)"),
     "r-bool": (config(r=True), "`r` must be an integer from 1 to 4096"),
     "r-float": (config(r=2.0), "`r` must be an integer"),
     "r-string": (config(r="2"), "`r` must be an integer"),
@@ -3072,7 +3077,7 @@ def test_a_checkpoint_that_would_allocate_gigabytes_is_refused_first(valid, tmp_
 @pytest.mark.parametrize("kind", ["ours", "peft"])
 def test_a_valid_checkpoint_still_loads_and_predicts(valid, tmp_path, capsys, kind):
     model, tokenizer, config = checkpoint.load_model(valid[kind])
-    labels = CLASS_NAMES if kind == "ours" else ["0", "1", "2", "3"]
+    labels = CLASS_NAMES  # the PEFT export carries them too (auto_mapping's id2label)
     assert config["labels"] == labels and config["r"] == 2 and config["alpha"] == 4.0
     texts = [" ".join(f"w{(i * 7 + j) % 40}" for j in range(3 + i % 9)) for i in range(24)]
     ids, mask = data.pad_batch(data.tokenize(tokenizer, texts, 64), range(len(texts)),
@@ -3087,7 +3092,7 @@ def test_a_valid_checkpoint_still_loads_and_predicts(valid, tmp_path, capsys, ki
     predict.main([str(source), "--checkpoint", valid[kind], "--out", str(out),
                   "--precision", "fp32"])
     submitted = [line.split(",")[1] for line in out.read_text().split()[1:]]
-    assert submitted == [str(k) for k in expected.argmax(-1).tolist()]
+    assert submitted == [labels[k] for k in expected.argmax(-1).tolist()]  # the class's name
     assert "accuracy" in capsys.readouterr().out  # the per-class report, with string labels
 
 
@@ -3114,6 +3119,10 @@ HOSTILE_STATES = {  # last_state.pt with --resume: (the edit, what the one line 
         "classifier.dense.weight": torch.zeros(1)}}), "not one train.py wrote"),
     "a negative step": (lambda s: s.update(step=-7), "not one train.py wrote"),
     "a 100,000-character flag": (lambda s: s["args"].update(model="x" * 100_000), "--model was 'xxxx"),
+    "a best of 3 predictions": (lambda s: s["best"].update(predicted=torch.zeros(3, dtype=torch.int64)),
+                                "for this model (best)"),
+    "a best predicting class 9": (lambda s: s["best"]["predicted"].fill_(9), "for this model (best)"),
+    "a best whose loss is text": (lambda s: s["best"].update(val_loss="x"), "for this model (best)"),
 }
 
 
@@ -3150,7 +3159,7 @@ def test_train_refuses_an_out_folder_of_someone_elses_files_and_links_in_its_own
     (linked / "metrics.jsonl").symlink_to(victim)
     with pytest.raises(SystemExit) as stop:
         train.main(argv + ["--out", str(linked)])
-    assert stop.value.code == 2 and "is not a plain file" in capsys.readouterr().err
+    assert stop.value.code == 2 and "metrics.jsonl is a link: it is not written through" in capsys.readouterr().err
     assert victim.read_text() == "precious"
     with pytest.raises(SystemExit) as stop:
         train.main(argv + ["--out", str(tmp_path / "run"), "--export-peft", data_csv])
@@ -3202,7 +3211,7 @@ def test_a_header_of_20000_empty_tensors_is_refused_at_once(trained, tmp_path):
 
 def test_names_printed_have_every_unprintable_character_escaped(capsys):
     names = ["evil\u202egnp.exe", "line\u2028sep", "zw\u200bsp", "\u00adsoft"]
-    predict.report_classes(torch.tensor([0, 1, 2, 3]), [0, 1, 2, 3], names, "/nonexistent/x.png", "x")
+    predict.report_classes(torch.tensor([0, 1, 2, 3]), names, names, "/nonexistent/x.png", "x")
     printed = capsys.readouterr().out
     assert all(c.isprintable() or c == "\n" for c in printed)
     assert "evil\\u202egnp.exe" in printed
@@ -3304,3 +3313,274 @@ def test_sigterm_while_writing_the_submission_leaves_no_file(trained, tmp_path, 
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert stop.value.code == 143 and not out.exists() and not list(tmp_path.glob("sub.csv.tmp*"))
+
+
+# --- issue 29: labels that look like numbers, every file a run writes, the environment, printed names --------
+
+def test_labels_written_as_integers_are_integers_in_every_format(tmp_path):
+    rows = [{"text": f"w{i}", "label": str(i % 11)} for i in range(55)]  # "0".."10" as strings, as exporters write
+    jsonl = tmp_path / "strings.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from_jsonl = data.labelled_rows(str(jsonl), None, None)
+    from_csv = data.labelled_rows(write_csv(tmp_path / "ints.csv", rows), None, None)  # a CSV reads 10 as 10
+    assert from_jsonl == from_csv and from_jsonl[2] == [str(k) for k in range(11)]  # classes in number order
+    assert from_jsonl[1] == [i % 11 for i in range(55)]
+    mixed = tmp_path / "mixed.jsonl"  # 1 and "1" are one class
+    mixed.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": "1"}\n{"text": "c", "label": " 0"}\n')
+    assert data.labelled_rows(str(mixed), None, None)[1:] == ([1, 1, 0], ["0", "1"])
+    mixed.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": "World"}\n')
+    with pytest.raises(data.InputError) as refused:
+        data.labelled_rows(str(mixed), None, None)
+    assert "its labels mix integers (1) and names ('World')" in str(refused.value)
+    for names, message in [(["a"] + ["b"] * 10, "the class name 'b' is given twice"),
+                           ([str(k) for k in range(10)] + ["x" * 201], "is over 200 characters, and it is the Label"),
+                           ([str(k) for k in range(10)] + ["\x1b[2J"], "'\\x1b[2J' is not printable (a control")]:
+        with pytest.raises(data.InputError) as refused:
+            data.labelled_rows(str(jsonl), names, None)
+        assert message in str(refused.value)
+
+
+def test_the_label_column_is_the_class_name_the_accuracy_true_and_no_old_picture_left(model_dirs, tmp_path, capsys):
+    rows = [{**r, "label": str(r["label"] * 3 - (r["label"] == 3))} for r in synthetic_rows(44, seed=9)]
+    rows += [{"text": "w1", "label": str(k)} for k in range(11)]  # labels "0".."10", as strings
+    source = tmp_path / "numbers.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run, out = tmp_path / "run", tmp_path / "sub.csv"
+    run.mkdir()
+    stale = b"a picture of an earlier run or submission"  # this one may draw none: no matplotlib, too many classes
+    for picture in (run / "curves.png", run / "confusion.png", tmp_path / "sub_confusion.png"):
+        picture.write_bytes(stale)
+    train.main(["--model", model_dirs["bert"], "--data", str(source), "--out", str(run), "--max-length", "32",
+                "--val-size", "10", "--max-steps", "2", "--precision", "fp32", "--lr", "0.1"])
+    assert json.load(open(run / "config.json"))["labels"] == [str(k) for k in range(11)]
+    capsys.readouterr()
+    predict.main([str(source), "--checkpoint", str(run), "--out", str(out)])
+    written = [label for _, label in read_submission(out)[1:]]
+    right = sum(label == r["label"] for label, r in zip(written, rows))
+    assert f"accuracy {right / len(rows):.4f} ({right}/{len(rows)})" in capsys.readouterr().out
+    for picture in (run / "curves.png", run / "confusion.png", tmp_path / "sub_confusion.png"):
+        assert not picture.exists() or picture.read_bytes() != stale, picture  # drawn anew, or gone
+
+
+@pytest.mark.parametrize("entry", ["curves.png a link", "confusion.png a folder", "last_state.pt a pipe"])
+def test_a_run_folder_whose_files_are_links_pipes_or_folders_is_refused_before_training(model_dirs, tmp_path, capsys,
+                                                                                         entry):
+    name, kind = entry.split(" ", 1)
+    run, victim = tmp_path / "run", tmp_path / "victim.png"
+    run.mkdir()
+    victim.write_bytes(b"precious")
+    {"a link": lambda p: p.symlink_to(victim), "a folder": lambda p: p.mkdir(), "a pipe": os.mkfifo}[kind](run / name)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--model", model_dirs["bert"], "--data", write_csv(tmp_path / "t.csv", synthetic_rows(30, 2)),
+                    "--out", str(run), "--max-length", "32", "--val-size", "10", "--max-steps", "2"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1, err
+    assert f"error: --out: {run / name} is {kind}: it is not written through or over" in err
+    assert os.listdir(run) == [name] and victim.read_bytes() == b"precious"  # no work began: not even the log
+
+
+def test_predict_refuses_an_out_that_is_a_link_a_pipe_or_in_the_base_models_folder(valid, tmp_path, capsys,
+                                                                                    monkeypatch):
+    monkeypatch.setattr(predict, "read_texts", lambda *a: pytest.fail("prediction work began"))
+    victim = tmp_path / "victim.csv"
+    victim.write_text("precious")
+    (tmp_path / "link.csv").symlink_to(victim)
+    (tmp_path / "sub_confusion.png").symlink_to(victim)
+    os.mkfifo(tmp_path / "pipe.csv")
+    base = json.load(open(os.path.join(valid["ours"], "config.json")))["base_model"]
+    weights = os.path.join(base, "model.safetensors")
+    before = open(weights, "rb").read()
+    for out, message in [(tmp_path / "link.csv", "link.csv is a link"), (tmp_path / "pipe.csv", "pipe.csv is a pipe"),
+                         (tmp_path / "sub.csv", "sub_confusion.png is a link"),
+                         (weights, "is inside the base model's folder")]:
+        with pytest.raises(SystemExit) as stop:
+            predict.main([write_csv(tmp_path / "in.csv", synthetic_rows(3, 1)), "--checkpoint", valid["ours"],
+                          "--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert victim.read_text() == "precious" and open(weights, "rb").read() == before
+
+
+def test_write_atomically_writes_no_link_or_folder_and_leaves_the_old_file_when_the_disk_is_full(tmp_path):
+    import resource
+    import signal
+    (tmp_path / "link").symlink_to(tmp_path / "victim")
+    (tmp_path / "folder").mkdir()
+    for name, what in [("link", "is a link"), ("folder", "is a folder")]:
+        with pytest.raises(data.InputError) as refused:
+            data.write_atomically(str(tmp_path / name), lambda f: f.write("x"))
+        assert what in str(refused.value)
+    old = tmp_path / "old.bin"
+    old.write_bytes(b"the old file")
+    previous, limits = signal.signal(signal.SIGXFSZ, signal.SIG_IGN), resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))  # as a full disk: a write fails past 4 KiB
+    try:
+        with pytest.raises(data.InputError) as refused:
+            data.write_atomically(str(old), lambda f: f.write(b"x" * 10_000), mode="wb")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert str(refused.value).startswith(f"cannot write {old} (File too large); the file there before is kept")
+    assert old.read_bytes() == b"the old file" and sorted(os.listdir(tmp_path)) == ["folder", "link", "old.bin"]
+    assert not (tmp_path / "victim").exists()
+    for check in (data.refuse_unplain, lambda path: data.write_atomically(path, lambda f: f.write("x"))):
+        with pytest.raises(data.InputError) as refused:  # any other error of the file system: one line too
+            check(str(tmp_path / "old.bin" / "x"))
+        assert str(refused.value).startswith(f"cannot write {tmp_path}/old.bin/x (Not a directory); ")
+
+
+def test_a_long_legal_out_is_written_and_a_full_disk_is_one_line_keeping_the_old_submission(trained, tmp_path, capsys,
+                                                                                            monkeypatch):
+    import resource
+    import signal
+    source = write_csv(tmp_path / "in.csv", synthetic_rows(20, 1))
+    out = tmp_path / ("s" * 246 + ".csv")  # 250 characters: legal; its picture's name would not be
+    predict.main([source, "--checkpoint", trained["out"], "--out", str(out)])
+    assert len(read_submission(out)) == 21 and sorted(os.listdir(tmp_path)) == ["in.csv", out.name]
+    assert predict.picture_beside(str(out)) is None and predict.picture_beside("a/b.csv") == "a/b_confusion.png"
+    capsys.readouterr()
+    before, real = out.read_bytes(), predict.write_atomically
+
+    def on_a_full_disk(*args, **kwargs):
+        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16, limits[1]))  # the submission is longer
+        try:
+            return real(*args, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    monkeypatch.setattr(predict, "write_atomically", on_a_full_disk)
+    monkeypatch.setattr(signal, "SIGXFSZ", signal.SIGXFSZ)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            predict.main([source, "--checkpoint", trained["out"], "--out", str(out)])
+    finally:
+        signal.signal(signal.SIGXFSZ, previous)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and "(File too large); the file there before" in err
+    assert out.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["in.csv", out.name]
+
+
+def test_the_report_cuts_long_class_names_and_draws_no_picture_of_many_classes(capsys, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(predict, "plot_confusion", lambda confusion, names, path: drawn.append(len(names)) or path)
+    names = [f"{i:02d}" + "n" * 20_000 for i in range(50)]  # 1 MB of names: a config may hold that
+    predict.report_classes(torch.arange(4), names[:4], names, "x.png", "x")
+    printed = capsys.readouterr().out
+    assert printed.startswith("accuracy 1.0000 (4/4)") and len(printed) < 40_000 and drawn == []
+    assert "\n00nnnnnnnnnnnnnnnnnnn...    1.0000" in printed
+    predict.report_classes(torch.arange(4), ["0", "1", "2", "3"], [str(i) for i in range(20)], "x.png", "x")
+    assert drawn == [20] and "confusion matrix: x.png" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("environment", [{"WORLD_SIZE": "abc"}, {"WORLD_SIZE": "0"}, {"WORLD_SIZE": "2"},
+                                         {"RANK": "1", "WORLD_SIZE": "1"}, {"LOCAL_RANK": "-1"}])
+def test_an_environment_torchrun_did_not_set_is_one_line(model_dirs, tmp_path, capsys, monkeypatch, environment):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--model", model_dirs["bert"], "--data", write_csv(tmp_path / "t.csv", synthetic_rows(30, 2)),
+                    "--out", str(tmp_path / "run"), "--max-length", "32", "--val-size", "10"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: the environment is not a torchrun process's (") and "torchrun --nproc_per_node" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_base_on_an_unreachable_hub_fails_in_seconds_in_one_line(trained, tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+    folder = checkpoint_variant(trained, tmp_path, "hub", edit_config=lambda c: c.update(base_model="roberta-base"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # HF_HUB_OFFLINE unset...
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # ...and the hub refusing every connection
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as stop:
+        predict.main([write_csv(tmp_path / "in.csv", synthetic_rows(3, 1)), "--checkpoint", folder,
+                      "--out", str(tmp_path / "sub.csv")])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and "cannot load the model roberta-base" in err, err
+    assert time.perf_counter() - start < 15  # not a minute of retries
+
+
+def test_printed_paths_are_escaped_so_an_out_with_a_newline_forges_no_line(trained, tmp_path, capsys):
+    out = tmp_path / "sub\naccuracy 1.0000 (8 of 8).csv"
+    predict.main([write_csv(tmp_path / "in.csv", synthetic_rows(8, 1)), "--checkpoint", trained["out"],
+                  "--out", str(out)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"wrote 8 predictions to {tmp_path}/sub\\naccuracy 1.0000 (8 of 8).csv"
+    assert not any(line.startswith("accuracy 1.0000 (8 of 8)") for line in lines) and out.exists()
+    for arg in ["plain", "it's", "a\nb\x1b[2J", "t\u202eab", "é"]:  # a resume command pastes back exactly, on one line
+        word = train.shell_word(arg)
+        assert word.isprintable() and subprocess.run(["bash", "-c", f"printf %s {word}"], capture_output=True,
+                                                     text=True).stdout == arg, word
+
+
+def test_labels_that_are_not_the_written_class_names_print_no_accuracy(valid, tmp_path, capsys):
+    texts = [f"w{i} w{i + 1}" for i in range(8)]
+    source = tmp_path / "in.jsonl"
+    for labels, accuracy in [([i % 4 for i in range(8)], False), ([CLASS_NAMES[i % 4] for i in range(8)], True)]:
+        source.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, labels)))
+        predict.main([str(source), "--checkpoint", valid["ours"], "--out", str(tmp_path / "sub.csv")])
+        printed = capsys.readouterr()
+        assert ("accuracy" in printed.out) == accuracy  # 0 is not "world", the Label written for class 0
+        assert accuracy or "some of its labels are not the checkpoint's class names (world, sports" in printed.err
+
+
+@pytest.fixture
+def fake_matplotlib(monkeypatch):
+    """matplotlib as far as the pictures use it (it may not be installed): a figure's PNG holds the calls made."""
+    class Axes:
+        def __init__(self, figure):
+            self.figure = figure
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: self.figure.calls.append((name, args))
+
+    class Figure:
+        def __init__(self):
+            self.calls = []
+
+        def tight_layout(self):
+            pass
+
+        def savefig(self, f, **kwargs):
+            with open(f, "wb") if isinstance(f, str) else contextlib.nullcontext(f) as f:
+                f.write(repr(self.calls).encode())
+
+    def subplots(rows=1, columns=1, **kwargs):
+        figure = Figure()
+        return figure, [Axes(figure) for _ in range(columns)] if columns > 1 else Axes(figure)
+    pyplot = SimpleNamespace(subplots=subplots, close=lambda figure: None)
+    monkeypatch.setitem(sys.modules, "matplotlib", SimpleNamespace(use=lambda backend: None, pyplot=pyplot))
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
+
+
+def test_curves_skip_the_lines_of_metrics_jsonl_that_are_not_its_rows_and_follow_no_link(tmp_path, fake_matplotlib):
+    (tmp_path / "metrics.jsonl").write_text(  # a line cut by a kill, then --resume appending after it
+        '{"step": 10, "train_loss": 1.5}\n{"step": 20, "val_acc{"step": 30, "val_accuracy": 0.5}\n[1]\n7\n'
+        + "[" * 100_000 + "\n" + '{"step": "x", "train_loss": 1}\n{"step": 40, "train_loss": 0.5}\n')
+    assert train.plot_curves(str(tmp_path)) == str(tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_text() == repr([("plot", ((10, 40), (1.5, 0.5))),
+                                                          ("set", ()), ("set", ())])
+    (tmp_path / "curves.png").unlink()
+    (tmp_path / "curves.png").symlink_to(tmp_path / "victim.png")
+    with pytest.raises(data.InputError) as refused:
+        train.plot_curves(str(tmp_path))
+    assert "curves.png is a link" in str(refused.value) and not (tmp_path / "victim.png").exists()
+
+
+def test_classes_a_checkpoint_could_not_hold_and_hub_labels_of_lists_are_one_line(tmp_path, monkeypatch):
+    from datasets import Dataset
+    many = write_csv(tmp_path / "many.csv", [{"text": "w1", "label": f"c{i}"} for i in range(10_001)])
+    with pytest.raises(data.InputError) as refused:  # a head of 10,001 rows, which predict.py would refuse
+        data.labelled_rows(many, None, None)
+    assert "10,001 classes, more than 10,000; is `label` the column of classes?" in str(refused.value)
+    monkeypatch.setattr(data, "read_dataset", lambda source: Dataset.from_dict({"text": ["a", "b"],
+                                                                                "label": [[0, 1], [1]]}))
+    with pytest.raises(data.InputError) as refused:
+        data.labelled_rows("some/hub_dataset", None, None)
+    assert "a label is [0, 1], not a number or a string; give one class a row" in str(refused.value)
+    monkeypatch.setattr(data, "read_dataset", lambda source: Dataset.from_dict({"text": ["a", "b"], "label": [1.0, 0.0]}))
+    assert data.labelled_rows("some/hub_dataset", None, None)[1:] == ([1, 0], ["0", "1"])  # 1.0 is 1, as in a file

@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -26,8 +27,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import ADAPTER_FILE, CONFIG_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, export_merged
-from checkpoint import export_peft, load_base_model, save_checkpoint
-from data import InputError, load_splits, one_line, pad_batch, short, to_device, tokenize
+from checkpoint import export_peft, is_number, load_base_model, offline_unless_the_hub_answers
+from checkpoint import save_checkpoint
+from data import InputError, load_splits, one_line, pad_batch
+from data import printable, refuse_unplain, remove_stale, short, to_device, tokenize
 from data import training_batches, write_atomically
 from lora import LoRALinear, PiSSALinear, TargetError, count_per_rank, inject_lora, largest_rank
 from lora import parameter_table, target_paths, what_lora_learned
@@ -190,9 +193,9 @@ def keep_best(model, figures, predicted):
 
 # --- operations: not needed to follow the method --------------------------------------------------
 # The exit codes and the flags; torchrun, --compile, Ctrl-C, the log, the budget, the report.
-
 OUR_FILES = {ADAPTER_FILE, CONFIG_FILE, LAST_STATE, METRICS_FILE, "curves.png", "confusion.png",
              "adapter_spectrum.png", PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE}  # a run's: replaced
+
 
 def main(argv=None):
     """train(), with one line and an exit code for what stops it: 2 bad input, 1 a loss that is no
@@ -201,6 +204,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         start_process(args)  # torchrun's process group, the device and its precision
+        offline_unless_the_hub_answers(args.model, args.data)  # no minute of retries
         result = train(args)
         leave_torchrun(args)
         return result
@@ -210,7 +214,7 @@ def main(argv=None):
         fail(str(e), code=1)
     except KeyboardInterrupt as e:
         argv = sys.argv[1:] if argv is None else argv
-        resume = shlex.join(argv + ([] if "--resume" in argv else ["--resume"]))
+        resume = " ".join(map(shell_word, argv + ([] if "--resume" in argv else ["--resume"])))
         print(f"interrupted at step {getattr(e, 'step', 0)}; {saved_or_not(e, args)}. Resume "
               f"with:\n  python train.py {resume}")
         sys.exit(130)
@@ -238,10 +242,18 @@ def raised_in_a_collective(e):
 def saved_or_not(e, args):
     """Whether the run that `e` stopped is saved for --resume, and as of which step, truthfully."""
     if getattr(e, "saved", False):
-        return f"the run is saved in {args.out}"
+        return f"the run is saved in {one_line(args.out)}"
     if getattr(args, "saved_at", None) is not None:  # resume.save_run's, or load_run's
-        return f"the run is saved in {args.out} as of step {args.saved_at}, its last evaluation"
+        return (f"the run is saved in {one_line(args.out)} as of step {args.saved_at}, its last "
+                "evaluation")
     return "nothing is saved yet"
+
+
+def shell_word(arg):
+    """`arg` as a shell reads it back, on one line: bash's $'...' for a newline or the like."""
+    if arg.isprintable():
+        return shlex.quote(arg)
+    return "$'" + arg.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
 
 
 SCHEDULES = {  # the rate after warmup, a share of --lr, at `progress` from 0 to 1: add one here
@@ -285,6 +297,9 @@ def start_process(args):
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     args.device = pick_device()
     if args.device.type == "cuda" and args.world > 1:
+        if int(os.environ["LOCAL_RANK"]) >= torch.cuda.device_count():
+            raise InputError(f"LOCAL_RANK={os.environ['LOCAL_RANK']}, but this machine has "
+                             f"{torch.cuda.device_count()} GPUs; start at most that many processes")
         args.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(args.device)
     args.amp_dtype = pick_precision(args.device, args.precision)
@@ -299,7 +314,8 @@ def parse_args(argv=None):
                                           "save_to_disk folder with text,label columns")
     add("--out", default="checkpoint", help="folder for the best adapter and its config")
     add("--num-labels", type=at_least(1), default=None, help="default: from the data")
-    add("--label-names", nargs="+", default=None, help="class names, in label order")
+    add("--label-names", nargs="+", default=None, help="class names, in label order: the "
+        "submission's Labels")
     # LoRA
     add("--r", type=rank_flag, default=2, help="rank of B @ A; auto: the largest under "
                                                "--max-trainable")
@@ -405,10 +421,15 @@ def check_args(args):
         if theirs:
             fail(f"{flag} {folder} holds files that are not a run's ({short(theirs[0], 60)}, ...): "
                  "nothing there is overwritten; give a new folder")
+        try:  # before any work: a link is not written through, a pipe or a folder not replaced
+            for name in sorted(OUR_FILES) if folder and os.path.isdir(folder) else []:
+                refuse_unplain(os.path.join(folder, name))
+        except InputError as e:
+            fail(f"{flag}: {e}")
     return args
 
 
-
+TORCHRUN_NUMBERS = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"]
 
 
 def is_weight(text):
@@ -437,8 +458,24 @@ def weights_of(labels, num_labels, args):
 
 
 def torchrun_environment():
-    """(RANK, WORLD_SIZE) as torchrun sets them, (0, 1) when neither is set."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    """(RANK, WORLD_SIZE) as torchrun sets them, (0, 1) when neither is set. One line unless they
+    are what torchrun sets: whole numbers, RANK below WORLD_SIZE, and with more than one process
+    LOCAL_RANK, MASTER_ADDR and MASTER_PORT (where the processes meet) as well."""
+    env = os.environ
+    wrong = [f"{name}={printable(env[name], 20)}" for name in TORCHRUN_NUMBERS
+             if name in env and not re.fullmatch(r"[0-9]{1,5}", env[name])]
+    if not wrong:
+        rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+        if not 0 <= rank < world:
+            wrong = [f"RANK={rank} of WORLD_SIZE={world}"]
+        elif world > 1:  # what init_process_group reads: torchrun sets every one
+            wrong = [f"no {name}" for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+                     if name not in env]
+    if wrong:
+        raise InputError(f"the environment is not a torchrun process's ({', '.join(wrong)}); "
+                         "run several processes as torchrun --nproc_per_node=N train.py ..., or "
+                         "one with RANK, WORLD_SIZE and LOCAL_RANK unset")
+    return rank, world
 
 
 def from_main_process(value, args):
@@ -497,25 +534,30 @@ def start_log(args, steps_per_epoch, total_steps, kept):
 def write_row(args, path, row):
     """The row appended to metrics.jsonl, and an evaluation's printed: by the main process."""
     if args.rank == 0:
-        with open(path, "a") as f:
+        with open(path, "a", opener=no_links) as f:
             f.write(json.dumps(row) + "\n")
         print_evaluation(row, args)
 
 
 def open_log(args, total_steps):
-    """The path of metrics.jsonl, in --out (made), emptied unless --resume, refused if it is not a
-    plain file; and the run's first line, from the main process."""
+    """The path of metrics.jsonl, in --out (made), emptied unless --resume; an earlier run's
+    pictures removed; and the run's first line, from the main process."""
     path = os.path.join(args.out, METRICS_FILE)
     if args.rank != 0:
         return path
-    os.makedirs(args.out, exist_ok=True)
-    if os.path.islink(path) or os.path.lexists(path) and not os.path.isfile(path):
-        raise InputError(f"{args.out}: its {METRICS_FILE} is not a plain file (a link, a pipe); "
-                         "give a new --out folder")
-    open(path, "a" if args.resume else "w").close()
+    os.makedirs(args.out, exist_ok=True)  # a link or a pipe in it is refused by check_args
+    if not (args.resume and os.path.isfile(path)):
+        write_atomically(path, lambda f: None)  # emptied
+    for picture in ("curves.png", "confusion.png"):  # drawn at the end, if at all: none is stale
+        remove_stale(os.path.join(args.out, picture))
     print(f"{total_steps:,} steps on {args.device} ({args.amp_dtype or 'fp32'})"
           + (f" x {args.world} processes" if args.world > 1 else ""))
     return path
+
+
+def no_links(path, flags):
+    """open()'s opener that follows no link: metrics.jsonl is appended to, never through one."""
+    return os.open(path, flags | os.O_NOFOLLOW, 0o666)
 
 
 def print_evaluation(row, args):
@@ -534,8 +576,8 @@ def check_finite(row, step, kept, args):
         if key in row and not math.isfinite(row[key]):
             raise FloatingPointError(
                 f"the {what} became {row[key]} by step {step}; lower --lr (now {args.lr:g}) or use "
-                "--precision fp32; " + (f"the best adapter so far is kept in {args.out}" if kept
-                                        else "no evaluation has kept an adapter yet"))
+                "--precision fp32; " + (f"the best adapter so far is kept in {one_line(args.out)}"
+                                        if kept else "no evaluation has kept an adapter yet"))
     return kept or row.get("bad_evals") == 0
 
 
@@ -591,7 +633,7 @@ def report_evaluation(args, best, labels, names):
     low, high = bootstrap_interval(best["predicted"] == labels, args.seed)
     print(f"restored the best adapter: val loss {best['val_loss']:.4f}, val accuracy "
           f"{best['val_accuracy']:.4f} (95% bootstrap interval {low:.4f}-{high:.4f}, {len(labels)} "
-          f"rows), macro-F1 {best['val_macro_f1']:.4f} -> {args.out}")
+          f"rows), macro-F1 {best['val_macro_f1']:.4f} -> {one_line(args.out)}")
     report_classes(best["predicted"], labels.tolist(), names,
                    os.path.join(args.out, "confusion.png"), "the validation split")
 
@@ -610,7 +652,7 @@ def report_update(model, args):
         print(f"  ... and {len(layers) - MAX_REPORTED:,} more layers (adapter_spectrum.png)")
     picture = plot_spectrum(layers, os.path.join(args.out, "adapter_spectrum.png"))
     if picture:
-        print(f"adapter spectrum: {picture}")
+        print(f"adapter spectrum: {one_line(picture)}")
 
 
 MAX_REPORTED = 96  # adapted layers printed (RoBERTa-base's query and value: 24)
@@ -620,13 +662,14 @@ def report_files_and_speed(args, bar):
     """The exports and curves.png, if asked for and possible; steps and samples a second."""
     if args.export_peft:
         export_peft(args.out, args.export_peft)
-        print(f"PEFT adapter: {args.export_peft}")
+        print(f"PEFT adapter: {one_line(args.export_peft)}")
     if args.export_merged:
         export_merged(args.out, args.export_merged)
-        print(f"merged model (transformers' folder): {args.export_merged}")
+        print(f"merged model (transformers' folder): {one_line(args.export_merged)}")
     curves = plot_curves(args.out)
-    print(f"metrics: {os.path.join(args.out, METRICS_FILE)}"
-          + (f", curves: {curves}" if curves else " (pip install matplotlib for curves.png)"))
+    print(f"metrics: {one_line(os.path.join(args.out, METRICS_FILE))}"
+          + (f", curves: {one_line(curves)}" if curves else
+             " (pip install matplotlib for curves.png)"))
     steps, seconds = bar.n - bar.initial, bar.format_dict["elapsed"]
     if steps:
         print(f"{seconds:.1f} s training, {steps / seconds:.2f} steps/s, "
@@ -644,23 +687,21 @@ def bootstrap_interval(correct, seed, rounds=2000):
 
 def plot_curves(out):
     """curves.png beside metrics.jsonl: training loss and validation accuracy by step."""
+    points = curve_points(os.path.join(out, METRICS_FILE))
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no window
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    with open(os.path.join(out, METRICS_FILE)) as f:
-        rows = [json.loads(line) for line in f]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, key in zip(axes, ["train_loss", "val_accuracy"]):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        if points:
-            ax.plot(*zip(*points), marker="." if key == "val_accuracy" else None)
+        if points[key]:
+            ax.plot(*zip(*points[key]), marker="." if key == "val_accuracy" else None)
         ax.set(title=key.replace("_", " "), xlabel="step")
     fig.tight_layout()
     path = os.path.join(out, "curves.png")
-    fig.savefig(path, format="png", dpi=100)
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
     plt.close(fig)
     return path
 
@@ -685,6 +726,24 @@ def plot_spectrum(layers, path):
     write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
     plt.close(fig)
     return path
+
+
+def curve_points(path, most=2**26):
+    """{key: [(step, value)]} of metrics.jsonl's rows. A line that is not such a row (cut by a
+    kill before --resume appended to it, or a file from elsewhere) is skipped; past `most` bytes
+    (a million rows) nothing is read."""
+    points = {"train_loss": [], "val_accuracy": []}
+    with open(path, "rb", opener=no_links) as f:
+        lines = f.readlines() if os.fstat(f.fileno()).st_size <= most else []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):  # not JSON, or 100,000 brackets deep
+            continue
+        for key in points if isinstance(row, dict) and is_number(row.get("step")) else []:
+            if is_number(row.get(key)):
+                points[key].append((row["step"], row[key]))
+    return points
 
 
 def peak_memory(device):
