@@ -35,6 +35,8 @@ from data import write_atomically
 from lora import PiSSALinear, inject_lora, merge_lora, target_paths
 
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "config.json"
+PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+CHECKPOINT_FILES = {ADAPTER_FILE, CONFIG_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE}  # ours, PEFT's
 
 
 def load_base_model(base_model, num_labels, max_length=None):
@@ -377,7 +379,7 @@ def check_fits(checkpoint, config, tensors, state, task_paths):
                          + "; retrain, or pick the checkpoint that goes with it")
 
 
-def offline_unless_the_hub_answers(*names, seconds=3.0):
+def offline_if_unreachable(*names, seconds=3.0):
     """With HF_HUB_OFFLINE unset and a hub name among `names` (not a local path): if the hub (or
     the proxy to it) does not accept a connection within `seconds`, go offline, so that the cache
     still serves and a model or dataset it lacks is one line at once, not a minute of retries."""
@@ -420,7 +422,7 @@ def read_checkpoint(checkpoint):
                              "pass the --out folder of a finished train.py run")
         config = check_config(read_json(config_path), printable(config_path, 100))
         tensors = read_tensors(adapter_path)
-    offline_unless_the_hub_answers(config["base_model"])  # a base on the hub: seconds, not 50
+    offline_if_unreachable(config["base_model"])  # a base on the hub: seconds, not 50
     return config, tensors
 
 
@@ -432,7 +434,6 @@ def save_tensors(path, tensors, metadata=None):
 
 # PEFT's layout of the same adapter: its key = PEFT_PREFIX + ours, modules saved whole under
 # modules_to_save
-PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 PEFT_NAMES = {"base_model": "base_model_name_or_path", "alpha": "lora_alpha",
               "targets": "target_modules", "dropout": "lora_dropout"}

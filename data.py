@@ -12,7 +12,6 @@ import os
 import random
 import re
 import reprlib
-import secrets
 import stat
 import sys
 
@@ -345,7 +344,7 @@ def replacing(path, mode):
     """A new file in `path`'s folder, renamed onto `path` if the block ends well, else removed.
     Its name is short and opened from the folder's descriptor: a legal path stays legal."""
     folder, name = os.path.split(path)
-    tmp, folder_fd = f".{secrets.token_hex(4)}.tmp", None
+    tmp, folder_fd = f".{os.urandom(4).hex()}.tmp", None
     try:
         folder_fd = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY)
         refuse_unplain(path, folder_fd)

@@ -7,7 +7,6 @@ B (d_out x r) starts at zero, so an untrained adapter changes nothing; only r * 
 numbers a layer learn. After training, W0 + (alpha / r) B A folds into one plain weight
 (`merge_lora`): the merged model costs what the original model costs (Hu et al., 2021).
 """
-import math
 import re
 
 import torch
@@ -29,7 +28,7 @@ class LoRALinear(nn.Module):
         like = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Linear(base.in_features, r, bias=False, **like)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, **like)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's own init
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=5 ** 0.5)  # nn.Linear's own init
         nn.init.zeros_(self.lora_B.weight)  # so that the untrained update is zero
 
     def forward(self, x):

@@ -14,9 +14,8 @@ import sys
 import torch
 
 from checkpoint import base_model_of, export_merged, load_model
-from data import InputError, label_value, one_line, pad_batch, printable, read_texts
-from data import refuse_unplain, remove_stale, short, sorted_batches, to_device, tokenize, warn
-from data import write_atomically
+from data import InputError, label_value, one_line, pad_batch, printable, read_texts, refuse_unplain
+from data import remove_stale, short, sorted_batches, to_device, tokenize, warn, write_atomically
 
 
 @torch.inference_mode()

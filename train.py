@@ -14,7 +14,6 @@ import itertools
 import json
 import math
 import os
-import re
 import shlex
 import signal
 import sys
@@ -22,16 +21,13 @@ import threading
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import ADAPTER_FILE, CONFIG_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, export_merged
-from checkpoint import export_peft, is_number, load_base_model, offline_unless_the_hub_answers
-from checkpoint import save_checkpoint
-from data import InputError, load_splits, one_line, pad_batch
-from data import printable, refuse_unplain, remove_stale, short, to_device, tokenize
-from data import training_batches, write_atomically
+from checkpoint import CHECKPOINT_FILES, export_merged, export_peft, is_number, load_base_model
+from checkpoint import offline_if_unreachable, save_checkpoint
+from data import InputError, load_splits, one_line, pad_batch, printable, refuse_unplain
+from data import remove_stale, short, to_device, tokenize, training_batches, write_atomically
 from lora import LoRALinear, PiSSALinear, TargetError, count_per_rank, inject_lora, largest_rank
 from lora import parameter_table, target_paths, what_lora_learned
 from predict import fail, pick_device, pick_precision, predict_logits, report_classes
@@ -193,8 +189,8 @@ def keep_best(model, figures, predicted):
 
 # --- operations: not needed to follow the method --------------------------------------------------
 # The exit codes and the flags; torchrun, --compile, Ctrl-C, the log, the budget, the report.
-OUR_FILES = {ADAPTER_FILE, CONFIG_FILE, LAST_STATE, METRICS_FILE, "curves.png", "confusion.png",
-             "adapter_spectrum.png", PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE}  # a run's: replaced
+OUR_FILES = CHECKPOINT_FILES | {LAST_STATE, METRICS_FILE, "curves.png", "confusion.png",
+                                "adapter_spectrum.png"}  # what a run writes: these it may replace
 
 
 def main(argv=None):
@@ -204,7 +200,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         start_process(args)  # torchrun's process group, the device and its precision
-        offline_unless_the_hub_answers(args.model, args.data)  # no minute of retries
+        offline_if_unreachable(args.model, args.data)  # no minute of retries
         result = train(args)
         leave_torchrun(args)
         return result
@@ -294,7 +290,7 @@ def start_process(args):
         raise InputError(f"--batch-size {args.batch_size} is the global batch; it must be at "
                          f"least the {args.world} processes")
     if args.world > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     args.device = pick_device()
     if args.device.type == "cuda" and args.world > 1:
         if int(os.environ["LOCAL_RANK"]) >= torch.cuda.device_count():
@@ -463,7 +459,8 @@ def torchrun_environment():
     LOCAL_RANK, MASTER_ADDR and MASTER_PORT (where the processes meet) as well."""
     env = os.environ
     wrong = [f"{name}={printable(env[name], 20)}" for name in TORCHRUN_NUMBERS
-             if name in env and not re.fullmatch(r"[0-9]{1,5}", env[name])]
+             if name in env and not (env[name].isascii() and env[name].isdigit()
+                                     and len(env[name]) <= 5)]
     if not wrong:
         rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
         if not 0 <= rank < world:
@@ -480,24 +477,22 @@ def torchrun_environment():
 
 def from_main_process(value, args):
     """The main process's value, on every process (torchrun); as it is when run alone."""
+    box = [value]
     if args.world > 1:
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        value = box[0]
-    return value
+        torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def leave_torchrun(args):
     """Leave the process group together: one that leaves while another still sends aborts."""
     if args.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def compile_options(args):
-    """torch.compile's options. On a GPU, CUDA graphs ("reduce-overhead": one per padded width, at
-    most --max-length / 16), but not with --grad-accum: a graph replayed for the next piece would
-    overwrite the gradients of the last (torch's cudagraph_trees refuses it)."""
+    """torch.compile's options: on a GPU, CUDA graphs (one per padded width), but not with
+    --grad-accum, where the next piece's replay would overwrite the gradients of the last."""
     torch._dynamo.config.cache_size_limit = max(8, args.max_length // 16 + 1)
     if args.device.type != "cuda":
         return {}
