@@ -23,7 +23,8 @@ from data import InputError, printable, short, write_atomically
 LAST_STATE = "last_state.pt"
 LAST_STATE_FORMAT = 4  # 4: best_score, the --select figure (3: best_acc)
 RESUMABLE_CHANGES = {"resume", "epochs", "max_steps", "patience", "log_every", "compile",
-                     "export_peft", "grad_accum", "gradient_checkpointing", "eval_batch_size"}
+                     "export_peft", "export_merged", "grad_accum", "gradient_checkpointing",
+                     "eval_batch_size"}
 METRICS_FILE = "metrics.jsonl"
 
 

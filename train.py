@@ -71,7 +71,7 @@ def make_optimizer(model, args, total_steps):
 
 def micro_batches(tokens, labels, rows, pad_id, args):
     """The batch `rows` in --grad-accum pieces (input_ids, attention_mask, labels) on the device,
-    padded exactly on a CPU, on a GPU to multiples of 8 (of 16 with --compile: fewer graphs).
+    padded exactly on a CPU, to multiples of 8 on a GPU (16 with --compile: fewer graphs). Under
     torchrun: cut in grad_accum x world pieces, of which each process takes its share."""
     count = args.grad_accum * args.world
     rows = rows * math.ceil(count / len(rows))  # fewer rows than pieces: the batch repeated whole
