@@ -1,8 +1,8 @@
-"""What a batch is: a few texts' token ids, padded only as far as the longest of them.
+"""What a batch is: a few texts' token ids, padded only to about the longest of them.
 
 Every text is tokenized once, truncated, not padded, into one flat int32 array (`Tokens`): 4 bytes
 a token, where the tokenizer's own lists take about 240 (docs/speed.md). A batch is a list of row
-numbers; `pad_batch` pads them to the longest (dynamic padding) and masks the padding. Training
+numbers; `pad_batch` pads them to the longest (rounded up on a GPU) and masks the padding. Training
 batches come from groups of rows of similar length, shuffled; evaluation's are sorted by length.
 """
 import contextlib
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 TEXT, LABEL = "text", "label"  # the columns read from every input: rename them here
-CHARS_PER_TOKEN = 64  # tokens of real text are shorter: cutting there changes no token that is kept
+CHARS_PER_TOKEN = 64  # a token of real text is shorter: in practice, cutting there loses no token
 
 
 class Tokens:

@@ -28,7 +28,7 @@ class LoRALinear(nn.Module):
         like = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Linear(base.in_features, r, bias=False, **like)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, **like)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=5 ** 0.5)  # nn.Linear's own init
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=5 ** 0.5)  # A's start: nn.Linear's own
         nn.init.zeros_(self.lora_B.weight)  # so that the untrained update is zero
 
     def forward(self, x):
@@ -52,15 +52,15 @@ def inject_lora(model, r, alpha, dropout=0.0, targets=None, skip=(), layer=LoRAL
     return paths
 
 
-# the attention's query and value projections as each family names them: the default targets; a
-# fused query-key-value layer (ModernBERT's Wqkv) is adapted whole where it is all there is
+# the default targets: the attention's query and value as each family names them (the first entry a
+# model has); a fused query-key-value layer (ModernBERT's Wqkv) is adapted whole
 QUERY_VALUE = [("query", "value"), ("q_proj", "v_proj"), ("query_proj", "value_proj"),
                ("q_lin", "v_lin"), ("Wqkv",), ("qkv",)]
 
 
 def target_paths(model, targets=None, skip=()):
     """The paths that `targets` name: dotted suffixes of module paths ("query",
-    "attention.output.dense"), "all-linear" for every adaptable nn.Linear, or None: the first pair
+    "attention.output.dense"), "all-linear" for every adaptable nn.Linear, or None: the first entry
     of QUERY_VALUE that the model has."""
     paths = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
              and not any(name == s or name.startswith(s + ".") for s in skip)]

@@ -593,13 +593,19 @@ def test_r_auto_takes_the_largest_rank_under_the_budget_and_alpha_2r(model_dirs,
 
 
 def test_the_best_recipe_is_one_command_that_takes_its_paths_from_the_environment(model_dirs, tmp_path):
-    out = tmp_path / "best"
+    out, python = tmp_path / "best", tmp_path / "python"
+    python.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$0.argv"\n')  # stands for python: keeps its arguments
+    python.chmod(0o755)
     env = {**os.environ, "MODEL": model_dirs["roberta"], "DATA": write_csv(tmp_path / "t.csv", synthetic_rows(80, 3)),
-           "OUT": str(out), "PYTHON": sys.executable}
+           "OUT": str(out), "PYTHON": str(python)}
     result = subprocess.run(["bash", os.path.join(HERE, "bench", "best_recipe.sh"),
                              "--max-steps", "2", "--val-size", "16", "--max-length", "32"], env=env, capture_output=True,
                             text=True, timeout=120)  # extra flags go on to train.py (a later flag wins)
     assert result.returncode == 0, result.stderr[-2000:]
+    script, *argv = (tmp_path / "python.argv").read_text().splitlines()
+    assert script == "train.py"
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.main(argv)  # the command the script runs, here in-process
     config = json.load(open(out / "config.json"))
     # what was measured: PiSSA at r=4, alpha 8, saved as plain LoRA of rank 8, alpha 16
     assert (config["init"], config["trained_r"], config["r"], config["alpha"]) == ("pissa", 4, 8, 16.0)
@@ -625,8 +631,8 @@ def tiny_step(amp_dtype, scaler=None, steps=1, max_grad_norm=1.0):
     grads, adamw_step = {}, optimizer.step
     optimizer.step = lambda *a, **k: grads or grads.update({n: p.grad.clone() for n, p in trainable.items()}) \
         or adamw_step(*a, **k)  # the first step's gradients, unscaled, as AdamW gets them
-    batch = [(torch.randint(5, 60, (8, 16)), torch.ones(8, 16, dtype=torch.long), torch.arange(8) % 4)]
-    losses = [train.train_step(model, batch, 8, optimizer, scheduler, scaler or default_scaler, args).item()
+    batch = [(torch.randint(5, 60, (8, 16)), torch.ones(8, 16, dtype=torch.long), torch.arange(8) % 4, 1 / 8)]
+    losses = [train.train_step(model, batch, optimizer, scheduler, scaler or default_scaler, args).item()
               for _ in range(steps)]
     return losses, grads, before, {n: p.detach() for n, p in trainable.items()}
 
@@ -702,9 +708,9 @@ def test_compile_traces_the_step_model_without_graph_breaks_and_once_per_shape(n
         torch._dynamo.reset()
         counters.clear()
         compiled = torch.compile(model, backend="eager", dynamic=False)
-        for width in (16, 32, 16, 48, 32, 16):  # the buckets of pad_to=16: a graph each, none again
+        for width in (16, 32, 16, 32):  # two buckets of 16: a graph each, none again
             compiled(input_ids=ids[:, :1].repeat(1, width), attention_mask=mask[:, :1].repeat(1, width))
-        assert counters["stats"]["unique_graphs"] <= 3 * (explained.graph_break_count + 1)
+        assert counters["stats"]["unique_graphs"] <= 2 * (explained.graph_break_count + 1)
     finally:
         torch._dynamo.reset()
 
@@ -757,7 +763,7 @@ def test_a_gpu_pads_to_multiples_of_8_and_of_16_only_for_cuda_graphs(monkeypatch
     for device, compile, width in (("cpu", False, 17), ("cuda", False, 24), ("cuda", True, 32)):
         args = SimpleNamespace(grad_accum=1, world=1, rank=0, max_length=64, device=torch.device(device),
                                compile=compile)
-        (ids, mask, _), = train.micro_batches(tokens, torch.arange(4), [0, 1, 2], 0, args)
+        (ids, mask, _, _), = train.micro_batches(tokens, torch.arange(4), [0, 1, 2], 0, args)
         assert ids.shape == (3, width) and mask.sum().item() == 3 + 17 + 17, (device, compile)
 
 
@@ -1367,7 +1373,7 @@ def test_balanced_class_weights_are_n_over_k_counts_and_weigh_the_loss():
                            warmup_ratio=0.0, device=torch.device("cpu"), world=1, class_weight=torch.tensor([0.5, 4.0]))
     optimizer, scheduler, scaler = train.make_optimizer(model, step, total_steps=2)
     torch.manual_seed(1)
-    loss = train.train_step(model, [(ids, torch.ones_like(ids), y)], 6, optimizer, scheduler, scaler, step)
+    loss = train.train_step(model, [(ids, torch.ones_like(ids), y, 1 / 6)], optimizer, scheduler, scaler, step)
     torch.manual_seed(1)
     each = nn.functional.cross_entropy(model(input_ids=ids).logits, y, reduction="none")
     assert loss.item() == pytest.approx((each * step.class_weight[y]).sum().item() / 6, rel=1e-5)
@@ -1663,12 +1669,12 @@ def test_a_global_batch_is_split_so_that_ddps_average_is_the_whole_batchs_gradie
         pieces = {rank: list(train.micro_batches(tokens, row_ids, rows, 0, batch_args(accum, rank, world)))
                   for rank in range(world)}
         assert all(len(p) == accum for p in pieces.values())  # as many on each process: DDP's sums line up
-        held = [labels for p in pieces.values() for _, _, labels in p]
-        assert all(len(h) > 0 for h in held)
+        held = [(labels, scale) for p in pieces.values() for _, _, labels, scale in p]
+        assert all(len(h) > 0 for h, _ in held)
         copies = math.ceil(world * accum / size)  # a batch with fewer rows than pieces is repeated whole
-        assert sorted(torch.cat(held).tolist()) == sorted(rows * copies)
-        # train_step's loss: each piece's sum over the batch's rows, x world; DDP averages over processes
-        averaged = sum(losses[h].sum() * world / (size * copies) for h in held) / world
+        assert sorted(torch.cat([h for h, _ in held]).tolist()) == sorted(rows * copies)
+        # train_step's loss: each piece's summed loss x its scale; DDP averages over the processes
+        averaged = sum(losses[h].sum() * scale for h, scale in held) / world
         assert abs(averaged - losses[rows].mean()) < 1e-12, (world, size)
 
 
@@ -1691,7 +1697,7 @@ def test_grad_accum_gives_the_gradients_of_the_whole_batch(no_dropout_model):
             n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
         pieces = list(train.micro_batches(tokens, labels, rows, 1, args))
         assert len(pieces) == accum
-        train.train_step(model.train(), pieces, len(rows), optimizer, scheduler, scaler, args)
+        train.train_step(model.train(), pieces, optimizer, scheduler, scaler, args)
     for accum in (3, 13):
         for name, grad in grads[1].items():
             torch.testing.assert_close(grads[accum][name], grad, rtol=1e-5, atol=1e-6)

@@ -5,8 +5,8 @@
     torchrun --nproc_per_node=4 train.py ...            # several GPUs: one process each (DDP)
 
 `train()` is the method: a validation split; the model with a new head and LoRA, all else frozen;
-an AdamW step on the cross-entropy per batch. A better validation accuracy keeps the adapter,
---patience evaluations without one stop the run, and the best is put back at the end.
+an AdamW step on the cross-entropy per batch. A better validation figure (--select) keeps the
+adapter and head, --patience evaluations without one stop the run; the best is put back at the end.
 """
 import argparse
 import functools
@@ -36,7 +36,8 @@ from resume import LAST_STATE, METRICS_FILE, load_run, save_run
 
 def lora_model(args, names):
     """(model, step_model, tokenizer, task_paths, config): the model with a new head for `names`,
-    LoRA on --targets, all else frozen; step_model, what steps call; config, what rebuilds it."""
+    LoRA on --targets, all else frozen; step_model, what training steps call (evaluation and saves
+    use model itself); config, what rebuilds it."""
     model, tokenizer, task_paths = load_base_model(args.model, len(names), args.max_length)
     r, alpha = rank_and_alpha(model, task_paths, args)  # --r auto: the largest under a budget
     layer = PiSSALinear if args.init == "pissa" else LoRALinear  # PiSSA: another start (lora.py)
@@ -70,30 +71,30 @@ def make_optimizer(model, args, total_steps):
 
 
 def micro_batches(tokens, labels, rows, pad_id, args):
-    """The batch `rows` in --grad-accum pieces (input_ids, attention_mask, labels) on the device,
-    padded exactly on a CPU, to multiples of 8 on a GPU (16 with --compile: fewer graphs). Under
-    torchrun: cut in grad_accum x world pieces, of which each process takes its share."""
-    count = args.grad_accum * args.world
-    rows = rows * math.ceil(count / len(rows))  # fewer rows than pieces: the batch repeated whole
+    """The batch `rows` in --grad-accum pieces (input_ids, attention_mask, labels, scale) on the
+    device, padded exactly on a CPU, to multiples of 8 on a GPU (16 with --compile: fewer graphs).
+    A piece's summed loss x scale is its part of the batch's mean (x world: DDP averages them)."""
+    rows = rows * math.ceil(args.grad_accum * args.world / len(rows))  # too few: repeated whole
     multiple = 1 if args.device.type == "cpu" else 16 if args.compile else 8
-    for i in range(args.rank, count, args.world):  # piece i holds every count-th row from row i
-        piece = rows[i::count]
+    mine = rows[args.rank::args.world]  # torchrun: this process's share of the batch
+    for k in range(args.grad_accum):  # --grad-accum: its pieces
+        piece = mine[k::args.grad_accum]
         input_ids, attention_mask = pad_batch(tokens, piece, pad_id, multiple, args.max_length)
-        yield to_device(args.device, input_ids, attention_mask, labels[piece])
+        scale = args.world / len(rows)  # over the rows of the batch (repeated, if it was)
+        yield to_device(args.device, input_ids, attention_mask, labels[piece]) + (scale,)
 
 
-def train_step(model, pieces, batch_rows, optimizer, scheduler, scaler, args):
+def train_step(model, pieces, optimizer, scheduler, scaler, args):
     """One AdamW step on a batch: per piece a forward under autocast, the cross-entropy, a backward
-    (gradients add up); then clip, step, the next rate. The mean loss stays on the device."""
+    (gradients add up); then clip, step, the next rate. Returns the mean loss of this process's
+    rows (under torchrun, its share of the batch), left on the device: no wait for the GPU."""
     total = 0.0
-    for input_ids, attention_mask, labels in pieces:
+    for input_ids, attention_mask, labels, scale in pieces:
         with torch.autocast(args.device.type, args.amp_dtype, enabled=args.amp_dtype is not None):
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        # the pieces' losses add up to the batch's mean; x world, as DDP averages the processes'
         loss = F.cross_entropy(logits.float(), labels, weight=args.class_weight, reduction="sum")
-        loss = loss * args.world / batch_rows
-        scaler.scale(loss).backward()  # the scaler scales only in fp16, where gradients underflow
-        total = total + loss.detach() / args.world
+        scaler.scale(loss * scale).backward()  # scaled up in fp16 alone, where gradients underflow
+        total = total + loss.detach() * scale
     scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
     torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
     scaler.step(optimizer)
@@ -111,8 +112,8 @@ def evaluate(model, tokens, labels, pad_id, args):
     predicted, k = logits.argmax(-1), logits.shape[1]
     hits = torch.bincount(labels[predicted == labels], minlength=k)  # per class: rows right
     counted = torch.bincount(predicted, minlength=k) + torch.bincount(labels, minlength=k)
-    figures = {"val_loss": F.cross_entropy(logits, labels).item(),  # F1 = 2 TP / (2 TP + FP + FN)
-               "val_accuracy": (predicted == labels).float().mean().item(),
+    figures = {"val_loss": F.cross_entropy(logits, labels).item(),
+               "val_accuracy": (predicted == labels).float().mean().item(),  # F1: 2TP / (2TP+FP+FN)
                "val_macro_f1": (2 * hits / counted.clamp(min=1))[counted > 0].mean().item()}
     score = figures["val_macro_f1" if args.select == "macro-f1" else "val_accuracy"]
     return predicted, figures, score
@@ -144,8 +145,7 @@ def train(args):
     try:
         for rows in bar:
             pieces = micro_batches(train_tokens, train_y, rows, tokenizer.pad_token_id, args)
-            loss_sum += train_step(step_model, pieces, len(rows), optimizer, scheduler, scaler,
-                                   args)
+            loss_sum += train_step(step_model, pieces, optimizer, scheduler, scaler, args)
             step += 1
             if step % args.log_every == 0:  # the one place the loop reads the loss back
                 log(step, train_loss=loss_sum.item() / (step - logged_at),
@@ -155,7 +155,7 @@ def train(args):
                 if args.rank == 0:  # torchrun: the main process evaluates, the others wait
                     predicted, figures, score = evaluate(
                         model, val_tokens, val_y, tokenizer.pad_token_id, args)
-                    bad_evals = 0 if score > best_score else bad_evals + 1  # patience used
+                    bad_evals = 0 if score > best_score else bad_evals + 1  # 0: a new best
                     log(step, **figures, bad_evals=bad_evals)
                     if bad_evals == 0:  # the best so far: keep it, on disk and in memory
                         best_score, best = score, keep_best(model, figures, predicted)
@@ -711,12 +711,16 @@ def plot_spectrum(layers, path):
     except ImportError:
         return None
     layers = layers[:400]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     left.bar(range(len(layers)), [ratio for _, ratio, _, _ in layers])
     left.set(title="|dW| / |W0| per adapted layer", xlabel="adapted layer, in model order")
     for i, (_, _, values, _) in enumerate(layers):
         right.scatter([i] * len(values), values, s=8, c=range(len(values)), cmap="viridis")
     right.set(title="singular values of dW (largest: dark)", xlabel="adapted layer", yscale="log")
+    if len(layers) <= 64:  # each named: "3 value", the layer's number and the adapted layer's
+        names = [one_line(layer_and_name(path))[:16] for path, _, _, _ in layers]
+        for ax in (left, right):
+            ax.set_xticks(range(len(layers)), names, rotation=90, fontsize=7)
     fig.tight_layout()
     write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
     plt.close(fig)
@@ -739,6 +743,13 @@ def curve_points(path, most=2**26):
             if is_number(row.get(key)):
                 points[key].append((row["step"], row[key]))
     return points
+
+
+def layer_and_name(path):
+    """"bert.encoder.layer.3.attention.self.value" -> "3 value"."""
+    parts = path.split(".")
+    numbers = [p for p in parts if p.isdigit()]
+    return f"{numbers[-1]} {parts[-1]}" if numbers else parts[-1]
 
 
 def peak_memory(device):

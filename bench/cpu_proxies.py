@@ -68,9 +68,9 @@ def step_counts(batch=32, length=57):
     optimizer, scheduler, scaler = train.make_optimizer(model, args, 10)
     rows = list(range(batch))
     pieces = list(train.micro_batches(tokens, torch.arange(batch) % 4, rows, 1, args))
-    train.train_step(model.train(), pieces, batch, optimizer, scheduler, scaler, args)  # warm-up
+    train.train_step(model.train(), pieces, optimizer, scheduler, scaler, args)  # warm-up
     with Count(model) as counted:
-        train.train_step(model, pieces, batch, optimizer, scheduler, scaler, args)
+        train.train_step(model, pieces, optimizer, scheduler, scaler, args)
     return {"ops_a_step": sum(counted.calls.values()), "host_syncs_a_step": counted.syncs["ours"],
             "host_syncs_in_the_model": counted.syncs["model"],
             "batch": [batch, pieces[0][0].shape[1]]}

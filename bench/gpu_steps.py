@@ -194,7 +194,7 @@ def time_variant(name, cli, tokens, labels, chosen):
 
     def step(rows):
         pieces = train.micro_batches(tokens, labels, rows, PAD, args)
-        return train.train_step(step_model, pieces, len(rows), optimizer, scheduler, scaler, args)
+        return train.train_step(step_model, pieces, optimizer, scheduler, scaler, args)
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
@@ -299,7 +299,7 @@ def t4_section(cli, device):
 
     def step():
         pieces = train.micro_batches(tokens, labels, rows, PAD, args)
-        return train.train_step(model, pieces, n, optimizer, scheduler, scaler, args)
+        return train.train_step(model, pieces, optimizer, scheduler, scaler, args)
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:

@@ -38,7 +38,7 @@ optimizer, scheduler, scaler = train.make_optimizer(model, flags, total_steps=10
 
 def step(rows):
     pieces = train.micro_batches(tokens, labels, rows, tokenizer.pad_token_id, flags)
-    train.train_step(step_model, pieces, len(rows), optimizer, scheduler, scaler, flags)
+    train.train_step(step_model, pieces, optimizer, scheduler, scaler, flags)
 
 
 batches = length_grouped_batches(tokens.lengths, flags.batch_size, seed=42)

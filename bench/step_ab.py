@@ -58,7 +58,7 @@ def median_ms(fused):
     for rows in batches:
         pieces = train.micro_batches(tokens, labels, rows, tokenizer.pad_token_id, args)
         start = time.perf_counter()
-        train.train_step(step_model, pieces, len(rows), optimizer, scheduler, scaler, args)
+        train.train_step(step_model, pieces, optimizer, scheduler, scaler, args)
         times.append(time.perf_counter() - start)
     return statistics.median(times[4:]) * 1000
 
