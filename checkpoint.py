@@ -103,19 +103,19 @@ def load_model(checkpoint, device="cpu"):
 
 def pretrained(base_model, num_labels, max_length):
     """(tokenizer, model, names of the tensors it initialized anew) of a hub name or folder, or
-    one line. SDPA attention where the model has it, its own where not (transformers' choice); a
-    tokenizer without a pad token pads with its end-of-text token (decoders: the `score` head reads
-    the last token that is not padding). A local folder is checked first (check_base_folder), the
-    model and tokenizer after (check_fit)."""
+    one line. SDPA attention where the model has it, its own where not; a tokenizer without a pad
+    token pads with its end-of-text token (decoders: the `score` head reads the last token that is
+    not padding). The folder (a hub name's, once downloaded) is checked first (check_base_folder),
+    the model and tokenizer after (check_fit)."""
     transformers.logging.set_verbosity_error()  # "newly initialized": on purpose, in task_paths
     transformers.logging.disable_progress_bar()
     where = printable(base_model, 100)
     try:
-        if os.path.isdir(base_model):
-            check_base_folder(base_model, num_labels)
-        tokenizer = AutoTokenizer.from_pretrained(base_model)
+        folder = base_model if os.path.isdir(base_model) else downloaded(base_model)
+        config = check_base_folder(folder, num_labels)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            base_model, num_labels=num_labels, output_loading_info=True,
+            folder, config=config, output_loading_info=True, attn_implementation=attention(config),
             ignore_mismatched_sizes=True)  # a head of another size is replaced by a new one
     except InputError:
         raise
@@ -132,36 +132,74 @@ def pretrained(base_model, num_labels, max_length):
     return tokenizer, model, list(info["missing_keys"]) + mismatched
 
 
-WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
+def downloaded(name):
+    """The local folder of a hub model: its config, tokenizer and safetensors weights, downloaded
+    (or found in the cache), so that the folder is checked before anything is built from it. No
+    pickled weights: a repository without safetensors is refused."""
+    import huggingface_hub
+    return huggingface_hub.snapshot_download(name, allow_patterns=[
+        "*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "tokenizer*"])
+
+
+def attention(config):
+    """SDPA where the model's class has it, else its own ("eager"): never what config.json asks,
+    which may name a kernel to fetch from the hub and import."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+    model_class = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
+
+
+MAX_LAYERS = 512  # a base's layers at most: each is Python objects, however small its weights
+WEIGHT_NAMES = ("model.safetensors", "model-", "pytorch_model.bin", "pytorch_model-")
 
 
 def check_base_folder(folder, num_labels):
-    """Refuse a folder whose config describes a model larger than its weight files can hold (at
-    least a byte a parameter): a 1 MB folder saying 64 layers of width 4096 would make transformers
-    allocate 52 GB. The model is counted on the meta device, where nothing is allocated."""
+    """The folder's config, once refused in one line if it names more than MAX_LAYERS layers, a
+    number that is not one (NaN), or a model larger than the weight files transformers will read
+    can hold (a byte a parameter at least: a 1 MB folder saying 64 layers of width 4096 would make
+    transformers allocate 52 GB). The model is counted on the meta device: nothing is allocated."""
     where = printable(folder, 100)
-    read_json(os.path.join(folder, CONFIG_FILE))  # its size bounded before transformers reads it
+    raw = read_json(os.path.join(folder, CONFIG_FILE))  # its size bounded, a regular file
+    layers = [v for k, v in raw.items() if "layers" in k and is_int(v) and v > MAX_LAYERS]
+    if layers or not all(is_number(v) for v in numbers_in(raw)):
+        raise InputError(f"{where}: its config names {f'{layers[0]:,} layers' if layers else 'NaN'}"
+                         f"; not a model to fine-tune here (at most {MAX_LAYERS} layers)")
     config = transformers.AutoConfig.from_pretrained(folder, num_labels=num_labels)
+    config._attn_implementation = attention(config)  # before anything is built from the config
     with torch.device("meta"):
         described = AutoModelForSequenceClassification.from_config(config)
-    head = sum(p.numel() for p in head_of(described).parameters())
-    needed = sum(p.numel() for p in described.parameters()) - head
-    files = [entry for entry in os.scandir(folder) if entry.name.endswith(WEIGHT_FILES)]
+    needed = sum(p.numel() for p in described.parameters()) - \
+        sum(p.numel() for p in head_of(described).parameters())
+    files = [f for f in os.scandir(folder) if f.name.startswith(WEIGHT_NAMES) and f.is_file()]
+    if any(f.name.endswith(".safetensors") for f in files):  # what transformers reads first
+        files = [f for f in files if f.name.endswith(".safetensors")]
     held = sum(min(f.stat().st_size, f.stat().st_blocks * 512) for f in files)  # sparse: unheld
     if held < needed:
         raise InputError(f"{where}: its config describes a model of {needed:,} parameters, but its "
                          f"weight files hold {held:,} bytes; not a model folder (pick the base "
                          "model the checkpoint was trained on)")
+    return config
+
+
+def numbers_in(value, depth=0):
+    """Every float in a JSON value, a few levels deep."""
+    if isinstance(value, float):
+        yield value
+    elif depth < 4 and isinstance(value, (dict, list)):
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from numbers_in(item, depth + 1)
 
 
 def check_fit(where, tokenizer, model, max_length, mismatched):
     """One line unless the tokenizer, embeddings, positions and weights fit one another: every
     token id has an embedding row, --max-length fits the position table and the tokenizer's
-    limit, there is a token to pad with, and only the head's weights differ from the config."""
+    limit, there is a token to pad with, only the head's weights differ from the config, and the
+    tokenizer's normalizers cannot make a text many times longer than it is."""
     rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
-        raise InputError(f"{where}: its tokenizer has {len(tokenizer):,} tokens, its embedding "
-                         f"table {rows:,} rows; the tokenizer is not this model's")
+    largest = max(tokenizer.get_vocab().values(), default=0)
+    if len(tokenizer) > rows or largest >= rows:
+        raise InputError(f"{where}: its tokenizer has ids up to {largest:,}, its embedding table "
+                         f"{rows:,} rows; the tokenizer is not this model's")
     if tokenizer.pad_token_id is None:
         raise InputError(f"{where}: its tokenizer has no pad token and no end-of-text token to pad "
                          "with; set one (tokenizer.pad_token) and save it")
@@ -169,11 +207,30 @@ def check_fit(where, tokenizer, model, max_length, mismatched):
     if foreign:
         raise InputError(f"{where}: its weights do not fit its config ({printable(foreign[0], 60)} "
                          "has another shape); not a model folder")
+    growth = normalizer_growth(tokenizer)
+    if growth > 64:
+        raise InputError(f"{where}: its tokenizer's normalizers can make a text {growth:,} times "
+                         "longer or more; not a tokenizer to read texts with")
     limit = min(tokenizer.model_max_length, position_slots(model))
     tokenizer.model_max_length = limit = limit if limit < 1_000_000 else 512  # what predict cuts at
     if max_length is not None and max_length > limit:
         raise InputError(f"max length {max_length} is above {where}'s limit of {limit} tokens; "
                          f"use --max-length {limit} or less, or the base the checkpoint names")
+
+
+def normalizer_growth(tokenizer):
+    """How many times longer the normalizers can make a text, at most: each Replace multiplies a
+    character by its replacement's length (22 Replaces of "w" by "ww" make one "w" 4 million)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    tree = json.loads(backend.to_str()).get("normalizer") if backend else None
+    growth, stack = 1, [tree]
+    while stack and growth <= 2**20:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("type") == "Replace":
+                growth *= max(1, len(str(node.get("content", ""))))
+            stack.extend(node.get("normalizers") or [])
+    return growth
 
 
 def position_slots(model):
@@ -245,6 +302,8 @@ def read_json(path):
     (an integer of over 4,300 digits, nesting too deep) or not an object."""
     where = printable(path, 100)
     try:
+        if not os.path.isfile(path):  # a pipe would never end
+            raise InputError(f"{where}: not a regular file; give the file itself")
         if os.path.getsize(path) > CONFIG_BYTES:
             raise InputError(f"{where}: above {CONFIG_BYTES // 2**20} MiB, too big for a config")
         with open(path, "rb") as f:
@@ -385,7 +444,7 @@ def offline_if_unreachable(*names, seconds=3.0):
     still serves and a model or dataset it lacks is one line at once, not a minute of retries."""
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE or all(os.path.exists(name) for name in names):
+    if constants.HF_HUB_OFFLINE or all(not name or os.path.exists(name) for name in names):
         return
     proxy = urllib.request.getproxies().get(urllib.parse.urlsplit(constants.ENDPOINT).scheme)
     where = urllib.parse.urlsplit(proxy if proxy and "://" in proxy else constants.ENDPOINT)
@@ -473,24 +532,58 @@ def export_merged(checkpoint, folder):
     """A transformers model folder of the checkpoint: the adapters merged into their weights, the
     head, the tokenizer (cutting at the checkpoint's max length) and the class names, so that
     `pipeline("text-classification", model=folder)` loads it with no code of ours. It is written
-    beside and renamed into place: a folder there before is replaced whole, or kept."""
+    beside and renamed into place: a folder check_merged_folder let through is replaced whole."""
     model, tokenizer, config = load_model(checkpoint)
     merge_lora(model)
     model.config.id2label = dict(enumerate(config["labels"]))
     model.config.label2id = {name: i for i, name in enumerate(config["labels"])}
+    setattr(model.config, MERGED_MARK, os.path.abspath(checkpoint))  # check_merged_folder reads it
     tokenizer.model_max_length = config["max_length"] or tokenizer.model_max_length
-    parent = os.path.dirname(os.path.abspath(folder))
-    fresh = tempfile.mkdtemp(prefix=".merged-", dir=parent)
+    fresh = None
     try:
+        fresh = tempfile.mkdtemp(prefix=".merged-", dir=os.path.dirname(os.path.abspath(folder)))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(fresh, 0o777 & ~umask)  # as a folder made by mkdir, not mkdtemp's 0700
         model.save_pretrained(fresh)
         tokenizer.save_pretrained(fresh)
-        old = fresh + ".old"
         if os.path.isdir(folder):
-            os.rename(folder, old)
+            os.rename(folder, fresh + ".old")
         os.rename(fresh, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(fresh + ".old", ignore_errors=True)
+    except OSError as e:  # a full disk, no permission: the folder there before is kept
+        raise InputError(f"cannot write the merged model to {printable(folder, 100)} "
+                         f"({e.strerror or short(e, 60)}); free some space, or write elsewhere") \
+            from None
     finally:
-        shutil.rmtree(fresh, ignore_errors=True)
+        if fresh:
+            shutil.rmtree(fresh, ignore_errors=True)
+
+
+MERGED_MARK = "lora_merged_from"  # in config.json, the checkpoint a merged folder was made of
+
+
+def check_merged_folder(folder, *protected):
+    """One line unless --export-merged names a new folder in an existing one, or a folder that
+    export_merged wrote before; and never one that is, holds or lies in a folder this command reads
+    or writes (`protected`: the checkpoint, --out, the base model, the data)."""
+    where = printable(folder, 100)
+    if "\0" in folder or os.path.islink(folder) or os.path.lexists(folder) and \
+            not os.path.isdir(folder):
+        raise InputError(f"--export-merged {where} is a link or a file; give a new folder")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(folder))):
+        raise InputError(f"--export-merged {where}: its folder does not exist; create it first")
+    real = os.path.realpath(folder)
+    for path in (p for p in protected if p and "\0" not in p):  # --out may not exist yet
+        other = os.path.realpath(path)
+        if os.path.commonpath([real, other]) in (real, other):
+            raise InputError(f"--export-merged {where} is, holds or lies in {printable(path, 100)}"
+                             ", which this command reads or writes; give a new folder")
+    if os.path.isdir(folder) and os.listdir(folder):
+        config = os.path.join(folder, CONFIG_FILE)
+        if not (os.path.isfile(config) and MERGED_MARK in read_json(config)):
+            raise InputError(f"--export-merged {where} holds files that are not a merged model of "
+                             "ours: nothing there is replaced; give a new folder")
 
 
 def unsupported_peft_options(peft_config):

@@ -86,7 +86,7 @@ def pad_batch(tokens, rows, pad_id, multiple=1, max_length=math.inf):
     longest, whose length is rounded up to a multiple of `multiple` (fewer shapes for a GPU) but
     not past max_length."""
     lengths = tokens.lengths[rows]
-    longest = int(lengths.max())
+    longest = max(1, int(lengths.max()))  # an empty text may make no token: one pad, masked
     width = min(math.ceil(longest / multiple) * multiple, max(longest, max_length))
     mask = np.arange(width) < lengths[:, None]  # True on each row's own tokens
     input_ids = np.full(mask.shape, pad_id, dtype=np.int64)

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from checkpoint import base_model_of, export_merged, load_model
+from checkpoint import base_model_of, check_merged_folder, export_merged, load_model
 from data import InputError, label_value, one_line, pad_batch, printable, read_texts, refuse_unplain
 from data import remove_stale, short, sorted_batches, to_device, tokenize, warn, write_atomically
 
@@ -74,6 +74,11 @@ def main(argv=None):
         fail(f"out of memory on {device} at --batch-size {args.batch_size} (peak "
              f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB); use a smaller --batch-size",
              code=1)
+    except BaseException as e:  # the tokenizers library panics (a BaseException) on a bad regex
+        if type(e).__name__ != "PanicException":
+            raise
+        fail(f"the tokenizer failed on a text ({short(e, 100)}): its files are not a tokenizer "
+             "to read texts with")
     if args.input is not None:
         report_predictions(args, predicted, labels, names)
 
@@ -93,6 +98,7 @@ def write_submission(path, logits, names, probabilities=False):
     """ID,Label rows, IDs 0..N-1 in input order and Label the class's name (for integer labels,
     the integer), written atomically; with --probs one more column per class, named after it, of
     its probability (as many digits as make each row sum to 1 within 1e-5)."""
+    refuse_not_numbers(logits)
     header = ["ID", "Label", *(names if probabilities else [])]
     if len(set(header)) < len(header):
         raise InputError(f"--probs: a class name repeats a column of {short(header, 80)}; rename "
@@ -103,12 +109,21 @@ def write_submission(path, logits, names, probabilities=False):
     write_atomically(path, lambda f: csv.writer(f).writerows([header, *rows]))
 
 
+def refuse_not_numbers(logits):
+    """One line if an answer is NaN or inf (a base whose config or weights hold them): nothing is
+    written or printed from it."""
+    if not torch.isfinite(logits).all():
+        raise InputError("the model's answers are not numbers (NaN or inf): its base model or "
+                         "checkpoint is broken; nothing was written")
+
+
 def answer_texts(args, device, amp_dtype):
     """--text: each text's class name and probability, printed; no file written."""
     model, tokenizer, config = load_model(args.checkpoint, device)
     tokens = tokenize(tokenizer, args.text, config["max_length"] or tokenizer.model_max_length)
     logits = predict_logits(model, tokens, tokenizer.pad_token_id, args.batch_size, device,
                             amp_dtype)
+    refuse_not_numbers(logits)
     for text, shares in zip(args.text, logits.softmax(-1)):
         k = int(shares.argmax())
         print(f"{printable(config['labels'][k], 40)}\t{shares[k]:.4f}\t{one_line(text)[:200]}")
@@ -138,9 +153,12 @@ def parse_args(argv=None):
         fail("give an input file to predict (or --text TEXT, or --export-merged DIR)")
     if args.input is not None:
         check_out(args)
-    if args.export_merged and os.path.lexists(args.export_merged) and \
-            not os.path.isfile(os.path.join(args.export_merged, "config.json")):
-        fail(f"--export-merged {args.export_merged} exists and holds no model; give a new folder")
+    if args.export_merged:
+        try:
+            check_merged_folder(args.export_merged, args.checkpoint, base_model_of(args.checkpoint),
+                                args.input, args.out if args.input is not None else None)
+        except InputError as e:
+            fail(str(e))
     return args
 
 

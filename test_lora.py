@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -1434,6 +1435,77 @@ def test_the_report_says_what_lora_learned_per_adapted_layer(trained):
         assert [float(v) for v in values] == sorted((float(v) for v in values), reverse=True)
 
 
+def test_export_merged_replaces_only_a_folder_it_wrote_and_none_the_command_uses(named, model_dirs, tmp_path,
+                                                                                capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    (mine / "notes.txt").write_text("a user's")
+    base = json.load(open(os.path.join(named, "config.json")))["base_model"]
+    files = lambda folder: {p: p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}  # noqa: E731
+    for target, phrase in ((named, "reads or writes"), (base, "reads or writes"), (mine, "not a merged model"),
+                           (tmp_path / "no" / "merged", "its folder does not exist")):
+        before = files(target) if os.path.exists(target) else None
+        with pytest.raises(SystemExit) as stop:
+            predict.main(["--checkpoint", named, "--export-merged", str(target)])
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and err.splitlines() == [err] and phrase in err, err
+        assert before is None or files(target) == before  # nothing of it touched
+    with pytest.raises(SystemExit) as stop:  # train.py: refused before it trains
+        train.main(["--model", model_dirs["roberta"], "--data", write_csv(tmp_path / "t.csv", synthetic_rows(40, 1)),
+                    "--out", str(tmp_path / "run"), "--export-merged", str(tmp_path / "run")])
+    assert stop.value.code == 2 and "reads or writes" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    for _ in range(2):  # a folder export_merged wrote is replaced whole, and readable by others
+        predict.main(["--checkpoint", named, "--export-merged", str(tmp_path / "merged")])
+    assert oct((tmp_path / "merged").stat().st_mode & 0o777) != oct(0o700) and not list(tmp_path.glob(".merged-*"))
+
+
+def test_a_base_config_that_asks_for_an_attention_kernel_gets_sdpa_and_nothing_fetched(model_dirs, tmp_path, capfd):
+    copy = tmp_path / "base"
+    shutil.copytree(model_dirs["roberta"], copy)
+    edit_json("config.json", attn_implementation="attacker/evil-kernel")(copy)
+    model, _, _ = checkpoint.load_base_model(str(copy), 4)
+    assert model.config._attn_implementation == "sdpa"  # what the model has, not what the file asks
+    assert "evil-kernel" not in "".join(capfd.readouterr())
+
+
+def test_empty_texts_are_answered_with_a_tokenizer_that_adds_no_token(family_dirs):
+    model, tokenizer, _ = checkpoint.load_base_model(family_dirs["qwen2"], 4)  # Qwen's BPE: "" is no token
+    tokens = data.tokenize(tokenizer, ["", "k1_0 w3", ""], 32)
+    assert tokens.lengths.tolist()[0] == 0
+    for batch_size in (1, 3):
+        logits = predict.predict_logits(model, tokens, tokenizer.pad_token_id, batch_size, torch.device("cpu"))
+        assert logits.shape == (3, 4) and torch.isfinite(logits).all()
+
+
+def test_a_tokenizer_whose_regex_panics_is_one_line(valid, tmp_path, capsys):
+    folder = tmp_path / "ck"
+    shutil.copytree(valid["ours"], folder)
+    base_folder(base_tokenizer_edit(lambda t: t.update(pre_tokenizer={
+        "type": "Split", "pattern": {"Regex": "(w|w)*$"}, "behavior": "Isolated", "invert": False})))[1](folder)
+    with pytest.raises(SystemExit) as stop:
+        predict.main(["--checkpoint", str(folder), "--text", "w" * 40 + "!"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err.splitlines() == [err] and err.startswith("error: the tokenizer failed")
+
+
+def test_a_base_named_on_the_hub_is_checked_once_downloaded_before_it_is_built(valid, tmp_path, monkeypatch):
+    import huggingface_hub
+    snapshot = tmp_path / "hub" / "models--evil--huge" / "snapshots" / ("0" * 40)
+    shutil.copytree(json.load(open(os.path.join(valid["ours"], "config.json")))["base_model"], snapshot)
+    (tmp_path / "hub" / "models--evil--huge" / "refs").mkdir()
+    (tmp_path / "hub" / "models--evil--huge" / "refs" / "main").write_text("0" * 40)
+    edit_json("config.json", num_hidden_layers=24, hidden_size=2048, intermediate_size=8192,
+              num_attention_heads=16)(snapshot)  # 1.2 billion parameters, in a folder of 100 KB
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    folder = tmp_path / "ck"
+    shutil.copytree(valid["ours"], folder)
+    edit_json("config.json", base_model="evil/huge")(folder)
+    with pytest.raises(data.InputError, match="describes a model of 1,2"):
+        checkpoint.load_model(str(folder))
+
+
 # --- operations: nothing lost, nothing let in, torchrun ------------------------------------------------
 
 def test_ctrl_c_then_resume_ends_exactly_like_an_uninterrupted_run(model_dirs, tmp_path, capsys, on_cpu):
@@ -1599,6 +1671,8 @@ BAD_TRAINING = {  # name: (flags, what the one line says)
     "max length above the model's": (lambda d, rows: ["--max-length", "4096"], "max length 4096 is above"),
     "no such data file": (lambda d, rows: ["--data", str(d / "missing.csv")], "No such file"),
     "no such model": (lambda d, rows: ["--model", str(d / "no_model")], "cannot load the model"),
+    "class weights past fp32": (lambda d, rows: ["--class-weights", "1e39", "1", "1", "1"],
+                                "--class-weights takes balanced or numbers above 0 and at most 1e6"),
     "a bogus flag": (lambda d, rows: ["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
 }
 
@@ -3017,6 +3091,30 @@ def base_sparse_weights(copy):
         f.truncate(5 * 2**30)
 
 
+def base_tokenizer_edit(change):
+    """A corruption of the base's tokenizer.json: change(its JSON) in place."""
+    def corrupt(copy):
+        path = os.path.join(copy, "tokenizer.json")
+        tokenizer = json.load(open(path))
+        change(tokenizer)
+        with open(path, "w") as f:
+            json.dump(tokenizer, f)
+    return corrupt
+
+
+def base_linked_weights(copy):
+    """A config of 30 layers of width 1024, its weights an empty safetensors file beside a link
+    named like a weight file to a large file that is no weights (transformers never reads it)."""
+    edit_json("config.json", num_hidden_layers=30, hidden_size=1024, num_attention_heads=16,
+              intermediate_size=4096)(copy)
+    save_file({"dummy": torch.zeros(1)}, os.path.join(copy, "model.safetensors"))
+    big = os.path.join(copy, "..", "big.bin")
+    with open(big, "wb") as f:
+        f.write(b"\0" * 2**20)
+        f.truncate(200 * 2**20)  # what a size check that follows links would count
+    os.symlink(os.path.abspath(big), os.path.join(copy, "pytorch_model.bin"))
+
+
 BASE_CASES = {
     "base-config-1.2B": (base_config(num_hidden_layers=24, hidden_size=2048, intermediate_size=8192,
                                      num_attention_heads=16), "describes a model of 1,2"),
@@ -3026,6 +3124,18 @@ BASE_CASES = {
     "base-weights-of-other-shapes": (base_saved_with(intermediate_size=48), "do not fit its config"),
     "base-no-pad-no-eos": (base_folder(base_without_pad_or_eos), "no pad token and no end-of-text"),
     "base-pickled-weights": (base_folder(base_pickled_weights), "UnpicklingError"),
+    # the second attacker's finds
+    "base-200000-layers": (base_config(num_hidden_layers=200_000, hidden_size=2, num_attention_heads=1,
+                                       intermediate_size=1), "200,000 layers"),
+    "base-config-nan": (base_folder(edit_json("config.json", layer_norm_eps=float("nan"))), "names NaN"),
+    "base-config-a-pipe": (base_folder(lambda copy: os.remove(os.path.join(copy, "config.json"))
+                                       or os.mkfifo(os.path.join(copy, "config.json"))), "not a regular file"),
+    "base-token-id-beyond-embeddings": (base_folder(base_tokenizer_edit(
+        lambda t: t["model"]["vocab"].update(w5=100_000))), "ids up to 100,000"),
+    "base-normalizer-doubling-22-times": (base_folder(base_tokenizer_edit(lambda t: t.update(normalizer={
+        "type": "Sequence", "normalizers": [{"type": "Replace", "pattern": {"String": "w"}, "content": "ww"}] * 22}))),
+        "2,097,152 times longer or more"),
+    "base-weights-a-link-to-a-big-file": (base_folder(base_linked_weights), "weight files hold"),
 }
 CASES.update(BASE_CASES)
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import CHECKPOINT_FILES, export_merged, export_peft, is_number, load_base_model
-from checkpoint import offline_if_unreachable, save_checkpoint
+from checkpoint import CHECKPOINT_FILES, check_merged_folder, export_merged, export_peft, is_number
+from checkpoint import load_base_model, offline_if_unreachable, save_checkpoint
 from data import InputError, load_splits, one_line, pad_batch, printable, refuse_unplain
 from data import remove_stale, short, to_device, tokenize, training_batches, write_atomically
 from lora import LoRALinear, PiSSALinear, TargetError, count_per_rank, inject_lora, largest_rank
@@ -200,7 +200,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         start_process(args)  # torchrun's process group, the device and its precision
-        offline_if_unreachable(args.model, args.data)  # no minute of retries
+        offline_if_unreachable(args.model, args.data, args.val_data)  # no minute of retries
         result = train(args)
         leave_torchrun(args)
         return result
@@ -224,6 +224,11 @@ def main(argv=None):
             raise
         fail(f"process {args.rank} of {args.world} stopped with the others: another one ended "
              f"first, and its own error line says why ({short(e, 80)})", code=1)
+    except BaseException as e:  # the tokenizers library panics (a BaseException) on a bad regex
+        if type(e).__name__ != "PanicException":
+            raise
+        fail(f"the tokenizer failed on a text ({short(e, 100)}): its files are not a tokenizer "
+             "to read texts with")
 
 
 def raised_in_a_collective(e):
@@ -400,14 +405,17 @@ def check_args(args):
     """What argparse's types cannot check alone."""
     weights = args.class_weights or ["balanced"]
     if weights != ["balanced"] and not all(is_weight(w) for w in weights):
-        fail(f"--class-weights takes balanced or positive numbers, one per class, not "
-             f"{short(' '.join(weights), 60)}")
+        fail(f"--class-weights takes balanced or numbers above 0 and at most 1e6, one per class, "
+             f"not {short(' '.join(weights), 60)}")
     if args.r == "auto" and args.max_trainable is None:
         fail("--r auto needs --max-trainable N (the budget the rank is fitted to), e.g. "
              "--max-trainable 1000000")
-    merged = args.export_merged
-    if merged and os.path.lexists(merged) and not os.path.isfile(f"{merged}/config.json"):
-        fail(f"--export-merged {merged} exists and holds no model; give a new folder")
+    if args.export_merged:
+        try:
+            check_merged_folder(args.export_merged, args.out, args.export_peft, args.model,
+                                args.data, args.val_data)
+        except InputError as e:
+            fail(str(e))
     for flag, folder in (("--out", args.out), ("--export-peft", args.export_peft)):
         if folder and (os.path.lexists(folder) and not os.path.isdir(folder)
                        or os.path.islink(folder)):
@@ -430,7 +438,7 @@ TORCHRUN_NUMBERS = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"]
 
 def is_weight(text):
     try:
-        return 0 < float(text) < math.inf
+        return 0 < float(text) <= 1e6  # relative weights: larger would overflow fp32's loss
     except ValueError:
         return False
 
