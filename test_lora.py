@@ -3103,15 +3103,15 @@ def base_tokenizer_edit(change):
 
 
 def base_linked_weights(copy):
-    """A config of 30 layers of width 1024, its weights an empty safetensors file beside a link
-    named like a weight file to a large file that is no weights (transformers never reads it)."""
-    edit_json("config.json", num_hidden_layers=30, hidden_size=1024, num_attention_heads=16,
+    """A config of 8 layers of width 1024 (100 million parameters), its weights an empty safetensors
+    file beside a link named like a weight file to a large file that holds no weights (transformers
+    reads the safetensors file only)."""
+    edit_json("config.json", num_hidden_layers=8, hidden_size=1024, num_attention_heads=16,
               intermediate_size=4096)(copy)
     save_file({"dummy": torch.zeros(1)}, os.path.join(copy, "model.safetensors"))
     big = os.path.join(copy, "..", "big.bin")
     with open(big, "wb") as f:
-        f.write(b"\0" * 2**20)
-        f.truncate(200 * 2**20)  # what a size check that follows links would count
+        f.write(b"\1" * 110 * 2**20)  # what a size check that counted every .bin would take for weights
     os.symlink(os.path.abspath(big), os.path.join(copy, "pytorch_model.bin"))
 
 
