@@ -439,7 +439,7 @@ def test_training_learns_far_above_chance(trained):
     assert config["targets"] == [f"roberta.encoder.layer.{i}.attention.self.{t}" for i in (0, 1)
                                  for t in ("query", "value")]
     assert config["labels"] == ["0", "1", "2", "3"] and config["max_length"] == 64
-    files = sorted(f for f in os.listdir(trained["out"]) if f not in ("curves.png", "confusion.png"))
+    files = sorted(f for f in os.listdir(trained["out"]) if not f.endswith(".png"))  # pictures: with matplotlib
     assert files == ["adapter.safetensors", "config.json", "last_state.pt", "metrics.jsonl"]
     assert os.path.getsize(os.path.join(trained["out"], "adapter.safetensors")) < 200_000  # no full model
 
@@ -1425,6 +1425,15 @@ def test_what_lora_learned_is_the_spectrum_of_dw_and_how_much_it_amplifies_w0():
         assert amplification == pytest.approx((dW.norm() / shared.norm()).item(), rel=1e-3)
 
 
+def test_the_spectrum_picture_names_each_adapted_layer(tmp_path):
+    pytest.importorskip("matplotlib")  # not installed by CI: the picture is optional
+    layers = [(f"roberta.encoder.layer.{i}.attention.self.{t}", 0.1, [2.0, 0.5], 3.0) for i in range(2)
+              for t in ("query", "value")]
+    path = train.plot_spectrum(layers, str(tmp_path / "adapter_spectrum.png"))
+    assert path and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert train.layer_and_name(layers[3][0]) == "1 value" and train.layer_and_name("classifier") == "classifier"
+
+
 def test_the_report_says_what_lora_learned_per_adapted_layer(trained):
     lines = trained["report"].split("what LoRA learned")[1].splitlines()[1:5]
     assert [line.split()[0] for line in lines] == [f"roberta.encoder.layer.{i}.attention.self.{t}" for i in (0, 1)
@@ -1808,7 +1817,7 @@ def test_a_two_process_run_trains_early_stops_and_saves_one_checkpoint(model_dir
     assert log.count("early stop: no better validation accuracy in 2 evaluations") == 1
     assert "step 6: val" in log and "step 8: val" not in log  # both processes stopped together
     assert "x 2 processes" in log
-    assert sorted(f for f in os.listdir(out) if f not in ("curves.png", "confusion.png")) == [
+    assert sorted(f for f in os.listdir(out) if not f.endswith(".png")) == [
         "adapter.safetensors", "config.json", "last_state.pt", "metrics.jsonl"]
     assert json.load(open(out / "config.json"))["step"] == 2
 
@@ -3327,7 +3336,7 @@ def test_a_header_of_20000_empty_tensors_is_refused_at_once(trained, tmp_path):
 
 def test_names_printed_have_every_unprintable_character_escaped(capsys):
     names = ["evil\u202egnp.exe", "line\u2028sep", "zw\u200bsp", "\u00adsoft"]
-    predict.report_classes(torch.tensor([0, 1, 2, 3]), names, names, "/nonexistent/x.png", "x")
+    predict.report_classes(torch.tensor([0, 1, 2, 3]), names, names, None, "x")  # no picture
     printed = capsys.readouterr().out
     assert all(c.isprintable() or c == "\n" for c in printed)
     assert "evil\\u202egnp.exe" in printed
