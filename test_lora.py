@@ -704,14 +704,13 @@ def test_compile_traces_the_step_model_without_graph_breaks_and_once_per_shape(n
     ids, mask = torch.randint(5, 60, (4, 16)), torch.ones(4, 16, dtype=torch.long)
     torch._dynamo.reset()
     try:
-        explained = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask)
-        assert explained.graph_break_count <= 1, explained.break_reasons  # transformers' one padding check
-        torch._dynamo.reset()
         counters.clear()
         compiled = torch.compile(model, backend="eager", dynamic=False)
         for width in (16, 32, 16, 32):  # two buckets of 16: a graph each, none again
             compiled(input_ids=ids[:, :1].repeat(1, width), attention_mask=mask[:, :1].repeat(1, width))
-        assert counters["stats"]["unique_graphs"] <= 2 * (explained.graph_break_count + 1)
+        breaks = sum(counters["graph_break"].values())
+        assert breaks <= 2, dict(counters["graph_break"])  # transformers' one padding check, once a width
+        assert counters["stats"]["unique_graphs"] <= 2 * (breaks // 2 + 1)
     finally:
         torch._dynamo.reset()
 
