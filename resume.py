@@ -1,15 +1,15 @@
 """A run, saved and resumed: `last_state.pt` in --out holds everything --resume needs.
 
     save_run(args, (model, optimizer, scheduler, scaler), (step, best_score, best, bad_evals))
-    step, best_score, best, bad_evals = load_run(args, parts, total_steps)   # as saved
+    step, best_score, best, bad_evals = load_run(args, parts, total_steps, len(val_y))
 
 What is saved: the trained tensors as they train (rank r), the loop's state (the step, the best
-accuracy, the best tensors with their evaluation, the patience used), the optimizer, schedule and
-scaler, every process's random state (its dropout stream), and the flags. Resumed with the same
-flags on the same device, a run ends with the tensors a run never stopped ends with, bit for bit
-on a CPU (tested). --grad-accum, --compile and --eval-batch-size may change on resume; the steps
-are then the same up to rounding. The file is read as data (`weights_only`), its size bounded
-first, its structure and flags checked before anything is used.
+--select figure, the best tensors with their evaluation, the patience used), the optimizer, schedule
+and scaler, every process's random state (its dropout stream), and the flags. Resumed with the same
+flags on the same device, a run ends with the tensors a run never stopped ends with, bit for bit on
+a CPU (tested). --grad-accum, --compile and --eval-batch-size may change on resume; the steps are
+then the same up to rounding. The file is read as data (`weights_only`), its size bounded first, its
+structure and flags checked before anything is used.
 """
 import io
 import os
@@ -47,10 +47,10 @@ def run_state(args, parts, loop_state, rngs):
             "scaler": scaler.state_dict(), "rng": rngs}
 
 
-def load_run(args, parts, total_steps):
+def load_run(args, parts, total_steps, val_rows):
     """(step, best_score, best, bad_evals) of the run saved in --out, whose tensors, optimizer,
     schedule, scaler and random streams are loaded into `parts` and this process."""
-    state = read_state(args, parts[0], total_steps)
+    state = read_state(args, parts[0], total_steps, val_rows)
     put_back(args, parts, state)  # and says so
     args.saved_at = state["step"]
     return state["step"], state["best_score"], state["best"], state["bad_evals"]
@@ -72,13 +72,13 @@ def put_back(args, parts, state):
                          f"({type(e).__name__}: {short(e, 100)}); run without --resume to start "
                          "afresh") from None
     if args.rank == 0:
-        print(f"resumed from {args.out} at step {state['step']} (best val accuracy so far "
-              f"{max(state['best_score'], 0):.4f})")
+        best = f"{state['best_score']:.4f}" if state["best_score"] >= 0 else "none yet"
+        print(f"resumed from {args.out} at step {state['step']} (best val {args.select}: {best})")
 
 
 # --- checks: the file is as save_run wrote it, for this model, with these flags -----------------
 
-def read_state(args, model, total_steps):
+def read_state(args, model, total_steps, val_rows):
     """The saved state, after checking its size, its structure and the flags; refused too if it
     has no step left to take and no evaluation has run (nothing to restore)."""
     world = args.world
@@ -102,7 +102,7 @@ def read_state(args, model, total_steps):
     if not isinstance(state, dict) or state.get("format") != LAST_STATE_FORMAT:
         raise InputError(f"{args.out}: the saved training state was written by another version of "
                          f"train.py; {fix}")
-    check_structure(args, state, trained, world, model.config.num_labels)
+    check_structure(args, state, trained, model.config.num_labels, val_rows)
     saved, now = state["args"], flags_of(args)
     changed = [f"--{printable(k, 30).replace('_', '-')} was {printable(saved.get(k), 80)}, "
                f"now {printable(now.get(k), 80)}"
@@ -119,7 +119,7 @@ def read_state(args, model, total_steps):
     return state
 
 
-def check_structure(args, state, trained, world, num_labels):
+def check_structure(args, state, trained, num_labels, val_rows):
     """One line unless every part has the type and the tensors the shapes that save_run gives."""
     kinds = {"step": int, "best_score": float, "bad_evals": int, "trained": dict, "args": dict,
              "optimizer": dict, "scheduler": dict, "scaler": dict, "rng": list}
@@ -127,7 +127,8 @@ def check_structure(args, state, trained, world, num_labels):
     if not wrong and (state["step"] < 0 or state["bad_evals"] < 0
                       or not all(isinstance(k, str) for k in state["args"])):
         wrong.append("step, patience or flags")
-    if state.get("best") is not None and not right_best(state["best"], trained, args, num_labels):
+    best = state.get("best")
+    if best is not None and not right_best(best, trained, num_labels, val_rows):
         wrong.append("best")
     saved = state.get("trained") if isinstance(state.get("trained"), dict) else {}
     if set(saved) != set(trained) or any(not isinstance(saved[n], torch.Tensor)
@@ -141,16 +142,16 @@ def check_structure(args, state, trained, world, num_labels):
                          f"model ({', '.join(wrong)}); run without --resume to start afresh")
 
 
-def right_best(best, trained, args, num_labels):
+def right_best(best, trained, num_labels, val_rows):
     """Whether `best` is what train.keep_best makes: trained tensors of their shapes, a float
-    loss, and a class 0..K-1 for each of the --val-size rows (the final report reads them)."""
+    loss, and a class 0..K-1 for each validation row (the final report reads them)."""
     if not (isinstance(best, dict) and {"tensors", "val_loss", "predicted"} <= set(best)):
         return False
     tensors, predicted = best["tensors"], best["predicted"]
     return isinstance(tensors, dict) and isinstance(best["val_loss"], float) and all(
         n in trained and isinstance(t, torch.Tensor) and t.shape == trained[n].shape
         for n, t in tensors.items()) and isinstance(predicted, torch.Tensor) and \
-        predicted.dtype == torch.int64 and predicted.shape == (args.val_size,) and \
+        predicted.dtype == torch.int64 and predicted.shape == (val_rows,) and \
         bool(((predicted >= 0) & (predicted < num_labels)).all())
 
 

@@ -1350,6 +1350,15 @@ def test_val_data_is_the_validation_split_whole_and_a_label_outside_the_classes_
     train.main(argv + ["--val-data", val_csv])
     printed = capsys.readouterr().out
     assert "8 steps on cpu" in printed and ", 30 rows)" in printed  # all 120 rows train; the file's 30 validate
+    resumed = [*argv[:5], str(tmp_path / "resumed"), *argv[6:], "--val-data", val_csv, "--eval-every", "2"]
+    train.main(resumed + ["--max-steps", "4"])
+    capsys.readouterr()
+    train.main(resumed + ["--max-steps", "6", "--resume"])  # its best holds the file's 30 rows' classes
+    assert re.search(r"resumed from \S+ at step 4 \(best val accuracy: 0\.\d{4}\)", capsys.readouterr().out)
+    write_csv(tmp_path / "v.csv", synthetic_rows(31, seed=34))  # the file changed: its best is not this split's
+    with pytest.raises(SystemExit) as stop:
+        train.main(resumed + ["--max-steps", "8", "--resume"])
+    assert stop.value.code == 2 and "(best)" in capsys.readouterr().err
     bad = [*synthetic_rows(3, seed=35), {"text": "w1", "label": 7}]
     with pytest.raises(SystemExit) as stop:
         train.main(argv + ["--val-data", write_csv(tmp_path / "bad.csv", bad)])
@@ -2471,9 +2480,9 @@ def folder(tmp_path, files=None, state=None, name="ds"):
     state = {"_data_files": [{"filename": "data.arrow"}]} if state is None else state
     content = {"data.arrow": arrow_stream(pyarrow_table({"text": TEXTS, "label": LABELS})),
                "state.json": json.dumps(state), **(files or {})}
-    for file_name, data in content.items():
-        if data is not None:
-            write(path, file_name, data)
+    for file_name, body in content.items():
+        if body is not None:
+            write(path, file_name, body)
     return str(path)
 
 
