@@ -3,9 +3,9 @@
     h = W0 x + (alpha / r) * B A dropout(x)
 
 W0 (d_out x d_in) is the pretrained weight and never changes. A (r x d_in) starts Kaiming-uniform,
-B (d_out x r) starts at zero, so an untrained adapter changes nothing; only r * (d_in + d_out)
-numbers a layer learn. After training, W0 + (alpha / r) B A folds into one plain weight
-(`merge_lora`): the merged model costs what the original model costs (Hu et al., 2021).
+B (d_out x r) at zero, so an untrained adapter changes nothing; a layer learns r * (d_in + d_out)
+numbers; alpha / r spares retuning the rate when r changes. Trained, W0 + (alpha / r) B A folds
+into one plain weight (`merge_lora`) that costs what the original costs (Hu et al., 2021).
 """
 import re
 
@@ -28,7 +28,7 @@ class LoRALinear(nn.Module):
         like = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Linear(base.in_features, r, bias=False, **like)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, **like)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=5 ** 0.5)  # A's start: nn.Linear's own
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=5 ** 0.5)  # U(+-1/sqrt(d_in)): nn.Linear's
         nn.init.zeros_(self.lora_B.weight)  # so that the untrained update is zero
 
     def forward(self, x):

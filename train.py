@@ -74,20 +74,20 @@ def micro_batches(tokens, labels, rows, pad_id, args):
     """The batch `rows` in --grad-accum pieces (input_ids, attention_mask, labels, scale) on the
     device, padded exactly on a CPU, to multiples of 8 on a GPU (16 with --compile: fewer graphs).
     A piece's summed loss x scale is its part of the batch's mean (x world: DDP averages them)."""
-    rows = rows * math.ceil(args.grad_accum * args.world / len(rows))  # too few: repeated whole
+    rows = rows * math.ceil(args.grad_accum * args.world / len(rows))  # repeated whole: each
+    scale = args.world / len(rows)  # piece a row, each process as many backwards, the same mean
     multiple = 1 if args.device.type == "cpu" else 16 if args.compile else 8
     mine = rows[args.rank::args.world]  # torchrun: this process's share of the batch
     for k in range(args.grad_accum):  # --grad-accum: its pieces
         piece = mine[k::args.grad_accum]
         input_ids, attention_mask = pad_batch(tokens, piece, pad_id, multiple, args.max_length)
-        scale = args.world / len(rows)  # over the rows of the batch (repeated, if it was)
         yield to_device(args.device, input_ids, attention_mask, labels[piece]) + (scale,)
 
 
 def train_step(model, pieces, optimizer, scheduler, scaler, args):
     """One AdamW step on a batch: per piece a forward under autocast, the cross-entropy, a backward
-    (gradients add up); then clip, step, the next rate. Returns the mean loss of this process's
-    rows (under torchrun, its share of the batch), left on the device: no wait for the GPU."""
+    (gradients add up); then clip, step, the next rate. Returns, on the device (no GPU wait), the
+    loss it differentiated: the batch's mean, or under torchrun this process's term of that mean."""
     total = 0.0
     for input_ids, attention_mask, labels, scale in pieces:
         with torch.autocast(args.device.type, args.amp_dtype, enabled=args.amp_dtype is not None):
@@ -106,14 +106,14 @@ def train_step(model, pieces, optimizer, scheduler, scaler, args):
 
 def evaluate(model, tokens, labels, pad_id, args):
     """(predicted classes, figures, score) on a labelled split: the mean cross-entropy, the share
-    of rows right, the mean F1 of the classes present; score: the --select figure of the two."""
+    of rows right, the mean F1 = 2TP / (2TP+FP+FN) of the classes present; score: --select's."""
     logits = predict_logits(model, tokens, pad_id, args.eval_batch_size, args.device,
-                            args.amp_dtype)
+                            args.amp_dtype)  # predict.py's: sorted batches, rows in input order
     predicted, k = logits.argmax(-1), logits.shape[1]
     hits = torch.bincount(labels[predicted == labels], minlength=k)  # per class: rows right
     counted = torch.bincount(predicted, minlength=k) + torch.bincount(labels, minlength=k)
     figures = {"val_loss": F.cross_entropy(logits, labels).item(),
-               "val_accuracy": (predicted == labels).float().mean().item(),  # F1: 2TP / (2TP+FP+FN)
+               "val_accuracy": (predicted == labels).float().mean().item(),
                "val_macro_f1": (2 * hits / counted.clamp(min=1))[counted > 0].mean().item()}
     score = figures["val_macro_f1" if args.select == "macro-f1" else "val_accuracy"]
     return predicted, figures, score
@@ -122,7 +122,7 @@ def evaluate(model, tokens, labels, pad_id, args):
 def train(args):
     """The method, start to end: the best model (restored) and its --select figure. Where it runs
     is main()'s: args.device, args.amp_dtype, and under torchrun args.rank of args.world."""
-    torch.manual_seed(args.seed + args.rank)  # each process its own dropout; DDP copies rank 0's
+    torch.manual_seed(args.seed + args.rank)  # head, A, dropout; DDP copies rank 0's head and A
     (train_texts, train_y), (val_texts, val_y), names = load_splits(args)  # or --val-data
     model, step_model, tokenizer, task_paths, config = lora_model(args, names)
     train_tokens, train_y = tokenize(tokenizer, train_texts, args.max_length), torch.tensor(train_y)
@@ -135,7 +135,7 @@ def train(args):
     parts = (model, optimizer, scheduler, scaler)  # what a saved run holds besides the state
     step, best_score, best, bad_evals = 0, -1.0, None, 0  # the loop's state
     if args.resume:  # the saved state, tensors, optimizer, schedule and random streams
-        step, best_score, best, bad_evals = load_run(args, parts, total_steps)
+        step, best_score, best, bad_evals = load_run(args, parts, total_steps, len(val_y))
     batches = training_batches(train_tokens.lengths, args.batch_size, args.seed, args.epochs)
     bar = tqdm(itertools.islice(batches, step, total_steps),  # --resume: from `step` on
                total=total_steps, initial=step, desc="train", disable=args.rank != 0)
@@ -449,7 +449,8 @@ def class_weights(labels, num_labels, args):
 
 
 def weights_of(labels, num_labels, args):
-    """balanced: N / (K x the class's rows) over the training split (a class with no row: 1)."""
+    """balanced: N / (K x the class's rows) over the training split (a class with no row: 1).
+    The loss is then sum(w_y x loss) / N, not / sum(w): balanced weights average 1 over the rows."""
     if args.class_weights == ["balanced"]:
         counts = torch.bincount(labels, minlength=num_labels).double()
         weights = torch.where(counts > 0, len(labels) / (num_labels * counts), 1.0)
