@@ -774,7 +774,7 @@ def scan(raw):
       so the scan's memory is bounded by the file's size;
     - more containers and records than one per 4 bytes: each costs the unpickler 50-250 bytes, so
       a file of one-byte EMPTY_SETs would take 230 times its size (a table needs fewer: one of
-      2,000 one-row Arrow chunks needs one per 7 bytes).
+      one-row Arrow chunks needs one per 5 to 10 bytes, by pickle protocol).
     """
     stack, marks, built = [], [], 0
     memo = bytearray(len(raw) + 1)  # the kind of each memo slot's value (0: not set)
