@@ -1,7 +1,7 @@
 """What a batch is: a few texts' token ids, padded only to about the longest of them.
 
 Every text is tokenized once, truncated, not padded, into one flat int32 array (`Tokens`): 4 bytes
-a token, where the tokenizer's kept output grew memory by 240 (docs/speed.md). A batch is a list of
+a token, where keeping the tokenizer's output took about 240 (docs/speed.md). A batch is a list of
 row numbers; `pad_batch` pads them to the longest (rounded up on a GPU) and masks the padding.
 Training batches come from groups of rows of similar length, shuffled; evaluation's are sorted.
 """

@@ -1,11 +1,12 @@
 """What LoRA is: a frozen linear layer plus a trainable low-rank update.
 
-    h = W0 x + (alpha / r) * B A dropout(x)
+    h = W0 x + b + (alpha / r) * B A dropout(x)
 
-W0 (d_out x d_in) is the pretrained weight and never changes. A (r x d_in) starts Kaiming-uniform,
-B (d_out x r) at zero, so an untrained adapter changes nothing; a layer learns r * (d_in + d_out)
-numbers; alpha / r spares retuning the rate when r changes. Trained, W0 + (alpha / r) B A folds
-into one plain weight (`merge_lora`) that costs what the original costs (Hu et al., 2021).
+W0 (d_out x d_in) and b are pretrained, frozen. A (r x d_in) starts Kaiming-uniform (as in loralib
+and PEFT; the paper's is Gaussian), B (d_out x r) at zero, so an untrained adapter changes nothing;
+a layer learns r * (d_in + d_out) numbers. With alpha fixed, alpha / r spares retuning the rate
+when r changes (train.py's default alpha = 2r keeps the scale at 2). Trained, W0 + (alpha / r) B A
+folds into one plain weight (`merge_lora`) that costs what the original costs (Hu et al., 2021).
 """
 import re
 
@@ -52,8 +53,7 @@ def inject_lora(model, r, alpha, dropout=0.0, targets=None, skip=(), layer=LoRAL
     return paths
 
 
-# the default targets: the attention's query and value as each family names them (the first entry a
-# model has); a fused query-key-value layer (ModernBERT's Wqkv) is adapted whole
+# the default targets: each family's attention query and value (the first a model has), or its qkv
 QUERY_VALUE = [("query", "value"), ("q_proj", "v_proj"), ("query_proj", "value_proj"),
                ("q_lin", "v_lin"), ("Wqkv",), ("qkv",)]
 

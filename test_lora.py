@@ -1397,7 +1397,7 @@ def test_select_macro_f1_keeps_another_adapter_than_accuracy_on_a_95_5_split(mod
     val = [{"text": f"w{i}", "label": int(i >= 38)} for i in range(40)]  # 38 of class 0, 2 of class 1
     train_csv = write_csv(tmp_path / "t.csv", [{"text": f"w{i % 40}", "label": int(i % 20 == 0)} for i in range(80)])
     val_csv = write_csv(tmp_path / "v.csv", val)
-    scripted = [[0] * 40, [0] * 35 + [1] * 5]  # first: all the majority; then the minority found, 3 rows lost
+    scripted = [[0] * 40, [0] * 35 + [1] * 5, [0] * 40]  # the majority; the minority found, 3 rows lost; again
 
     def predict_logits(model, tokens, *a, **k):
         answers = torch.tensor(scripted[len(calls)])
@@ -1407,13 +1407,17 @@ def test_select_macro_f1_keeps_another_adapter_than_accuracy_on_a_95_5_split(mod
     kept = {}
     for select in ("accuracy", "macro-f1"):
         calls, out = [], tmp_path / select
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
             train.main(["--model", model_dirs["roberta"], "--data", train_csv, "--val-data", val_csv, "--out",
-                        str(out), "--max-steps", "2", "--eval-every", "1", "--max-length", "16", "--select", select])
+                        str(out), "--max-steps", "3", "--eval-every", "1", "--patience", "1", "--max-length", "16",
+                        "--select", select])
         kept[select] = json.load(open(out / "config.json"))["step"]
         figures = [json.loads(line) for line in open(out / "metrics.jsonl") if "val_loss" in line]
-        assert [round(f["val_accuracy"], 3) for f in figures] == [0.95, 0.925]  # both figures, each evaluation
-        assert [round(f["val_macro_f1"], 3) for f in figures] == [0.487, 0.765]
+        assert [round(f["val_accuracy"], 3) for f in figures][:2] == [0.95, 0.925]  # both figures, each evaluation
+        assert [round(f["val_macro_f1"], 3) for f in figures][:2] == [0.487, 0.765]
+        stopped = {"accuracy": 2, "macro-f1": 3}[select]  # a figure no better than the best: patience 1 ends it
+        assert len(figures) == stopped and f"early stop: no better validation {select} in 1 " in printed.getvalue()
+        assert ("val macro-F1 0.7652 (best so far, saved)" in printed.getvalue()) == (select == "macro-f1")
     assert kept == {"accuracy": 1, "macro-f1": 2}
 
 

@@ -39,7 +39,7 @@ def lora_model(args, names):
     LoRA on --targets, all else frozen; step_model, what training steps call (evaluation and saves
     use model itself); config, what rebuilds it."""
     model, tokenizer, task_paths = load_base_model(args.model, len(names), args.max_length)
-    r, alpha = rank_and_alpha(model, task_paths, args)  # --r auto: the largest under a budget
+    r, alpha = rank_and_alpha(model, task_paths, args)  # alpha: 2r unless --alpha; --r auto
     layer = PiSSALinear if args.init == "pissa" else LoRALinear  # PiSSA: another start (lora.py)
     targets = inject_lora(model, r, alpha, args.dropout, args.targets, task_paths, layer)
     for path in task_paths:  # the new head trains in full (to freeze it, delete these two lines)
@@ -71,30 +71,30 @@ def make_optimizer(model, args, total_steps):
 
 
 def micro_batches(tokens, labels, rows, pad_id, args):
-    """The batch `rows` in --grad-accum pieces (input_ids, attention_mask, labels, scale) on the
+    """The batch `rows` in --grad-accum pieces (input_ids, attention_mask, labels, share) on the
     device, padded exactly on a CPU, to multiples of 8 on a GPU (16 with --compile: fewer graphs).
-    A piece's summed loss x scale is its part of the batch's mean (x world: DDP averages them)."""
-    rows = rows * math.ceil(args.grad_accum * args.world / len(rows))  # repeated whole: each
-    scale = args.world / len(rows)  # piece a row, each process as many backwards, the same mean
+    A piece's summed loss x share is its part of the batch's mean (x world: DDP averages them)."""
+    rows = rows * math.ceil(args.grad_accum * args.world / len(rows))  # short: repeated whole,
+    share = args.world / len(rows)  # so that each piece has a row; a row's part of the mean
     multiple = 1 if args.device.type == "cpu" else 16 if args.compile else 8
-    mine = rows[args.rank::args.world]  # torchrun: this process's share of the batch
+    mine = rows[args.rank::args.world]  # torchrun: this process's rows of the batch
     for k in range(args.grad_accum):  # --grad-accum: its pieces
         piece = mine[k::args.grad_accum]
         input_ids, attention_mask = pad_batch(tokens, piece, pad_id, multiple, args.max_length)
-        yield to_device(args.device, input_ids, attention_mask, labels[piece]) + (scale,)
+        yield to_device(args.device, input_ids, attention_mask, labels[piece]) + (share,)
 
 
 def train_step(model, pieces, optimizer, scheduler, scaler, args):
-    """One AdamW step on a batch: per piece a forward under autocast, the cross-entropy, a backward
-    (gradients add up); then clip, step, the next rate. Returns, on the device (no GPU wait), the
-    loss it differentiated: the batch's mean, or under torchrun this process's term of that mean."""
+    """One AdamW step: per piece a forward under autocast, the cross-entropy, a backward (gradients
+    add up); then clip, step, the next rate. Returns the loss differentiated, on the device: the
+    batch's mean (class-weighted: sum of w * loss / rows); under torchrun, this process's term."""
     total = 0.0
-    for input_ids, attention_mask, labels, scale in pieces:
+    for input_ids, attention_mask, labels, share in pieces:
         with torch.autocast(args.device.type, args.amp_dtype, enabled=args.amp_dtype is not None):
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         loss = F.cross_entropy(logits.float(), labels, weight=args.class_weight, reduction="sum")
-        scaler.scale(loss * scale).backward()  # scaled up in fp16 alone, where gradients underflow
-        total = total + loss.detach() * scale
+        scaler.scale(loss * share).backward()  # scaled up in fp16 alone, where gradients underflow
+        total = total + loss.detach() * share
     scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
     torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
     scaler.step(optimizer)
@@ -108,7 +108,7 @@ def evaluate(model, tokens, labels, pad_id, args):
     """(predicted classes, figures, score) on a labelled split: the mean cross-entropy, the share
     of rows right, the mean F1 = 2TP / (2TP+FP+FN) of the classes present; score: --select's."""
     logits = predict_logits(model, tokens, pad_id, args.eval_batch_size, args.device,
-                            args.amp_dtype)  # predict.py's: sorted batches, rows in input order
+                            args.amp_dtype)  # predict.py's: in eval mode (no dropout), sorted
     predicted, k = logits.argmax(-1), logits.shape[1]
     hits = torch.bincount(labels[predicted == labels], minlength=k)  # per class: rows right
     counted = torch.bincount(predicted, minlength=k) + torch.bincount(labels, minlength=k)
@@ -567,10 +567,12 @@ def no_links(path, flags):
 def print_evaluation(row, args):
     if "val_accuracy" in row:
         best = " (best so far, saved)" if row["bad_evals"] == 0 else ""
+        f1 = f", val macro-F1 {row['val_macro_f1']:.4f}" if args.select == "macro-f1" else ""
         tqdm.write(f"step {row['step']}: val loss {row['val_loss']:.4f}, val accuracy "
-                   f"{row['val_accuracy']:.4f}{best}")
+                   f"{row['val_accuracy']:.4f}{f1}{best}")
         if row["bad_evals"] >= args.patience:
-            tqdm.write(f"early stop: no better validation accuracy in {args.patience} evaluations")
+            tqdm.write(f"early stop: no better validation {args.select} in {args.patience} "
+                       "evaluations")
 
 
 def check_finite(row, step, kept, args):
