@@ -4,9 +4,9 @@
 
 W0 (d_out x d_in) and b are pretrained, frozen. A (r x d_in) starts Kaiming-uniform (as in loralib
 and PEFT; the paper's is Gaussian), B (d_out x r) at zero, so an untrained adapter changes nothing;
-a layer learns r * (d_in + d_out) numbers. With alpha fixed, alpha / r spares retuning the rate
-when r changes (train.py's default alpha = 2r keeps the scale at 2). Trained, W0 + (alpha / r) B A
-folds into one plain weight (`merge_lora`) that costs what the original costs (Hu et al., 2021).
+a layer learns r * (d_in + d_out) numbers. The paper fixes alpha: a new r needs no new rate (our
+default, alpha = 2r, keeps the scale at 2 instead). Trained, W0 + (alpha / r) B A folds into one
+plain weight (`merge_lora`) that costs what the original costs (Hu et al., 2021).
 """
 import re
 
