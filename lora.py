@@ -4,9 +4,9 @@
 
 W0 (d_out x d_in) and b are pretrained, frozen. A (r x d_in) starts Kaiming-uniform (as in loralib
 and PEFT; the paper's is Gaussian), B (d_out x r) at zero, so an untrained adapter changes nothing;
-a layer learns r * (d_in + d_out) numbers. The paper fixes alpha: a new r needs no new rate (our
-default, alpha = 2r, keeps the scale at 2 instead). Trained, W0 + (alpha / r) B A folds into one
-plain weight (`merge_lora`) that costs what the original costs (Hu et al., 2021).
+a layer learns r * (d_in + d_out) numbers. The paper keeps alpha fixed as r changes, which reduces
+retuning the rate; our default alpha = 2r keeps alpha / r at 2, so a new --r may need a new --lr.
+Trained, W0 + (alpha / r) B A folds into one weight (`merge_lora`), as cheap as W0 (Hu et al. 2021).
 """
 import re
 

@@ -72,10 +72,10 @@ def make_optimizer(model, args, total_steps):
 
 def micro_batches(tokens, labels, rows, pad_id, args):
     """The batch `rows` in --grad-accum pieces (input_ids, attention_mask, labels, share) on the
-    device, padded exactly on a CPU, to multiples of 8 on a GPU (16 with --compile: fewer graphs).
-    A piece's summed loss x share is its part of the batch's mean (x world: DDP averages them)."""
-    rows = rows * math.ceil(args.grad_accum * args.world / len(rows))  # short: repeated whole,
-    share = args.world / len(rows)  # so that each piece has a row; a row's part of the mean
+    device, padded exactly on a CPU, to multiples of 8 on a GPU (16 compiled: fewer graphs)."""
+    # fewer rows than pieces (a short last batch): the rows repeated whole, a row for each piece
+    rows = rows * math.ceil(args.grad_accum * args.world / len(rows))
+    share = args.world / len(rows)  # a row's weight in the batch's mean, x world: DDP averages
     multiple = 1 if args.device.type == "cpu" else 16 if args.compile else 8
     mine = rows[args.rank::args.world]  # torchrun: this process's rows of the batch
     for k in range(args.grad_accum):  # --grad-accum: its pieces
