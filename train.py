@@ -40,7 +40,7 @@ def lora_model(args, names):
     use model itself); config, what rebuilds it."""
     model, tokenizer, task_paths = load_base_model(args.model, len(names), args.max_length)
     r, alpha = rank_and_alpha(model, task_paths, args)  # alpha: 2r unless --alpha; --r auto
-    layer = PiSSALinear if args.init == "pissa" else LoRALinear  # PiSSA: another start (lora.py)
+    layer = PiSSALinear if args.init == "pissa" else LoRALinear  # --init pissa: optional, lora.py
     targets = inject_lora(model, r, alpha, args.dropout, args.targets, task_paths, layer)
     for path in task_paths:  # the new head trains in full (to freeze it, delete these two lines)
         model.get_submodule(path).requires_grad_(True)
