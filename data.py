@@ -2,7 +2,7 @@
 
 Every text is tokenized once, truncated, not padded, into one flat int32 array (`Tokens`): 4 bytes
 a token, where keeping the tokenizer's output took about 240 (docs/speed.md). A batch is a list of
-row numbers; `pad_batch` pads them to the longest (rounded up on a GPU) and masks the padding.
+row numbers; `pad_batch` pads them to the longest (GPU training rounds it up) and masks the padding.
 Training batches come from groups of rows of similar length, shuffled; evaluation's are sorted.
 """
 import contextlib

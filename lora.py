@@ -36,7 +36,7 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.scale * self.lora_B(self.lora_A(self.dropout(x)))
 
     def delta_weight(self):
-        """The update (alpha / r) * B @ A, shaped like base.weight: W = W0 + delta_weight()."""
+        """The update (alpha / r) * B @ A, shaped like base.weight: W = base.weight + it."""
         return self.scale * (self.lora_B.weight @ self.lora_A.weight)
 
 

@@ -30,9 +30,9 @@ METRICS_FILE = "metrics.jsonl"
 
 def save_run(args, parts, loop_state):
     """last_state.pt, written atomically by the main process (every process sends its RNG)."""
-    state = run_state(args, parts, loop_state, rng_states(args.world))
+    state = run_state(args, parts, loop_state, rng_states(args.ddp_world))
     args.saved_at = loop_state[0]  # what --resume would go on from (main says so if a run stops)
-    if args.rank == 0:
+    if args.ddp_rank == 0:
         saved = io.BytesIO()  # torch.save's writer ends a full disk in a RuntimeError: write bytes
         torch.save(state, saved)
         write_atomically(os.path.join(args.out, LAST_STATE), lambda f: f.write(saved.getbuffer()),
@@ -64,14 +64,14 @@ def put_back(args, parts, state):
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"][args.rank]["cpu"])  # this process's own stream
-        if state["rng"][args.rank]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["rng"][args.rank]["cuda"])
+        torch.set_rng_state(state["rng"][args.ddp_rank]["cpu"])  # this process's own stream
+        if state["rng"][args.ddp_rank]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["rng"][args.ddp_rank]["cuda"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise InputError(f"{args.out}: the saved training state does not fit this run "
                          f"({type(e).__name__}: {short(e, 100)}); run without --resume to start "
                          "afresh") from None
-    if args.rank == 0:
+    if args.ddp_rank == 0:
         best = f"{state['best_score']:.4f}" if state["best_score"] >= 0 else "none yet"
         print(f"resumed from {args.out} at step {state['step']} (best val {args.select}: {best})")
 
@@ -81,7 +81,7 @@ def put_back(args, parts, state):
 def read_state(args, model, total_steps, val_rows):
     """The saved state, after checking its size, its structure and the flags; refused too if it
     has no step left to take and no evaluation has run (nothing to restore)."""
-    world = args.world
+    world = args.ddp_world
     path = os.path.join(args.out, LAST_STATE)
     fix = "run without --resume to start afresh"
     if not os.path.isfile(path):
@@ -162,7 +162,7 @@ def trained_tensors(model):
 def flags_of(args):
     """The flags as saved: short reprs, so that comparing them costs what a flag is long."""
     return {k: short(v, 200) for k, v in vars(args).items()
-            if k not in ("device", "amp_dtype", "rank", "world", "saved_at", "class_weight")}
+            if k not in ("device", "amp_dtype", "ddp_rank", "ddp_world", "saved_at", "loss_weight")}
 
 
 def rng_states(world):

@@ -630,8 +630,8 @@ def tiny_step(amp_dtype, scaler=None, steps=1, max_grad_norm=1.0):
     before = {n: p.detach().clone() for n, p in trainable.items()}
     model.train()
     args = SimpleNamespace(amp_dtype=amp_dtype, max_grad_norm=max_grad_norm, lr=1e-3, weight_decay=0.01,
-                           schedule="constant", warmup_ratio=0.0, device=torch.device("cpu"), world=1,
-                           class_weight=None)
+                           schedule="constant", warmup_ratio=0.0, device=torch.device("cpu"), ddp_world=1,
+                           loss_weight=None)
     optimizer, scheduler, default_scaler = train.make_optimizer(model, args, total_steps=10)
     grads, adamw_step = {}, optimizer.step
     optimizer.step = lambda *a, **k: grads or grads.update({n: p.grad.clone() for n, p in trainable.items()}) \
@@ -765,7 +765,7 @@ def test_a_gpu_pads_to_multiples_of_8_and_of_16_only_for_cuda_graphs(monkeypatch
     monkeypatch.setattr(train, "to_device", lambda device, *tensors: tensors)
     tokens = data.Tokens(np.arange(100, dtype=np.int32), np.array([0, 3, 20, 37, 100]))  # lengths 3, 17, 17, 63
     for device, compile, width in (("cpu", False, 17), ("cuda", False, 24), ("cuda", True, 32)):
-        args = SimpleNamespace(grad_accum=1, world=1, rank=0, max_length=64, device=torch.device(device),
+        args = SimpleNamespace(grad_accum=1, ddp_world=1, ddp_rank=0, max_length=64, device=torch.device(device),
                                compile=compile)
         (ids, mask, _, _), = train.micro_batches(tokens, torch.arange(4), [0, 1, 2], 0, args)
         assert ids.shape == (3, width) and mask.sum().item() == 3 + 17 + 17, (device, compile)
@@ -785,7 +785,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_no_input_gradient_
         torch.manual_seed(0)
         args = train.parse_args(["--model", no_dropout_model, "--dropout", "0", "--max-length", "64"]
                                 + ["--gradient-checkpointing"] * checkpointing)
-        args.device, args.world, args.compile, args.rank = torch.device("cpu"), 1, False, 0
+        args.device, args.ddp_world, args.compile, args.ddp_rank = torch.device("cpu"), 1, False, 0
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no FutureWarning: not the API transformers deprecates
             with contextlib.redirect_stdout(io.StringIO()):
@@ -1384,13 +1384,13 @@ def test_balanced_class_weights_are_n_over_k_counts_and_weigh_the_loss():
     model = tiny_model("roberta", num_labels=2).train()
     ids, y = torch.randint(5, 60, (6, 12)), torch.tensor([0, 0, 0, 0, 1, 1])
     step = SimpleNamespace(amp_dtype=None, max_grad_norm=0, lr=0.0, weight_decay=0.0, schedule="constant",
-                           warmup_ratio=0.0, device=torch.device("cpu"), world=1, class_weight=torch.tensor([0.5, 4.0]))
+                           warmup_ratio=0.0, device=torch.device("cpu"), ddp_world=1, loss_weight=torch.tensor([0.5, 4.0]))
     optimizer, scheduler, scaler = train.make_optimizer(model, step, total_steps=2)
     torch.manual_seed(1)
     loss = train.train_step(model, [(ids, torch.ones_like(ids), y, 1 / 6)], optimizer, scheduler, scaler, step)
     torch.manual_seed(1)
     each = nn.functional.cross_entropy(model(input_ids=ids).logits, y, reduction="none")
-    assert loss.item() == pytest.approx((each * step.class_weight[y]).sum().item() / 6, rel=1e-5)
+    assert loss.item() == pytest.approx((each * step.loss_weight[y]).sum().item() / 6, rel=1e-5)
 
 
 def test_select_macro_f1_keeps_another_adapter_than_accuracy_on_a_95_5_split(model_dirs, tmp_path, monkeypatch):
@@ -1760,8 +1760,8 @@ train.main()
 
 def batch_args(grad_accum, rank=0, world=1):
     """What micro_batches reads of train's args: the pieces, this process, the device (the CPU here)."""
-    return SimpleNamespace(grad_accum=grad_accum, rank=rank, world=world, max_length=64, device=torch.device("cpu"),
-                           compile=False, class_weight=None)
+    return SimpleNamespace(grad_accum=grad_accum, ddp_rank=rank, ddp_world=world, max_length=64, device=torch.device("cpu"),
+                           compile=False, loss_weight=None)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

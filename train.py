@@ -42,7 +42,7 @@ def lora_model(args, names):
     r, alpha = rank_and_alpha(model, task_paths, args)  # alpha: 2r unless --alpha; --r auto
     layer = PiSSALinear if args.init == "pissa" else LoRALinear  # --init pissa: optional, lora.py
     targets = inject_lora(model, r, alpha, args.dropout, args.targets, task_paths, layer)
-    for path in task_paths:  # the new head trains in full (to freeze it, delete these two lines)
+    for path in task_paths:  # the head (each module new for the task) trains in full
         model.get_submodule(path).requires_grad_(True)
     if args.gradient_checkpointing:  # recompute each layer's activations in backward: less memory
         checkpoint_activations(model)
@@ -51,7 +51,7 @@ def lora_model(args, names):
               "labels": names}
     check_budget(model, task_paths, config, args)  # prints where the parameters are
     model = step_model = model.to(args.device).train()  # train(): dropout on
-    if args.world > 1:  # torchrun: DDP averages the processes' gradients in each backward
+    if args.ddp_world > 1:  # torchrun: DDP averages the processes' gradients in each backward
         step_model = torch.nn.parallel.DistributedDataParallel(model)
     if args.compile:  # fused kernels; on a GPU, CUDA graphs where --grad-accum allows them
         step_model = torch.compile(step_model, **compile_options(args))
@@ -74,10 +74,10 @@ def micro_batches(tokens, labels, rows, pad_id, args):
     """The batch `rows` in --grad-accum pieces (input_ids, attention_mask, labels, share) on the
     device, padded exactly on a CPU, to multiples of 8 on a GPU (16 compiled: fewer graphs)."""
     # fewer rows than pieces (a short last batch): the rows repeated whole, a row for each piece
-    rows = rows * math.ceil(args.grad_accum * args.world / len(rows))
-    share = args.world / len(rows)  # a row's weight in the batch's mean, x world: DDP averages
+    rows = rows * math.ceil(args.grad_accum * args.ddp_world / len(rows))
+    share = args.ddp_world / len(rows)  # a row's weight in the batch's mean, x world: DDP averages
     multiple = 1 if args.device.type == "cpu" else 16 if args.compile else 8
-    mine = rows[args.rank::args.world]  # torchrun: this process's rows of the batch
+    mine = rows[args.ddp_rank::args.ddp_world]  # torchrun: this process's rows of the batch
     for k in range(args.grad_accum):  # --grad-accum: its pieces
         piece = mine[k::args.grad_accum]
         input_ids, attention_mask = pad_batch(tokens, piece, pad_id, multiple, args.max_length)
@@ -92,7 +92,7 @@ def train_step(model, pieces, optimizer, scheduler, scaler, args):
     for input_ids, attention_mask, labels, share in pieces:
         with torch.autocast(args.device.type, args.amp_dtype, enabled=args.amp_dtype is not None):
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        loss = F.cross_entropy(logits.float(), labels, weight=args.class_weight, reduction="sum")
+        loss = F.cross_entropy(logits.float(), labels, weight=args.loss_weight, reduction="sum")
         scaler.scale(loss * share).backward()  # scaled up in fp16 alone, where gradients underflow
         total = total + loss.detach() * share
     scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
@@ -121,13 +121,13 @@ def evaluate(model, tokens, labels, pad_id, args):
 
 def train(args):
     """The method, start to end: the best model (restored) and its --select figure. Where it runs
-    is main()'s: args.device, args.amp_dtype, and under torchrun args.rank of args.world."""
-    torch.manual_seed(args.seed + args.rank)  # head, A, dropout; DDP copies rank 0's head and A
+    is main()'s: args.device, args.amp_dtype, and under torchrun args.ddp_rank of args.ddp_world."""
+    torch.manual_seed(args.seed + args.ddp_rank)  # head, A, dropout; DDP copies process 0's
     (train_texts, train_y), (val_texts, val_y), names = load_splits(args)  # or --val-data
     model, step_model, tokenizer, task_paths, config = lora_model(args, names)
     train_tokens, train_y = tokenize(tokenizer, train_texts, args.max_length), torch.tensor(train_y)
     val_tokens, val_y = tokenize(tokenizer, val_texts, args.max_length), torch.tensor(val_y)
-    args.class_weight = class_weights(train_y, len(names), args)  # --class-weights; None: alike
+    args.loss_weight = class_weights(train_y, len(names), args)  # --class-weights; None: alike
     steps_per_epoch = math.ceil(len(train_tokens) / args.batch_size)
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
     optimizer, scheduler, scaler = make_optimizer(model, args, total_steps)
@@ -138,7 +138,7 @@ def train(args):
         step, best_score, best, bad_evals = load_run(args, parts, total_steps, len(val_y))
     batches = training_batches(train_tokens.lengths, args.batch_size, args.seed, args.epochs)
     bar = tqdm(itertools.islice(batches, step, total_steps),  # --resume: from `step` on
-               total=total_steps, initial=step, desc="train", disable=args.rank != 0)
+               total=total_steps, initial=step, desc="train", disable=args.ddp_rank != 0)
     log = start_log(args, steps_per_epoch, total_steps, kept=best is not None)  # metrics.jsonl
     ctrl_c = on_ctrl_c(args)  # Ctrl-C sets it; the loop stops between two steps
     loss_sum, logged_at = torch.zeros((), device=args.device), step
@@ -152,7 +152,7 @@ def train(args):
                     lr=scheduler.get_last_lr()[0])  # and stops if it is no longer a number
                 loss_sum, logged_at = loss_sum.zero_(), step
             if step % (args.eval_every or steps_per_epoch) == 0 or step == total_steps:
-                if args.rank == 0:  # torchrun: the main process evaluates, the others wait
+                if args.ddp_rank == 0:  # torchrun: the main process evaluates, the others wait
                     predicted, figures, score = evaluate(
                         model, val_tokens, val_y, tokenizer.pad_token_id, args)
                     bad_evals = 0 if score > best_score else bad_evals + 1  # 0: a new best
@@ -168,13 +168,13 @@ def train(args):
             if ctrl_c.is_set():  # Ctrl-C: stop between two steps
                 raise KeyboardInterrupt(f"interrupted at step {step}")
     except (KeyboardInterrupt, torch.OutOfMemoryError) as e:  # save: --resume goes on from here
-        e.step, e.saved = step, args.world == 1  # (torchrun: the others are mid-step, not saving)
+        e.step, e.saved = step, args.ddp_world == 1  # (torchrun: the others are mid-step)
         if e.saved:
             save_run(args, parts, (step, best_score, best, bad_evals))
         raise
     finally:
         bar.close()
-    if args.rank == 0:  # put the best adapter and head back, and report their evaluation
+    if args.ddp_rank == 0:  # put the best adapter and head back, and report their evaluation
         model.load_state_dict(best["tensors"], strict=False)
         report(args, model, best, val_y, names, bar)
     return model, best_score
@@ -220,10 +220,10 @@ def main(argv=None):
              f"go on with --resume and one of --grad-accum {2 * args.grad_accum}, "
              "--gradient-checkpointing, a lower --max-length or --eval-batch-size", code=1)
     except RuntimeError as e:  # torchrun: another process stopped, mid-collective
-        if getattr(args, "world", 1) == 1 or not raised_in_a_collective(e):
+        if getattr(args, "ddp_world", 1) == 1 or not raised_in_a_collective(e):
             raise
-        fail(f"process {args.rank} of {args.world} stopped with the others: another one ended "
-             f"first, and its own error line says why ({short(e, 80)})", code=1)
+        fail(f"process {args.ddp_rank} of {args.ddp_world} stopped with the others: another one "
+             f"ended first, and its own error line says why ({short(e, 80)})", code=1)
     except BaseException as e:  # the tokenizers library panics (a BaseException) on a bad regex
         if type(e).__name__ != "PanicException":
             raise
@@ -288,16 +288,16 @@ def checkpoint_activations(model):
 
 
 def start_process(args):
-    """Where this process runs: args.rank of args.world (torchrun starts a process per GPU, each
-    with its RANK of WORLD_SIZE; 0 of 1 when run alone), args.device and args.amp_dtype."""
-    args.rank, args.world = torchrun_environment()
-    if args.world > 1 and args.batch_size < args.world:
+    """Where this process runs: args.ddp_rank of args.ddp_world (torchrun starts a process per
+    GPU, each with its RANK of WORLD_SIZE; 0 of 1 when run alone), args.device, args.amp_dtype."""
+    args.ddp_rank, args.ddp_world = torchrun_environment()
+    if args.ddp_world > 1 and args.batch_size < args.ddp_world:
         raise InputError(f"--batch-size {args.batch_size} is the global batch; it must be at "
-                         f"least the {args.world} processes")
-    if args.world > 1:
+                         f"least the {args.ddp_world} processes")
+    if args.ddp_world > 1:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     args.device = pick_device()
-    if args.device.type == "cuda" and args.world > 1:
+    if args.device.type == "cuda" and args.ddp_world > 1:
         if int(os.environ["LOCAL_RANK"]) >= torch.cuda.device_count():
             raise InputError(f"LOCAL_RANK={os.environ['LOCAL_RANK']}, but this machine has "
                              f"{torch.cuda.device_count()} GPUs; start at most that many processes")
@@ -487,14 +487,14 @@ def torchrun_environment():
 def from_main_process(value, args):
     """The main process's value, on every process (torchrun); as it is when run alone."""
     box = [value]
-    if args.world > 1:
+    if args.ddp_world > 1:
         torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
 
 
 def leave_torchrun(args):
     """Leave the process group together: one that leaves while another still sends aborts."""
-    if args.world > 1:
+    if args.ddp_world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
@@ -512,7 +512,7 @@ def on_ctrl_c(args):
     """An Event that Ctrl-C sets, read by the loop between steps; a second Ctrl-C stops at once,
     saving nothing. Under torchrun, Ctrl-C is torchrun's: every process ends at once."""
     pressed = threading.Event()
-    if args.world == 1:
+    if args.ddp_world == 1:
         signal.signal(signal.SIGINT, lambda *_: stop_now() if pressed.is_set() else pressed.set())
     return pressed
 
@@ -537,7 +537,7 @@ def start_log(args, steps_per_epoch, total_steps, kept):
 
 def write_row(args, path, row):
     """The row appended to metrics.jsonl, and an evaluation's printed: by the main process."""
-    if args.rank == 0:
+    if args.ddp_rank == 0:
         with open(path, "a", opener=no_links) as f:
             f.write(json.dumps(row) + "\n")
         print_evaluation(row, args)
@@ -547,7 +547,7 @@ def open_log(args, total_steps):
     """The path of metrics.jsonl, in --out (made), emptied unless --resume; an earlier run's
     pictures removed; and the run's first line, from the main process."""
     path = os.path.join(args.out, METRICS_FILE)
-    if args.rank != 0:
+    if args.ddp_rank != 0:
         return path
     os.makedirs(args.out, exist_ok=True)  # a link or a pipe in it is refused by check_args
     if not (args.resume and os.path.isfile(path)):
@@ -555,7 +555,7 @@ def open_log(args, total_steps):
     for picture in ("curves.png", "confusion.png"):  # drawn at the end, if at all: none is stale
         remove_stale(os.path.join(args.out, picture))
     print(f"{total_steps:,} steps on {args.device} ({args.amp_dtype or 'fp32'})"
-          + (f" x {args.world} processes" if args.world > 1 else ""))
+          + (f" x {args.ddp_world} processes" if args.ddp_world > 1 else ""))
     return path
 
 
@@ -606,7 +606,7 @@ def largest_rank_that_fits(model, task_paths, args):
 
 def check_budget(model, task_paths, config, args):
     """Print where the parameters are; with --max-trainable, refuse more before any training."""
-    if args.rank == 0:
+    if args.ddp_rank == 0:
         auto = args.r == "auto"
         chosen = f" (--r auto: the largest under {args.max_trainable:,})" if auto else ""
         print(f"LoRA r={config['r']}{chosen}, alpha={config['alpha']:g}, init {config['init']}")

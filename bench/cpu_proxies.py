@@ -63,8 +63,8 @@ def step_counts(batch=32, length=57):
     tokens = data.Tokens(ids, np.concatenate([[0], np.cumsum(lengths)]))
     args = SimpleNamespace(amp_dtype=None, max_grad_norm=1.0, lr=1e-3, weight_decay=0.01,
                            schedule="constant", warmup_ratio=0.0, device=torch.device("cpu"),
-                           grad_accum=1, max_length=512, rank=0, world=1, compile=False,
-                           class_weight=None)
+                           grad_accum=1, max_length=512, ddp_rank=0, ddp_world=1, compile=False,
+                           loss_weight=None)
     optimizer, scheduler, scaler = train.make_optimizer(model, args, 10)
     rows = list(range(batch))
     pieces = list(train.micro_batches(tokens, torch.arange(batch) % 4, rows, 1, args))

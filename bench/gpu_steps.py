@@ -92,7 +92,7 @@ def args_for(cli, precision, compile=False, grad_accum=1):
     argv = ["--batch-size", str(cli.batch_size), "--max-length", str(cli.max_length),
             "--precision", precision, "--grad-accum", str(grad_accum)]
     args = train.parse_args(argv + (["--compile"] if compile else []))
-    args.class_weight = None  # every row alike, as train() sets it without --class-weights
+    args.loss_weight = None  # every row alike, as train() sets it without --class-weights
     train.start_process(args)
     if cli.tiny:
         args.device, args.amp_dtype = torch.device("cpu"), None

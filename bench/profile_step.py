@@ -26,7 +26,7 @@ p.add_argument("--limit", type=int, default=4000)
 p.add_argument("--steps", type=int, default=8)
 args = p.parse_args()
 flags = train.parse_args(["--max-length", "128", "--precision", "fp32", "--model", args.model])
-flags.class_weight = None  # every row alike, as train() sets it without --class-weights
+flags.loss_weight = None  # every row alike, as train() sets it without --class-weights
 train.start_process(flags)  # rank 0 of 1, as train.py alone
 flags.device, flags.amp_dtype = torch.device("cpu"), None  # the CPU profile, even beside a GPU
 flags.data, flags.limit = args.data, args.limit

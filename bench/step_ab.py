@@ -31,7 +31,7 @@ with open(a.data, newline="", encoding="utf-8") as f:
     rows = list(csv.DictReader(f))[:2000]
 texts, labels = [r["text"] for r in rows], torch.tensor([int(r["label"]) for r in rows])
 args = train.parse_args(["--model", a.model, "--max-length", "128", "--precision", "fp32"])
-args.class_weight = None  # every row alike, as train() sets it without --class-weights
+args.loss_weight = None  # every row alike, as train() sets it without --class-weights
 train.start_process(args)  # rank 0 of 1, as train.py alone
 args.device, args.amp_dtype = torch.device("cpu"), None  # the CPU's figure, even beside a GPU
 model, step_model, tokenizer, _, _ = train.lora_model(args, [str(k) for k in range(4)])
