@@ -139,7 +139,7 @@ def train(args):
     batches = training_batches(train_tokens.lengths, args.batch_size, args.seed, args.epochs)
     bar = tqdm(itertools.islice(batches, step, total_steps),  # --resume: from `step` on
                total=total_steps, initial=step, desc="train", disable=args.ddp_rank != 0)
-    log = start_log(args, steps_per_epoch, total_steps, kept=best is not None)  # metrics.jsonl
+    log_or_stop = start_log(args, steps_per_epoch, total_steps, kept=best is not None)
     ctrl_c = on_ctrl_c(args)  # Ctrl-C sets it; the loop stops between two steps
     loss_sum, logged_at = torch.zeros((), device=args.device), step
     try:
@@ -148,15 +148,15 @@ def train(args):
             loss_sum += train_step(step_model, pieces, optimizer, scheduler, scaler, args)
             step += 1
             if step % args.log_every == 0:  # the one place the loop reads the loss back
-                log(step, train_loss=loss_sum.item() / (step - logged_at),
-                    lr=scheduler.get_last_lr()[0])  # and stops if it is no longer a number
+                log_or_stop(step, train_loss=loss_sum.item() / (step - logged_at),
+                            lr=scheduler.get_last_lr()[0])  # and stops if it is no longer a number
                 loss_sum, logged_at = loss_sum.zero_(), step
             if step % (args.eval_every or steps_per_epoch) == 0 or step == total_steps:
                 if args.ddp_rank == 0:  # torchrun: the main process evaluates, the others wait
                     predicted, figures, score = evaluate(
                         model, val_tokens, val_y, tokenizer.pad_token_id, args)
                     bad_evals = 0 if score > best_score else bad_evals + 1  # 0: a new best
-                    log(step, **figures, bad_evals=bad_evals)
+                    log_or_stop(step, **figures, bad_evals=bad_evals)  # a NaN loss stops
                     if bad_evals == 0:  # the best so far: keep it, on disk and in memory
                         best_score, best = score, keep_best(model, figures, predicted)
                         save_checkpoint(args.out, model, task_paths,
@@ -523,16 +523,16 @@ def stop_now():
 
 
 def start_log(args, steps_per_epoch, total_steps, kept):
-    """log(step, **row): a row of metrics.jsonl (emptied first, unless --resume) and an evaluation
-    printed; a loss that is no longer a number ends the run, saying whether an adapter was kept."""
+    """log_or_stop(step, **row): a row of metrics.jsonl (emptied first, unless --resume), an
+    evaluation printed; a loss no longer a number ends the run, saying if an adapter was kept."""
     path, started = open_log(args, total_steps), time.time()
 
-    def log(step, **row):
+    def log_or_stop(step, **row):
         nonlocal kept
         kept = check_finite(row, step, kept, args)
         write_row(args, path, {"step": step, "epoch": round(step / steps_per_epoch, 3), **row,
                                "elapsed_s": round(time.time() - started, 2)})
-    return log
+    return log_or_stop
 
 
 def write_row(args, path, row):
