@@ -40,8 +40,8 @@ CHECKPOINT_FILES = {ADAPTER_FILE, CONFIG_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FI
 
 
 def load_base_model(base_model, num_labels, max_length=None):
-    """(model, tokenizer, task_paths): the pretrained model in fp32 with a new head for
-    `num_labels`, its tokenizer, and the paths of the modules made for the task (the head first)."""
+    """(model, tokenizer, task_paths): the pretrained model in fp32, its head for `num_labels` new
+    unless it held one of that size; task_paths: the modules trained in full, the head first."""
     tokenizer, model, initialized = pretrained(base_model, num_labels, max_length)
     head = next(path for path, module in model.named_modules() if module is head_of(model))
     others = {name.rpartition(".")[0] for name in initialized if not name.startswith(head + ".")}

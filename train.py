@@ -41,13 +41,13 @@ def lora_model(args, names):
     model, tokenizer, task_paths = load_base_model(args.model, len(names), args.max_length)
     r, alpha = rank_and_alpha(model, task_paths, args)  # alpha: 2r unless --alpha; --r auto
     layer = PiSSALinear if args.init == "pissa" else LoRALinear  # --init pissa: optional, lora.py
-    targets = inject_lora(model, r, alpha, args.dropout, args.targets, task_paths, layer)
+    adapted = inject_lora(model, r, alpha, args.dropout, args.targets, skip=task_paths, layer=layer)
     for path in task_paths:  # the head (each module new for the task) trains in full
         model.get_submodule(path).requires_grad_(True)
     if args.gradient_checkpointing:  # recompute each layer's activations in backward: less memory
         checkpoint_activations(model)
     config = {"base_model": args.model, "r": r, "alpha": alpha, "init": args.init,
-              "dropout": args.dropout, "targets": targets, "max_length": args.max_length,
+              "dropout": args.dropout, "targets": adapted, "max_length": args.max_length,
               "labels": names}
     check_budget(model, task_paths, config, args)  # prints where the parameters are
     model = step_model = model.to(args.device).train()  # train(): dropout on
@@ -105,8 +105,8 @@ def train_step(model, pieces, optimizer, scheduler, scaler, args):
 
 
 def evaluate(model, tokens, labels, pad_id, args):
-    """(predicted classes, figures, score) on a labelled split: the mean cross-entropy, the share
-    of rows right, the mean F1 = 2TP / (2TP+FP+FN) of the classes present; score: --select's."""
+    """(predicted classes, figures, score) on a labelled split: mean cross-entropy, share of rows
+    right, mean F1 = 2TP / (2TP+FP+FN) of classes labelled or predicted; score: --select's."""
     logits = predict_logits(model, tokens, pad_id, args.eval_batch_size, args.device,
                             args.amp_dtype)  # predict.py's: in eval mode (no dropout), sorted
     predicted, k = logits.argmax(-1), logits.shape[1]
