@@ -65,7 +65,7 @@ def make_optimizer(model, args, total_steps):
     groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=True)  # one kernel, no host sync
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rate(args, total_steps))  # --schedule
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, total_steps))
     scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp_dtype == torch.float16)
     return optimizer, scheduler, scaler
 
@@ -75,7 +75,7 @@ def micro_batches(tokens, labels, rows, pad_id, args):
     device, padded exactly on a CPU, to multiples of 8 on a GPU (16 compiled: fewer graphs)."""
     # fewer rows than pieces (a short last batch): the rows repeated whole, a row for each piece
     rows = rows * math.ceil(args.grad_accum * args.ddp_world / len(rows))
-    share = args.ddp_world / len(rows)  # a row's weight in the batch's mean, x world: DDP averages
+    share = args.ddp_world / len(rows)  # a row's loss x world/N; DDP averages over world: 1/N
     multiple = 1 if args.device.type == "cpu" else 16 if args.compile else 8
     mine = rows[args.ddp_rank::args.ddp_world]  # torchrun: this process's rows of the batch
     for k in range(args.grad_accum):  # --grad-accum: its pieces
@@ -264,9 +264,9 @@ SCHEDULES = {  # the rate after warmup, a share of --lr, at `progress` from 0 to
 }
 
 
-def rate(args, total_steps):
-    """The rate at each step, a share of --lr: up from 0 over --warmup-ratio of the steps, then
-    SCHEDULES[--schedule] down to the last step."""
+def lr_lambda(args, total_steps):
+    """step -> the rate at that step, a share of --lr (LambdaLR's lr_lambda): up from 0 over
+    --warmup-ratio of the steps, then SCHEDULES[--schedule] down to the last step."""
     warmup = round(args.warmup_ratio * total_steps)
     return functools.partial(rate_at, SCHEDULES[args.schedule], warmup, total_steps)
 
