@@ -89,8 +89,7 @@ def as_saved(config):
 
 def load_model(checkpoint, device="cpu"):
     """(model, tokenizer, config) of a checkpoint folder (ours or PEFT's): the base rebuilt as in
-    training, the checkpoint's tensors loaded on top, the adapters left beside their weights as
-    validation computed them (merging them is export_merged's)."""
+    training, its tensors on top, the adapters beside their weights as validation computed them."""
     config, tensors = read_checkpoint(checkpoint)
     model, tokenizer, task_paths = load_base_for(checkpoint, config, tensors)
     inject_lora(model, config["r"], config["alpha"], targets=config["targets"], skip=task_paths)

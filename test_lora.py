@@ -834,6 +834,30 @@ def test_out_of_memory_is_one_line_after_saving_the_run_and_resume_takes_grad_ac
     assert torch.load(os.path.join(out, "last_state.pt"), weights_only=True)["step"] == 10  # 160 rows / 16
 
 
+def test_out_of_memory_in_an_evaluation_keeps_the_last_save_and_resume_evaluates_that_step(
+        model_dirs, tmp_path, capsys, monkeypatch, on_cpu):
+    train_csv = write_csv(tmp_path / "t.csv", synthetic_rows(200, seed=4))  # 10 steps: evaluated at 7 and 10
+    out = str(tmp_path / "run")
+    real, calls = train.predict_logits, []
+
+    def out_of_memory_in_the_second_evaluation(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*a, **k)
+    monkeypatch.setattr(train, "predict_logits", out_of_memory_in_the_second_evaluation)
+    with pytest.raises(SystemExit) as stop:
+        train.main(tiny_run_argv(model_dirs["roberta"], train_csv, out, "--epochs", "1"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 1 and err[-1].startswith("error: out of memory evaluating step 10 (peak "), err
+    assert f"the run is saved in {out} as of step 7, its last evaluation: go on with --resume" in err[-1]
+    assert torch.load(os.path.join(out, "last_state.pt"), weights_only=True)["step"] == 7  # not step 10's
+    monkeypatch.setattr(train, "predict_logits", real)
+    train.main(tiny_run_argv(model_dirs["roberta"], train_csv, out, "--epochs", "1", "--resume"))
+    evaluated = [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl")) if "val_loss" in line]
+    assert evaluated == [7, 10]  # step 10 trained again, and judged this time
+
+
 def test_pad_batch_rounds_up_to_a_multiple_never_past_max_length_and_changes_no_logit(model_dirs):
     import numpy as np
     tokens = data.Tokens(np.arange(5, 30, dtype=np.int32), np.array([0, 3, 8, 25]))  # lengths 3, 5, 17

@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,8 @@ from resume import LAST_STATE, METRICS_FILE, load_run, save_run
 
 
 def lora_model(args, names):
-    """(model, step_model, tokenizer, task_paths, config): the model with a new head for `names`,
-    LoRA on --targets, all else frozen; step_model, what training steps call (evaluation and saves
-    use model itself); config, what rebuilds it."""
+    """(model, step_model, tokenizer, task_paths, config): a head for `names`, LoRA on --targets,
+    all else frozen; step_model is what steps call (DDP, compiled); config, what rebuilds it."""
     model, tokenizer, task_paths = load_base_model(args.model, len(names), args.max_length)
     r, alpha = rank_and_alpha(model, task_paths, args)  # alpha: 2r unless --alpha; --r auto
     layer = PiSSALinear if args.init == "pissa" else LoRALinear  # --init pissa: optional, lora.py
@@ -122,7 +122,7 @@ def evaluate(model, tokens, labels, pad_id, args):
 def train(args):
     """The method, start to end: the best model (restored) and its --select figure. Where it runs
     is main()'s: args.device, args.amp_dtype, and under torchrun args.ddp_rank of args.ddp_world."""
-    torch.manual_seed(args.seed + args.ddp_rank)  # head, A, dropout; DDP copies process 0's
+    torch.manual_seed(args.seed + args.ddp_rank)  # head, A, dropout; DDP copies 0's head, A
     (train_texts, train_y), (val_texts, val_y), names = load_splits(args)  # or --val-data
     model, step_model, tokenizer, task_paths, config = lora_model(args, names)
     train_tokens, train_y = tokenize(tokenizer, train_texts, args.max_length), torch.tensor(train_y)
@@ -168,7 +168,7 @@ def train(args):
             if ctrl_c.is_set():  # Ctrl-C: stop between two steps
                 raise KeyboardInterrupt(f"interrupted at step {step}")
     except (KeyboardInterrupt, torch.OutOfMemoryError) as e:  # save: --resume goes on from here
-        e.step, e.saved = step, args.ddp_world == 1  # (torchrun: the others are mid-step)
+        e.step, e.saved = step, args.ddp_world == 1 and not in_evaluation(e)  # else: the last save
         if e.saved:
             save_run(args, parts, (step, best_score, best, bad_evals))
         raise
@@ -216,6 +216,7 @@ def main(argv=None):
         sys.exit(130)
     except torch.OutOfMemoryError as e:
         where = f"at step {e.step + 1}" if hasattr(e, "step") else "before training"
+        where = f"evaluating step {e.step}" if in_evaluation(e) else where
         fail(f"out of memory {where} (peak {peak_memory(args.device)}); {saved_or_not(e, args)}: "
              f"go on with --resume and one of --grad-accum {2 * args.grad_accum}, "
              "--gradient-checkpointing, a lower --max-length or --eval-batch-size", code=1)
@@ -229,6 +230,11 @@ def main(argv=None):
             raise
         fail(f"the tokenizer failed on a text ({short(e, 100)}): its files are not a tokenizer "
              "to read texts with")
+
+
+def in_evaluation(e):
+    """Whether `e` came out of evaluate(): its step is not yet judged, so the last save stands."""
+    return any(f.f_code is evaluate.__code__ for f, _ in traceback.walk_tb(e.__traceback__))
 
 
 def raised_in_a_collective(e):
@@ -526,7 +532,6 @@ def start_log(args, steps_per_epoch, total_steps, kept):
     """log_or_stop(step, **row): a row of metrics.jsonl (emptied first, unless --resume), an
     evaluation printed; a loss no longer a number ends the run, saying if an adapter was kept."""
     path, started = open_log(args, total_steps), time.time()
-
     def log_or_stop(step, **row):
         nonlocal kept
         kept = check_finite(row, step, kept, args)
@@ -607,9 +612,8 @@ def largest_rank_that_fits(model, task_paths, args):
 def check_budget(model, task_paths, config, args):
     """Print where the parameters are; with --max-trainable, refuse more before any training."""
     if args.ddp_rank == 0:
-        auto = args.r == "auto"
-        chosen = f" (--r auto: the largest under {args.max_trainable:,})" if auto else ""
-        print(f"LoRA r={config['r']}{chosen}, alpha={config['alpha']:g}, init {config['init']}")
+        auto = f" (--r auto: the largest under {args.max_trainable:,})" if args.r == "auto" else ""
+        print(f"LoRA r={config['r']}{auto}, alpha={config['alpha']:g}, init {config['init']}")
         print(parameter_table(model, task_paths))
     refuse_over_budget(model, config["r"], args)
 
