@@ -89,7 +89,7 @@ def as_saved(config):
 
 def load_model(checkpoint, device="cpu"):
     """(model, tokenizer, config) of a checkpoint folder (ours or PEFT's): the base rebuilt as in
-    training, its tensors on top, the adapters beside their weights as validation computed them."""
+    training, its tensors on top, adapters unmerged as in validation (PiSSA: up to rounding)."""
     config, tensors = read_checkpoint(checkpoint)
     model, tokenizer, task_paths = load_base_for(checkpoint, config, tensors)
     inject_lora(model, config["r"], config["alpha"], targets=config["targets"], skip=task_paths)
