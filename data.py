@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 TEXT, LABEL = "text", "label"  # the columns read from every input: rename them here
-CHARS_PER_TOKEN = 64  # a token of real text is shorter: in practice, cutting there loses no token
+MAX_CHARS_PER_TOKEN = 64  # a bound, not an average: cutting a text there loses no real token
 
 
 class Tokens:
@@ -38,8 +38,8 @@ class Tokens:
 
 def tokenize(tokenizer, texts, max_length, chunk=8192):
     """Tokens of every text, truncated to max_length, not padded, a chunk of texts at a time. Each
-    text is cut at CHARS_PER_TOKEN a token first: a tokenizer reads a text whole to truncate it."""
-    cut = max_length * CHARS_PER_TOKEN
+    text is cut at MAX_CHARS_PER_TOKEN a token first: a tokenizer reads it whole to truncate it."""
+    cut = max_length * MAX_CHARS_PER_TOKEN
     lengths, ids = [np.zeros(0, np.int64)], [np.zeros(0, np.int32)]
     for start in range(0, len(texts), chunk):
         pieces = [text[:cut] for text in texts[start:start + chunk]]
