@@ -26,6 +26,7 @@ RESUMABLE_CHANGES = {"resume", "epochs", "max_steps", "patience", "log_every", "
                      "export_peft", "export_merged", "grad_accum", "gradient_checkpointing",
                      "eval_batch_size"}
 METRICS_FILE = "metrics.jsonl"
+FIGURES = ("val_loss", "val_accuracy", "val_macro_f1")  # a kept best's evaluation (train.evaluate)
 
 
 def save_run(args, parts, loop_state):
@@ -143,12 +144,12 @@ def check_structure(args, state, trained, num_labels, val_rows):
 
 
 def right_best(best, trained, num_labels, val_rows):
-    """Whether `best` is what train.keep_best makes: trained tensors of their shapes, a float
-    loss, and a class 0..K-1 for each validation row (the final report reads them)."""
-    if not (isinstance(best, dict) and {"tensors", "val_loss", "predicted"} <= set(best)):
+    """Whether `best` is what train.keep_best makes: trained tensors of their shapes, its figures
+    as floats, and a class 0..K-1 for each validation row (the final report reads them)."""
+    if not (isinstance(best, dict) and {"tensors", "predicted", *FIGURES} <= set(best)):
         return False
     tensors, predicted = best["tensors"], best["predicted"]
-    return isinstance(tensors, dict) and isinstance(best["val_loss"], float) and all(
+    return isinstance(tensors, dict) and all(isinstance(best[k], float) for k in FIGURES) and all(
         n in trained and isinstance(t, torch.Tensor) and t.shape == trained[n].shape
         for n, t in tensors.items()) and isinstance(predicted, torch.Tensor) and \
         predicted.dtype == torch.int64 and predicted.shape == (val_rows,) and \
