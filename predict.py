@@ -297,13 +297,29 @@ def labels_as_classes(labels, names, source):
     return torch.tensor(classes)
 
 
-def plot_confusion(confusion, names, path):
-    """The confusion matrix as a picture, each cell's count written in (needs matplotlib)."""
+def pyplot():
+    """matplotlib's pyplot, drawing to files only; None where matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no window
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def save_figure(plt, fig, path):
+    """`fig` laid out and written to `path` as a PNG, atomically, then closed. Returns path."""
+    fig.tight_layout()
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(confusion, names, path):
+    """The confusion matrix as a picture, each cell's count written in (needs matplotlib)."""
+    plt = pyplot()
+    if plt is None:
         return None
     k = len(names)
     fig, ax = plt.subplots(figsize=(1.2 * k + 2, 1.2 * k + 1.5))
@@ -313,10 +329,7 @@ def plot_confusion(confusion, names, path):
            xlabel="predicted", ylabel="true")
     for (i, j), count in zip(itertools.product(range(k), repeat=2), confusion.flatten().tolist()):
         ax.text(j, i, count, ha="center", va="center")
-    fig.tight_layout()
-    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 def fail(message, code=2):

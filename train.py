@@ -31,7 +31,8 @@ from data import InputError, load_splits, one_line, pad_batch, printable, refuse
 from data import remove_stale, short, to_device, tokenize, training_batches, write_atomically
 from lora import LoRALinear, PiSSALinear, TargetError, count_per_rank, inject_lora, largest_rank
 from lora import parameter_table, target_paths, what_lora_learned
-from predict import fail, pick_device, pick_precision, predict_logits, report_classes
+from predict import fail, pick_device, pick_precision, predict_logits, pyplot, report_classes
+from predict import save_figure
 from resume import LAST_STATE, METRICS_FILE, load_run, save_run
 
 
@@ -632,8 +633,7 @@ def refuse_over_budget(model, r, args):
 
 
 def report(args, model, best, labels, names, bar):
-    """The restored adapter's evaluation, kept from when it was the best (the validation split is
-    not scored again); what LoRA learned; the files written beside it; the speed."""
+    """The best's evaluation (kept, not scored again), what LoRA learned, the files, the speed."""
     report_evaluation(args, best, labels, names)
     report_update(model, args)
     report_files_and_speed(args, bar)
@@ -698,32 +698,22 @@ def bootstrap_interval(correct, seed, rounds=2000):
 def plot_curves(out):
     """curves.png beside metrics.jsonl: training loss and validation accuracy by step."""
     points = curve_points(os.path.join(out, METRICS_FILE))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no window
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, key in zip(axes, ["train_loss", "val_accuracy"]):
         if points[key]:
             ax.plot(*zip(*points[key]), marker="." if key == "val_accuracy" else None)
         ax.set(title=key.replace("_", " "), xlabel="step")
-    fig.tight_layout()
-    path = os.path.join(out, "curves.png")
-    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, os.path.join(out, "curves.png"))
 
 
 def plot_spectrum(layers, path):
     """adapter_spectrum.png: per adapted layer, |dW| / |W0| (left) and dW's singular values
     (right); at most 400 layers drawn (needs matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no window
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     layers = layers[:400]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -736,10 +726,7 @@ def plot_spectrum(layers, path):
         names = [one_line(layer_and_name(path))[:16] for path, _, _, _ in layers]
         for ax in (left, right):
             ax.set_xticks(range(len(layers)), names, rotation=90, fontsize=7)
-    fig.tight_layout()
-    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 def curve_points(path, most=2**26):
