@@ -334,15 +334,8 @@ def to_device(device, *tensors):
 def write_atomically(path, write, mode="w"):
     """write(file) to a temporary file beside `path`, renamed into place: never half a file, never
     through a link. If it cannot be (a link, a folder, a full disk): one InputError line, the old
-    file kept and no temporary left."""
-    with replacing(path, mode) as f:
-        write(f)
-
-
-@contextlib.contextmanager
-def replacing(path, mode):
-    """A new file in `path`'s folder, renamed onto `path` if the block ends well, else removed.
-    Its name is short and opened from the folder's descriptor: a legal path stays legal."""
+    file kept and no temporary left. The temporary's name is short and opened from the folder's
+    descriptor: a legal path stays legal."""
     folder, name = os.path.split(path)
     tmp, folder_fd = f".{os.urandom(4).hex()}.tmp", None
     try:
@@ -352,7 +345,7 @@ def replacing(path, mode):
         try:
             text = {"newline": "", "encoding": "utf-8"} if mode == "w" else {}  # in any locale
             with os.fdopen(fd, mode, **text) as f:
-                yield f
+                write(f)
             refuse_unplain(path, folder_fd)  # again: it may have been made meanwhile
             os.replace(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
         except BaseException:  # a full disk, Ctrl-C, SIGTERM: no temporary is left

@@ -807,18 +807,24 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_no_input_gradient_
         torch.testing.assert_close(grads[True][name], grad, rtol=1e-5, atol=1e-7)
 
 
+def out_of_memory_at_call(real, n):
+    """`real`, except that its n-th call raises CUDA's out-of-memory error."""
+    calls = []
+
+    def wrapped(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*a, **k)
+    return wrapped
+
+
 def test_out_of_memory_is_one_line_after_saving_the_run_and_resume_takes_grad_accum(
         model_dirs, tmp_path, capsys, monkeypatch, on_cpu):
     train_csv = write_csv(tmp_path / "t.csv", synthetic_rows(200, seed=4))
     out = str(tmp_path / "run")
-    real, calls = train.train_step, []
-
-    def out_of_memory_at_step_6(*a, **k):
-        calls.append(1)
-        if len(calls) == 6:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(*a, **k)
-    monkeypatch.setattr(train, "train_step", out_of_memory_at_step_6)
+    real = train.train_step
+    monkeypatch.setattr(train, "train_step", out_of_memory_at_call(real, 6))  # in step 6
     with pytest.raises(SystemExit) as stop:
         train.main(tiny_run_argv(model_dirs["roberta"], train_csv, out, "--epochs", "1"))
     err = capsys.readouterr().err.strip().splitlines()
@@ -838,14 +844,8 @@ def test_out_of_memory_in_an_evaluation_keeps_the_last_save_and_resume_evaluates
         model_dirs, tmp_path, capsys, monkeypatch, on_cpu):
     train_csv = write_csv(tmp_path / "t.csv", synthetic_rows(200, seed=4))  # 10 steps: evaluated at 7 and 10
     out = str(tmp_path / "run")
-    real, calls = train.predict_logits, []
-
-    def out_of_memory_in_the_second_evaluation(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(*a, **k)
-    monkeypatch.setattr(train, "predict_logits", out_of_memory_in_the_second_evaluation)
+    real = train.predict_logits
+    monkeypatch.setattr(train, "predict_logits", out_of_memory_at_call(real, 2))  # the second evaluation
     with pytest.raises(SystemExit) as stop:
         train.main(tiny_run_argv(model_dirs["roberta"], train_csv, out, "--epochs", "1"))
     err = capsys.readouterr().err.strip().splitlines()
@@ -3433,9 +3433,7 @@ def test_string_labels_train_as_class_names_sorted_or_in_label_names_order(model
 
 
 def test_out_of_memory_while_predicting_is_one_line_naming_the_batch_size(trained, tmp_path, capsys, monkeypatch):
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory")
-    monkeypatch.setattr(predict, "predict_logits", out_of_memory)
+    monkeypatch.setattr(predict, "predict_logits", out_of_memory_at_call(predict.predict_logits, 1))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 3 * 2**30)
     out = tmp_path / "sub.csv"
     with pytest.raises(SystemExit) as stop:

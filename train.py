@@ -216,8 +216,8 @@ def main(argv=None):
               f"with:\n  python train.py {resume}")
         sys.exit(130)
     except torch.OutOfMemoryError as e:
-        where = f"at step {e.step + 1}" if hasattr(e, "step") else "before training"
-        where = f"evaluating step {e.step}" if in_evaluation(e) else where
+        where = (f"evaluating step {e.step}" if in_evaluation(e) else f"at step {e.step + 1}"
+                 if hasattr(e, "step") else "before training")
         fail(f"out of memory {where} (peak {peak_memory(args.device)}); {saved_or_not(e, args)}: "
              f"go on with --resume and one of --grad-accum {2 * args.grad_accum}, "
              "--gradient-checkpointing, a lower --max-length or --eval-batch-size", code=1)
@@ -622,10 +622,10 @@ def check_budget(model, task_paths, config, args):
 def refuse_over_budget(model, r, args):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if args.max_trainable is not None and trainable > args.max_trainable:
-        lora = {n.split(".lora_")[0]: p for n, p in model.named_parameters() if ".lora_" in n}
-        count = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+        lora = [(n, p) for n, p in model.named_parameters() if ".lora_" in n]
+        count = sum(p.numel() for _, p in lora)
         fits = largest_rank(count // r, trainable - count, args.max_trainable)
-        names = args.targets or sorted({path.rsplit(".")[-1] for path in lora})
+        names = args.targets or sorted({n.split(".lora_")[0].rsplit(".")[-1] for n, _ in lora})
         raise InputError(f"r={r} on {', '.join(names)} trains {trainable:,} parameters, above "
                          f"--max-trainable {args.max_trainable:,}; "
                          + (f"the largest r that fits is {fits}" if fits
