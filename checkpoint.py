@@ -114,7 +114,7 @@ def pretrained(base_model, num_labels, max_length):
         config = check_base_folder(folder, num_labels)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            folder, config=config, output_loading_info=True, attn_implementation=attention(config),
+            folder, config=config, output_loading_info=True,  # config: its attention set too
             ignore_mismatched_sizes=True)  # a head of another size is replaced by a new one
     except InputError:
         raise
